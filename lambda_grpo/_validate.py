@@ -1,0 +1,176 @@
+"""Input validation shared by every public entry point (SPEC §8).
+
+Every rule raises ``ValueError`` naming the argument with the expected and the actual value.
+Value checks that need the data (token range, 0/1 mask) synchronise with the device once;
+they are skipped while torch.compile traces (shapes and dtypes are still checked).
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from .config import LossConfig
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+BACKENDS = ("auto", "reference", "torch", "triton")
+
+Scalar = Union[int, float, torch.Tensor, None]
+
+
+def fail(name: str, expected: str, actual) -> None:
+    raise ValueError(f"{name}: expected {expected}, got {actual}")
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def compute_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    """Per-token math runs in fp32, or float64 for float64 logits (SPEC §4)."""
+    return torch.float64 if logits_dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class Batch:
+    """Validated, normalised inputs. Shapes: logits (B, T, V); everything per token (B, T)."""
+
+    logits: torch.Tensor
+    tokens: torch.Tensor  # (B, T) int64
+    mask: torch.Tensor  # (B, T) bool
+    advantages: torch.Tensor  # (B, T) compute dtype (per-sequence values broadcast)
+    old_logp: Optional[torch.Tensor]  # (B, T) compute dtype or None
+    ref_logp: Optional[torch.Tensor]
+    lam: Optional[torch.Tensor]  # 0-d, as given (keeps its autograd graph)
+    group_size: int
+    num_tokens: Optional[torch.Tensor]  # 0-d compute dtype or None (= local count)
+    num_sequences: Optional[torch.Tensor]
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        fail("backend", f"one of {BACKENDS}", repr(backend))
+
+
+def check_logits_tokens(logits, tokens, name_logits="logits", name_tokens="tokens", mask=None) -> None:
+    if not isinstance(logits, torch.Tensor):
+        fail(name_logits, "a torch.Tensor", type(logits).__name__)
+    if logits.dim() != 3:
+        fail(name_logits, "shape (B, T, V) with 3 dims", f"shape {tuple(logits.shape)}")
+    if logits.dtype not in FLOAT_DTYPES:
+        fail(name_logits, "dtype float32, bfloat16, float16 or float64", logits.dtype)
+    B, T, V = logits.shape
+    if V < 1:
+        fail(name_logits, "V >= 1", f"V = {V}")
+    if not isinstance(tokens, torch.Tensor):
+        fail(name_tokens, "a torch.Tensor", type(tokens).__name__)
+    if tuple(tokens.shape) != (B, T):
+        fail(name_tokens, f"shape {(B, T)} (B, T of logits)", f"shape {tuple(tokens.shape)}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        fail(name_tokens, "an integer dtype (int64)", tokens.dtype)
+    if tokens.device != logits.device:
+        fail(name_tokens, f"device {logits.device} (that of logits)", tokens.device)
+    if not _compiling() and tokens.numel() > 0:
+        sel = tokens if mask is None else tokens[mask]
+        if sel.numel() > 0:
+            lo, hi = int(sel.min()), int(sel.max())
+            if lo < 0 or hi >= V:
+                fail(name_tokens, f"ids in [0, {V}) where counted", f"ids in [{lo}, {hi}]")
+
+
+def _per_token(x, name: str, B: int, T: int, device, dtype, allow_seq: bool = False):
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        fail(name, "a torch.Tensor", type(x).__name__)
+    shapes = [(B, T)] + ([(B,)] if allow_seq else [])
+    if tuple(x.shape) not in shapes:
+        want = " or ".join(str(s) for s in shapes)
+        fail(name, f"shape {want}", f"shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        fail(name, "a floating dtype", x.dtype)
+    if x.device != device:
+        fail(name, f"device {device} (that of logits)", x.device)
+    x = x.detach().to(dtype)
+    if x.dim() == 1:
+        x = x[:, None].expand(B, T)
+    return x
+
+
+def _normaliser(x, name: str, device, dtype):
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            fail(name, "an int or a 0-d tensor", f"tensor of shape {tuple(x.shape)}")
+        if x.device != device and x.device.type != "cpu":
+            fail(name, f"device {device} or cpu", x.device)
+        return x.detach().reshape(()).to(device=device, dtype=dtype)
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not x > 0:
+        fail(name, "None, a positive number or a 0-d tensor", repr(x))
+    return torch.tensor(float(x), device=device, dtype=dtype)
+
+
+def validate(
+    logits,
+    tokens,
+    mask,
+    advantages,
+    group_size,
+    old_logp,
+    ref_logp,
+    lam,
+    config,
+    num_tokens,
+    num_sequences,
+) -> Batch:
+    """Check every SPEC §8 rule and return normalised inputs."""
+    if not isinstance(config, LossConfig):
+        fail("config", "a lambda_grpo.LossConfig", type(config).__name__)
+    if not isinstance(mask, torch.Tensor):
+        fail("mask", "a torch.Tensor", type(mask).__name__)
+    if isinstance(logits, torch.Tensor) and logits.dim() == 3 and tuple(mask.shape) != tuple(logits.shape[:2]):
+        fail("mask", f"shape {tuple(logits.shape[:2])} (B, T of logits)", f"shape {tuple(mask.shape)}")
+    if isinstance(logits, torch.Tensor) and mask.device != logits.device:
+        fail("mask", f"device {logits.device} (that of logits)", mask.device)
+    if mask.dtype != torch.bool:
+        if mask.dtype.is_complex:
+            fail("mask", "bool or 0/1 values", mask.dtype)
+        if not _compiling() and mask.numel() > 0 and not bool(((mask == 0) | (mask == 1)).all()):
+            fail("mask", "bool or 0/1 values", "other values")
+        mask = mask != 0
+    check_logits_tokens(logits, tokens, mask=mask)
+    B, T, V = logits.shape
+    dev, cdt = logits.device, compute_dtype(logits.dtype)
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
+        fail("group_size", "a positive int", repr(group_size))
+    if B % group_size != 0:
+        fail("group_size", f"a divisor of B = {B}", group_size)
+    if advantages is None:
+        fail("advantages", f"a tensor of shape ({B},) or ({B}, {T})", None)
+    adv = _per_token(advantages, "advantages", B, T, dev, cdt, allow_seq=True)
+    old = _per_token(old_logp, "old_logp", B, T, dev, cdt)
+    ref = _per_token(ref_logp, "ref_logp", B, T, dev, cdt)
+    if config.beta > 0 and ref is None:
+        fail("ref_logp", f"a ({B}, {T}) tensor because config.beta = {config.beta} > 0", None)
+    if config.aggregation == "lambda_grpo":
+        if lam is None:
+            fail("lam", "a 0-d tensor (aggregation='lambda_grpo' needs it)", None)
+    if lam is not None:
+        if not isinstance(lam, torch.Tensor):
+            if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+                fail("lam", "a 0-d tensor", type(lam).__name__)
+            lam = torch.tensor(float(lam), device=dev)
+        if lam.numel() != 1 or lam.dim() > 1:
+            fail("lam", "a 0-d tensor", f"shape {tuple(lam.shape)}")
+        if not lam.dtype.is_floating_point:
+            fail("lam", "a floating dtype", lam.dtype)
+        if lam.device != dev and lam.device.type != "cpu":
+            fail("lam", f"device {dev}", lam.device)
+        lam = lam.reshape(())
+    n_tok = _normaliser(num_tokens, "num_tokens", dev, cdt)
+    n_seq = _normaliser(num_sequences, "num_sequences", dev, cdt)
+    return Batch(logits, tokens.long(), mask, adv, old, ref, lam, int(group_size), n_tok, n_seq)

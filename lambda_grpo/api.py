@@ -1,0 +1,155 @@
+"""Public functional API and the nn.Module (SPEC §7)."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .config import LossConfig
+from .output import LossOutput
+from ._validate import check_backend, check_logits_tokens, fail, validate
+
+Number = Union[int, float, torch.Tensor, None]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto" is triton on CUDA and torch elsewhere (SPEC §7)."""
+    check_backend(backend)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+def grpo_loss(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    group_size: int,
+    old_logp: Optional[torch.Tensor] = None,
+    ref_logp: Optional[torch.Tensor] = None,
+    lam: Optional[torch.Tensor] = None,
+    config: Optional[LossConfig] = None,
+    num_tokens: Number = None,
+    num_sequences: Number = None,
+    backend: str = "auto",
+) -> LossOutput:
+    """The GRPO-family loss from policy logits (SPEC §3-§6).
+
+    Args:
+      logits: (B, T, V) fp32/bf16/fp16/fp64, *aligned*: logits[b, t] scores tokens[b, t]. A causal
+        LM's output must be shifted by the caller: ``model(ids).logits[:, P-1:-1]`` for a prompt
+        of length P.
+      tokens: (B, T) integer ids of the completion; only ids where mask is set are read.
+      mask: (B, T) bool or 0/1; tokens that count.
+      advantages: (B,) per sequence or (B, T) per token.
+      group_size: G; rows form contiguous groups of G responses, B % G == 0.
+      old_logp, ref_logp: (B, T) behaviour / reference log-probs (None: on-policy / no KL).
+      lam: 0-d tensor, the learnable lambda of lambda-GRPO (needed iff aggregation = lambda_grpo).
+      config: LossConfig (default: LossConfig()).
+      num_tokens, num_sequences: global normalisers for data parallel / accumulation.
+      backend: "auto" | "reference" | "torch" | "triton".
+
+    Returns: LossOutput(loss 0-d, metrics dict). No gradient flows to advantages, old_logp,
+    ref_logp or the normalisers.
+    """
+    cfg = LossConfig() if config is None else config
+    batch = validate(logits, tokens, mask, advantages, group_size, old_logp, ref_logp, lam, cfg, num_tokens, num_sequences)
+    name = resolve_backend(backend, logits.device)
+    if name == "reference":
+        from .reference import reference_loss
+
+        return reference_loss(batch, cfg)
+    if name == "torch":
+        from .torch_backend import torch_loss
+
+        return torch_loss(batch, cfg)
+    from .triton_backend import triton_loss
+
+    return triton_loss(batch, cfg)
+
+
+class GRPOLoss(nn.Module):
+    """nn.Module wrapper of :func:`grpo_loss`; owns ``lam`` (an nn.Parameter, initial 0) for lambda_grpo.
+
+    ``lam`` is a scalar parameter; give it its own optimiser group (e.g. ``loss_fn.lam``) if it
+    should learn at another rate than the model.
+    """
+
+    def __init__(self, config: Optional[LossConfig] = None, backend: str = "auto", lam_init: float = 0.0):
+        super().__init__()
+        self.config = LossConfig() if config is None else config
+        if not isinstance(self.config, LossConfig):
+            fail("config", "a lambda_grpo.LossConfig", type(self.config).__name__)
+        check_backend(backend)
+        self.backend = backend
+        if self.config.aggregation == "lambda_grpo":
+            self.lam = nn.Parameter(torch.tensor(float(lam_init)))
+        else:
+            self.lam = None
+
+    def forward(self, logits, tokens, mask, advantages, group_size, old_logp=None, ref_logp=None,
+                num_tokens=None, num_sequences=None) -> LossOutput:
+        return grpo_loss(logits, tokens, mask, advantages, group_size=group_size, old_logp=old_logp,
+                         ref_logp=ref_logp, lam=self.lam, config=self.config, num_tokens=num_tokens,
+                         num_sequences=num_sequences, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}, backend={self.backend!r}"
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                   backend: str = "auto") -> torch.Tensor:
+    """Fused selective log-softmax: log_softmax(logits / tau)[tokens], shape (B, T), fp32.
+
+    logits: (B, T, V) aligned with tokens (B, T). Differentiable w.r.t. logits. Float64 logits
+    give float64. Memory: no (B*T, V) intermediate on the torch/triton backends.
+    """
+    check_logits_tokens(logits, tokens)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
+        fail("temperature", "a number > 0", repr(temperature))
+    name = resolve_backend(backend, logits.device)
+    if name == "reference":
+        from .reference import reference_token_logprobs
+
+        return reference_token_logprobs(logits, tokens, float(temperature))
+    if name == "torch":
+        from .torch_backend import torch_token_logprobs
+
+        return torch_token_logprobs(logits, tokens, float(temperature))
+    from .triton_backend import triton_token_logprobs
+
+    return triton_token_logprobs(logits, tokens, float(temperature))
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "std", eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages, (B,) -> (B,) in fp32 (float64 for float64 rewards).
+
+    A_i = r_i - mean_g(r); with scale="std" divided by (std_g + eps), where std is the unbiased
+    (n - 1) group standard deviation as in TRL's GRPOTrainer; scale="none" is Dr. GRPO's
+    unscaled variant; scale="batch" divides by the std of the whole batch (TRL
+    scale_rewards="batch"). A group of equal rewards gets zero advantages.
+    """
+    if not isinstance(rewards, torch.Tensor):
+        fail("rewards", "a torch.Tensor", type(rewards).__name__)
+    if rewards.dim() != 1:
+        fail("rewards", "shape (B,)", f"shape {tuple(rewards.shape)}")
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
+        fail("group_size", "a positive int", repr(group_size))
+    if rewards.shape[0] % group_size != 0:
+        fail("group_size", f"a divisor of B = {rewards.shape[0]}", group_size)
+    if scale not in ("std", "none", "batch"):
+        fail("scale", "one of ('std', 'none', 'batch')", repr(scale))
+    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    r = rewards.to(dtype).view(-1, group_size)
+    centred = r - r.mean(dim=1, keepdim=True)
+    if scale == "std":
+        std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r)
+        centred = centred / (std + eps)
+    elif scale == "batch":
+        std = rewards.to(dtype).std() if rewards.numel() > 1 else torch.zeros((), dtype=dtype)
+        centred = centred / (std + eps)
+    return centred.reshape(-1)

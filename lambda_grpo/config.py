@@ -1,0 +1,114 @@
+"""`LossConfig`: the frozen, validated description of one GRPO-family loss (SPEC §4-§5)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+AGGREGATIONS = ("grpo", "bnpo", "dapo", "dr_grpo", "lambda_grpo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+TRACE_STYLES = (None, "recent", "both")
+TRACE_MODES = ("ratio", "weight")
+
+# Fixed constants of the math (SPEC §4-§5). They are not config fields because the spec
+# fixes them; they live here so that every backend reads the same numbers.
+LOG_RATIO_CLAMP = 20.0  # rho = exp(clamp(z, -20, 20))
+LENGTH_SIGMA_MIN = 1e-6  # sigma_g below this: z_i = 0 (all lengths equal)
+LENGTH_H_MIN = 1e-6  # h_i = max(1 + r z_i, h_min)
+
+
+def _fail(name: str, expected: str, actual) -> None:
+    raise ValueError(f"LossConfig.{name}: expected {expected}, got {actual!r}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Hyper-parameters of the GRPO-family loss. Frozen and validated on construction.
+
+    Fields (SPEC §4-§7):
+      aggregation: one of "grpo", "bnpo", "dapo", "dr_grpo", "lambda_grpo" (SPEC §5).
+      eps_low, eps_high: PPO clip range [1 - eps_low, 1 + eps_high], both >= 0.
+      dual_clip: c > 1 enables dual clipping for A < 0 (s = max(s, c*A)); None disables it.
+      beta: KL coefficient (>= 0); beta > 0 needs ref_logp.
+      kl_estimator: "k3" (default, exp(d) - d - 1), "k1" (-d) or "k2" (d^2/2), d = ref - logp.
+      temperature: tau > 0, log-probs are taken of softmax(logits / tau).
+      entropy_coef: weight of the entropy bonus (loss gets - entropy_coef * H).
+      length_r: lambda-GRPO length transform h = max(1 + r z, h_min), h_min = 1e-6.
+      trace: None, "recent" or "both" (GRPO-lambda eligibility-trace style).
+      trace_decay: a = gamma * lambda_trace in (0, 1].
+      trace_mode: "ratio" (trace the log-ratio) or "weight" (trace coefficients on the loss).
+      adv_clamp_min: if set, A = max(A, adv_clamp_min) (GRPO-lambda uses -0.1).
+      max_completion_length: L of dr_grpo; None means T (the padded length).
+      compute_entropy: report entropy_mean even when entropy_coef == 0.
+    """
+
+    aggregation: str = "lambda_grpo"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: Optional[float] = None
+    beta: float = 0.0
+    kl_estimator: str = "k3"
+    temperature: float = 1.0
+    entropy_coef: float = 0.0
+    length_r: float = 1.0 / 9.0
+    trace: Optional[str] = None
+    trace_decay: float = 0.99
+    trace_mode: str = "ratio"
+    adv_clamp_min: Optional[float] = None
+    max_completion_length: Optional[int] = None
+    compute_entropy: bool = False
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            _fail("aggregation", f"one of {AGGREGATIONS}", self.aggregation)
+        for name in ("eps_low", "eps_high", "beta", "temperature", "entropy_coef", "length_r", "trace_decay"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                _fail(name, "a finite real number", v)
+        if self.eps_low < 0:
+            _fail("eps_low", ">= 0", self.eps_low)
+        if self.eps_high < 0:
+            _fail("eps_high", ">= 0", self.eps_high)
+        if self.dual_clip is not None and not (isinstance(self.dual_clip, (int, float)) and self.dual_clip > 1):
+            _fail("dual_clip", "None or a number > 1", self.dual_clip)
+        if self.beta < 0:
+            _fail("beta", ">= 0", self.beta)
+        if self.kl_estimator not in KL_ESTIMATORS:
+            _fail("kl_estimator", f"one of {KL_ESTIMATORS}", self.kl_estimator)
+        if not self.temperature > 0:
+            _fail("temperature", "> 0", self.temperature)
+        if self.trace not in TRACE_STYLES:
+            _fail("trace", f"one of {TRACE_STYLES}", self.trace)
+        if not (0 < self.trace_decay <= 1):
+            _fail("trace_decay", "0 < trace_decay <= 1", self.trace_decay)
+        if self.trace_mode not in TRACE_MODES:
+            _fail("trace_mode", f"one of {TRACE_MODES}", self.trace_mode)
+        if self.adv_clamp_min is not None and not (
+            isinstance(self.adv_clamp_min, (int, float)) and math.isfinite(self.adv_clamp_min)
+        ):
+            _fail("adv_clamp_min", "None or a finite number", self.adv_clamp_min)
+        if self.max_completion_length is not None and not (
+            isinstance(self.max_completion_length, int)
+            and not isinstance(self.max_completion_length, bool)
+            and self.max_completion_length > 0
+        ):
+            _fail("max_completion_length", "None or a positive int", self.max_completion_length)
+
+    # --- derived flags (what the backends branch on) -------------------------------------
+    @property
+    def ratio_trace(self) -> bool:
+        """The log-ratio is traced (GRPO-lambda epsilon-trace): z is a scan over the row."""
+        return self.trace is not None and self.trace_mode == "ratio"
+
+    @property
+    def weight_trace(self) -> bool:
+        """The per-token loss is scaled by trace coefficients c_t (GRPO-lambda epsilon-weight)."""
+        return self.trace is not None and self.trace_mode == "weight"
+
+    @property
+    def needs_entropy(self) -> bool:
+        return self.entropy_coef != 0 or self.compute_entropy
+
+    def replace(self, **changes) -> "LossConfig":
+        return replace(self, **changes)

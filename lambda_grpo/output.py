@@ -1,0 +1,26 @@
+"""The result type every backend returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict
+
+import torch
+
+
+@dataclass
+class LossOutput:
+    """`loss`: 0-d tensor (fp32; float64 for float64 logits), differentiable w.r.t. logits and lam.
+
+    `metrics`: detached tensors computed without a host sync (SPEC §6): 0-d means over the
+    valid tokens of the local batch (`clip_frac_low`, `clip_frac_high`, `clip_frac`,
+    `ratio_mean`, `kl_mean` when ref_logp is given, `entropy_mean` when entropy is computed,
+    `lambda` for lambda_grpo) and `seq_weight` of shape (B,).
+    """
+
+    loss: torch.Tensor
+    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __iter__(self):  # allows `loss, metrics = out`
+        yield self.loss
+        yield self.metrics

@@ -1,0 +1,163 @@
+"""The reference backend: SPEC §4-§6 in plain torch, line by line. The source of truth.
+
+Nothing here is optimised. Autograd produces every gradient, d(lambda) included. All math
+runs in `dtype` (float64 by default) whatever the dtype of the logits; the loss and metrics
+are returned in the SPEC output dtype (fp32, or float64 for float64 logits). Tests compare
+every other backend with this module, and measure "plain torch in the logits' dtype" by
+calling it with `dtype=torch.float32`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import LENGTH_H_MIN, LENGTH_SIGMA_MIN, LOG_RATIO_CLAMP, LossConfig
+from .output import LossOutput
+from ._validate import Batch, compute_dtype
+
+
+def trace_weight_matrix(n: int, a: float, style: str, dtype, device) -> torch.Tensor:
+    """(n, n) matrix w[t, k] of SPEC §4 over valid-token ordinals; zero above the diagonal."""
+    t = torch.arange(n, device=device)[:, None]
+    k = torch.arange(n, device=device)[None, :]
+    if style == "recent":
+        power = t - k
+    elif style == "both":
+        power = torch.minimum(t - k, k)
+    else:
+        raise ValueError(f"trace: expected 'recent' or 'both', got {style!r}")
+    w = torch.tensor(a, dtype=dtype, device=device) ** power.clamp(min=0).to(dtype)
+    return torch.where(k <= t, w, torch.zeros((), dtype=dtype, device=device))
+
+
+def traced_log_ratio(x: torch.Tensor, mask: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """Ratio mode: z_t = sum_{k <= t} w(t, k) x_k over the valid tokens of each row."""
+    rows = []
+    for i in range(x.shape[0]):
+        idx = mask[i].nonzero().squeeze(1)
+        w = trace_weight_matrix(len(idx), cfg.trace_decay, cfg.trace, x.dtype, x.device)
+        rows.append(torch.zeros_like(x[i]).index_put((idx,), w @ x[i, idx]))
+    return torch.stack(rows)
+
+
+def trace_coefficients(mask: torch.Tensor, cfg: LossConfig, dtype) -> torch.Tensor:
+    """Weight mode: c_k = sum_{t >= k} w(t, k) over the valid tokens of each row; 0 when masked."""
+    rows = []
+    for i in range(mask.shape[0]):
+        idx = mask[i].nonzero().squeeze(1)
+        w = trace_weight_matrix(len(idx), cfg.trace_decay, cfg.trace, dtype, mask.device)
+        rows.append(torch.zeros(mask.shape[1], dtype=dtype, device=mask.device).index_put((idx,), w.sum(0)))
+    return torch.stack(rows)
+
+
+def lambda_grpo_weights(lengths: torch.Tensor, group_size: int, lam: torch.Tensor, r: float) -> torch.Tensor:
+    """f_i = G * softmax_{j in group}(h_j ** lam)_i with h from standardised lengths (SPEC §5).
+
+    lengths: (B,) float64 counts n_i. lam: 0-d float64 (differentiable). Returns (B,) float64.
+    """
+    n = lengths.view(-1, group_size)
+    mu = n.mean(dim=1, keepdim=True)
+    sigma = n.std(dim=1, correction=0, keepdim=True)
+    z = torch.where(sigma < LENGTH_SIGMA_MIN, torch.zeros_like(n), (n - mu) / sigma)
+    h = torch.clamp(1 + r * z, min=LENGTH_H_MIN)
+    f = group_size * torch.softmax(h**lam, dim=1)
+    return f.reshape(-1)
+
+
+def kl_divergence(logp: torch.Tensor, ref: torch.Tensor, estimator: str) -> torch.Tensor:
+    d = ref - logp
+    if estimator == "k3":
+        return torch.exp(d) - d - 1
+    if estimator == "k1":
+        return -d
+    return d * d / 2
+
+
+def reference_loss(batch: Batch, cfg: LossConfig, dtype=torch.float64) -> LossOutput:
+    """SPEC §4-§6 for a validated batch; `dtype` is the dtype of all the math."""
+    mask = batch.mask
+    B, T, V = batch.logits.shape
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+
+    # §4 per-token math
+    scaled = batch.logits.to(dtype) / cfg.temperature
+    logprobs = torch.log_softmax(scaled, dim=-1)
+    safe_tokens = torch.where(mask, batch.tokens, torch.zeros_like(batch.tokens))
+    logp = logprobs.gather(-1, safe_tokens[..., None]).squeeze(-1)
+    old = logp.detach() if batch.old_logp is None else batch.old_logp.to(dtype)
+    x = torch.where(mask, logp - old, zero)
+
+    z = traced_log_ratio(x, mask, cfg) if cfg.ratio_trace else x
+    rho = torch.exp(torch.clamp(z, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+    A = batch.advantages.to(dtype)
+    if cfg.adv_clamp_min is not None:
+        A = torch.clamp(A, min=cfg.adv_clamp_min)
+    surrogate = torch.minimum(rho * A, torch.clamp(rho, 1 - cfg.eps_low, 1 + cfg.eps_high) * A)
+    if cfg.dual_clip is not None:
+        surrogate = torch.where(A < 0, torch.maximum(surrogate, cfg.dual_clip * A), surrogate)
+    if cfg.weight_trace:
+        surrogate = trace_coefficients(mask, cfg, dtype) * surrogate
+
+    token_loss = -surrogate
+    kl = None
+    if batch.ref_logp is not None:
+        kl = kl_divergence(logp, batch.ref_logp.to(dtype), cfg.kl_estimator)
+        if cfg.beta != 0:
+            token_loss = token_loss + cfg.beta * kl
+    entropy = None
+    if cfg.needs_entropy:
+        entropy = -(torch.softmax(scaled, dim=-1) * logprobs).sum(-1)
+        if cfg.entropy_coef != 0:
+            token_loss = token_loss - cfg.entropy_coef * entropy
+    token_loss = torch.where(mask, token_loss, zero)
+
+    # §5 aggregation
+    maskf = mask.to(dtype)
+    lengths = maskf.sum(dim=1)
+    local_tokens = maskf.sum()
+    n_tok = local_tokens if batch.num_tokens is None else batch.num_tokens.to(dtype)
+    n_seq = torch.tensor(float(B), dtype=dtype, device=mask.device) if batch.num_sequences is None else batch.num_sequences.to(dtype)
+    seq_weight = torch.ones(B, dtype=dtype, device=mask.device)
+    if cfg.aggregation == "grpo":
+        W = 1 / (n_seq * torch.clamp(lengths, min=1))[:, None]
+    elif cfg.aggregation == "bnpo":
+        W = 1 / torch.clamp(local_tokens, min=1)
+    elif cfg.aggregation == "dapo":
+        W = 1 / torch.clamp(n_tok, min=1)
+    elif cfg.aggregation == "dr_grpo":
+        L = cfg.max_completion_length if cfg.max_completion_length is not None else T
+        W = 1 / (n_seq * L)
+    else:  # lambda_grpo
+        lam = batch.lam.to(device=mask.device, dtype=torch.float64)
+        f = lambda_grpo_weights(lengths.to(torch.float64), batch.group_size, lam, cfg.length_r)
+        seq_weight = f.to(dtype)
+        W = seq_weight[:, None] / torch.clamp(n_tok, min=1)
+    loss = (W * token_loss).sum()
+
+    # §6 metrics: means over the valid tokens of the local batch, no host sync
+    with torch.no_grad():
+        count = torch.clamp(local_tokens, min=1)
+
+        def mean(v):
+            return torch.where(mask, v.to(dtype), zero).sum() / count
+
+        low = mean((A < 0) & (rho < 1 - cfg.eps_low))
+        high = mean((A > 0) & (rho > 1 + cfg.eps_high))
+        metrics = {"clip_frac_low": low, "clip_frac_high": high, "clip_frac": low + high, "ratio_mean": mean(rho)}
+        if kl is not None:
+            metrics["kl_mean"] = mean(kl)
+        if entropy is not None:
+            metrics["entropy_mean"] = mean(entropy)
+        if cfg.aggregation == "lambda_grpo":
+            metrics["lambda"] = batch.lam.detach().to(dtype)
+        metrics["seq_weight"] = seq_weight.detach()
+    out_dtype = compute_dtype(batch.logits.dtype)
+    return LossOutput(loss.to(out_dtype), {k: v.to(out_dtype) for k, v in metrics.items()})
+
+
+def reference_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, dtype=torch.float64):
+    """log_softmax(logits / tau)[tokens] in `dtype`, returned in fp32 (float64 for float64 logits)."""
+    logprobs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+    out = logprobs.gather(-1, tokens.long().clamp(0, logits.shape[-1] - 1)[..., None]).squeeze(-1)
+    return out.to(compute_dtype(logits.dtype))
