@@ -67,7 +67,10 @@ def run(backend: str, inputs: dict, config: lg.LossConfig, lam: Optional[float] 
 
     backend="reference" with dtype=torch.float64 is the truth; with dtype=torch.float32 it is
     "plain torch in the same dtype"."""
-    logits = inputs["logits"].detach().clone().requires_grad_(True)
+    logits = inputs["logits"].detach().clone()
+    if backend == "reference" and dtype == torch.float64:
+        logits = logits.double()  # the truth: same values, float64 leaf, float64 gradient
+    logits.requires_grad_(True)
     lam_t = None
     if config.aggregation == "lambda_grpo":
         lam_t = torch.tensor(float(lam), dtype=torch.float32, requires_grad=True)
