@@ -1,0 +1,87 @@
+"""Launch configurations for every kernel, in one place.
+
+Each kernel has exactly the specialisations listed by `specialisations()`: the AOT compile
+test and `python -m bench.kernels` compile that list, so a config the launcher can pick is a
+config that has been compiled for sm_80 and sm_90. Hyper-parameters (eps, beta, tau, a, r,
+entropy_coef, dual_clip, adv_clamp_min) are runtime scalars: changing them never recompiles.
+Compile-time flags are only the ones that change the loop structure (entropy accumulation,
+trace style) plus the logits dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# One vocab tile for every V: 4096 fp32 lanes over 8 warps = 16 values per thread per live
+# tensor, which keeps the entropy variants well below the spill point (see docs/kernels.md).
+# Tiles are masked, so any V (1, 7, 32000, 151936) works; tiny V wastes lanes, which only
+# tests see.
+VOCAB_BLOCK = 4096
+VOCAB_WARPS = 8
+# Row kernel: one program per row, T in chunks.
+ROW_BLOCK_T = 512
+ROW_WARPS = 4
+# Group kernel: one program per group, a (BLOCK_G, BLOCK_T) tile of the mask.
+GROUP_BLOCKS = (16, 64, 256, 1024)
+GROUP_TILE = 4096
+GROUP_WARPS = 4
+
+LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TRACE_CODES = {None: 0, "recent": 1, "both": 2}
+KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch's compile-time choices: constexpr values, num_warps, num_stages."""
+
+    constexprs: tuple  # ((name, value), ...) sorted, hashable
+    num_warps: int
+    num_stages: int = 1
+
+    def kwargs(self) -> dict:
+        return dict(self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def _launch(num_warps: int, **constexprs) -> Launch:
+    return Launch(tuple(sorted(constexprs.items())), num_warps)
+
+
+def vocab_launch(with_entropy: bool) -> Launch:
+    """Forward, fused and backward vocab kernels."""
+    return _launch(VOCAB_WARPS, BLOCK_V=VOCAB_BLOCK, WITH_ENTROPY=bool(with_entropy))
+
+
+def scale_launch() -> Launch:
+    return _launch(VOCAB_WARPS, BLOCK_V=VOCAB_BLOCK)
+
+
+def row_launch(trace) -> Launch:
+    """trace: None / "recent" / "both" for ratio-mode traces (weight mode runs as trace None)."""
+    return _launch(ROW_WARPS, BLOCK_T=ROW_BLOCK_T, TRACE=TRACE_CODES[trace])
+
+
+def group_launch(group_size: int) -> Launch:
+    for bg in GROUP_BLOCKS:
+        if group_size <= bg:
+            return _launch(GROUP_WARPS, BLOCK_G=bg, BLOCK_T=max(16, GROUP_TILE // bg))
+    raise ValueError(f"group_size: expected at most {GROUP_BLOCKS[-1]} for the triton backend, got {group_size}")
+
+
+def specialisations():
+    """Every (kernel name, signature-dtype choices, Launch) the launchers can pick.
+
+    Yields (kernel, logits_dtype or None, Launch). Used by the AOT test and bench/kernels.py.
+    """
+    for dt in LOGITS_DTYPES:
+        for ent in (False, True):
+            yield "vocab_fwd", dt, vocab_launch(ent)
+            yield "vocab_fused", dt, vocab_launch(ent)
+            yield "vocab_bwd", dt, vocab_launch(ent)
+        yield "scale", dt, scale_launch()
+    for tr in (None, "recent", "both"):
+        yield "rows", None, row_launch(tr)
+    for g in GROUP_BLOCKS:
+        yield "groups", None, group_launch(g)

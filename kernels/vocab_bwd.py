@@ -1,0 +1,111 @@
+"""Backward vocab pass: dlogits from the per-token coefficients, optionally in place.
+
+VJP (x = logits / tau, p = softmax(x), per token with g = dL/dlogp, gh = dL/dH):
+    logp = x_tok - lse              => d logp / d x_j = 1[j = tok] - p_j
+    H = -sum_j p_j log p_j          => d H / d x_j    = -p_j (log p_j + H)
+    dL/dlogits_j = (g (1[j = tok] - p_j) - gh p_j (log p_j + H)) / tau
+p_j = exp(x_j - lse) is recomputed from the saved lse: the backward reads the logits once and
+writes dlogits once. `scale` (a device scalar: upstream gradient times the loss normaliser)
+is loaded in the kernel, so no host sync is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import scale_launch, vocab_launch
+from ._launch import as_u8, check_rows, check_vec
+from ._vocab import load_token, write_grad, write_zero
+
+
+@triton.jit(do_not_specialize=["V"])
+def vocab_bwd_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, lse_ptr, ent_ptr, coef_lp_ptr, coef_h_ptr,
+                     scale_ptr, stride_in, stride_out, V, inv_temp,
+                     BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    row_out = dlogits_ptr + pid * stride_out
+    valid = tl.load(mask_ptr + pid) != 0
+    if valid:
+        row_in = logits_ptr + pid * stride_in
+        tok = load_token(tokens_ptr, pid, V)
+        scale = tl.load(scale_ptr).to(tl.float32)
+        g = tl.load(coef_lp_ptr + pid) * scale
+        lse = tl.load(lse_ptr + pid)
+        if WITH_ENTROPY:
+            gh = tl.load(coef_h_ptr + pid) * scale
+            ent = tl.load(ent_ptr + pid)
+        else:
+            gh = 0.0
+            ent = 0.0
+        write_grad(row_in, row_out, V, inv_temp, lse, tok, g, gh, ent, BLOCK_V, WITH_ENTROPY)
+    else:
+        write_zero(row_out, V, BLOCK_V)
+
+
+@triton.jit(do_not_specialize=["V"])
+def scale_kernel(d_ptr, mask_ptr, scale_ptr, stride_row, V, BLOCK_V: tl.constexpr):
+    """d *= scale on valid rows; returns at once when scale == 1 (the usual loss.backward()).
+
+    Used after the fused forward, which wrote dlogits for an upstream gradient of 1.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    valid = tl.load(mask_ptr + pid) != 0
+    if valid & (scale != 1.0):
+        row = d_ptr + pid * stride_row
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            vm = cols < V
+            v = tl.load(row + cols, mask=vm, other=0.0).to(tl.float32)
+            tl.store(row + cols, (v * scale).to(d_ptr.dtype.element_ty), mask=vm)
+
+
+def vocab_backward(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, lse: torch.Tensor,
+                   coef_logp: torch.Tensor, scale: torch.Tensor, temperature: float,
+                   entropy: torch.Tensor = None, coef_entropy: torch.Tensor = None,
+                   out: torch.Tensor = None) -> torch.Tensor:
+    """dlogits (N, V) in the logits dtype.
+
+    logits (N, V); tokens (N,) int64; mask (N,) bool; lse, coef_logp, entropy, coef_entropy (N,)
+    fp32; scale: 0-d device tensor multiplying both coefficients. Pass entropy and
+    coef_entropy together to include the entropy gradient. out: (N, V) buffer to write into,
+    e.g. `logits` itself for an in-place gradient (default: a new tensor).
+    """
+    check_rows(logits)
+    N, V = logits.shape
+    dev = logits.device
+    check_vec(tokens, "tokens", N, torch.int64, dev)
+    check_vec(mask, "mask", N, torch.bool, dev)
+    for name, v in (("lse", lse), ("coef_logp", coef_logp)):
+        check_vec(v, name, N, torch.float32, dev)
+    with_entropy = entropy is not None
+    if with_entropy != (coef_entropy is not None):
+        raise ValueError("entropy, coef_entropy: expected both or neither, got one")
+    if with_entropy:
+        check_vec(entropy, "entropy", N, torch.float32, dev)
+        check_vec(coef_entropy, "coef_entropy", N, torch.float32, dev)
+    if scale.numel() != 1 or scale.device != dev:
+        raise ValueError(f"scale: expected a 1-element tensor on {dev}, got shape {tuple(scale.shape)} on {scale.device}")
+    if out is None:
+        out = torch.empty_like(logits)
+    elif out.shape != logits.shape or out.dtype != logits.dtype or out.device != dev or (V > 1 and out.stride(1) != 1):
+        raise ValueError(f"out: expected {tuple(logits.shape)} {logits.dtype} with unit stride along V, "
+                         f"got {tuple(out.shape)} {out.dtype} stride {out.stride()}")
+    if N > 0:
+        cfg = vocab_launch(with_entropy)
+        vocab_bwd_kernel[(N,)](logits, out, tokens, as_u8(mask), lse, entropy if with_entropy else lse,
+                               coef_logp, coef_entropy if with_entropy else coef_logp, scale,
+                               logits.stride(0), out.stride(0), V, 1.0 / temperature, **cfg.kwargs())
+    return out
+
+
+def scale_rows(d: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """In place: d[mask] *= scale (device scalar); no work at all when scale == 1."""
+    check_rows(d, "d")
+    N, V = d.shape
+    check_vec(mask, "mask", N, torch.bool, d.device)
+    if N > 0:
+        scale_kernel[(N,)](d, as_u8(mask), scale, d.stride(0), V, **scale_launch().kwargs())
+    return d

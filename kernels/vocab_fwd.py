@@ -1,0 +1,53 @@
+"""Forward vocab pass: per token logp = log_softmax(logits / tau)[token], lse, entropy.
+
+Tokens on grid axis 0 (no 65 535 limit), one program per token, int64 row offsets, masked
+vocab tiles. Masked-out tokens read nothing (not even their token id) and get zeros.
+Reads the logits once; writes three fp32 numbers per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import vocab_launch
+from ._launch import as_u8, check_rows, check_vec
+from ._vocab import load_token, lse_entropy
+
+
+@triton.jit(do_not_specialize=["V"])
+def vocab_fwd_kernel(logits_ptr, tokens_ptr, mask_ptr, logp_ptr, lse_ptr, ent_ptr,
+                     stride_row, V, inv_temp,
+                     BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    valid = tl.load(mask_ptr + pid) != 0
+    if valid:
+        row = logits_ptr + pid * stride_row
+        tok = load_token(tokens_ptr, pid, V)
+        lse, ent = lse_entropy(row, V, inv_temp, BLOCK_V, WITH_ENTROPY)
+        x_tok = tl.load(row + tok).to(tl.float32) * inv_temp
+        tl.store(logp_ptr + pid, x_tok - lse)
+        tl.store(lse_ptr + pid, lse)
+        if WITH_ENTROPY:
+            tl.store(ent_ptr + pid, ent)
+
+
+def vocab_forward(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, temperature: float,
+                  with_entropy: bool):
+    """logits (N, V) fp32/bf16/fp16, tokens (N,) int64, mask (N,) bool.
+
+    Returns logp (N,), lse (N,), entropy (N,) or None; fp32; zeros where mask is False.
+    """
+    check_rows(logits)
+    N, V = logits.shape
+    check_vec(tokens, "tokens", N, torch.int64, logits.device)
+    check_vec(mask, "mask", N, torch.bool, logits.device)
+    logp = torch.zeros(N, device=logits.device, dtype=torch.float32)
+    lse = torch.zeros_like(logp)
+    ent = torch.zeros_like(logp) if with_entropy else None
+    if N > 0:
+        cfg = vocab_launch(with_entropy)
+        vocab_fwd_kernel[(N,)](logits, tokens, as_u8(mask), logp, lse, logp if ent is None else ent,
+                               logits.stride(0), V, 1.0 / temperature, **cfg.kwargs())
+    return logp, lse, ent
