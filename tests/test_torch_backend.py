@@ -10,6 +10,7 @@ Shape grid (B, T, V, G) and why each shape is there:
 - (6, 3, 64, 3): V a power of two (an exact multiple of every vector width).
 - (8, 30, 3001, 4) [explicit test]: 240 rows at V = 3001 span several chunks of rows with a
   partial last chunk (the backend walks rows in chunks of a fixed element count).
+- (4, 333, 5, 2) [explicit test]: rows of ~230 valid tokens, longer than a block of a blocked scan.
 - V = 151 936 and 32 000 with N <= 8 [explicit test]: real vocabularies (Qwen2, Llama-2) where
   one chunk holds only a few rows.
 """
@@ -96,6 +97,20 @@ def test_torch_matches_reference_extreme_logits(cfg, dtype, scale, seed, mask):
 def test_torch_matches_reference_many_chunks(cfg, dtype):
     inp = _inputs((8, 30, 3001, 4), dtype, 7, "empty_rows", False, True, True)
     assert_backend_matches("torch", inp, cfg, lam=0.7)
+
+
+@pytest.mark.parametrize("style, mode, a, dtype", [
+    ("recent", "ratio", 0.99, torch.float32), ("both", "ratio", 0.99, torch.float32),
+    ("recent", "ratio", 1.0, torch.float64), ("both", "ratio", 1.0, torch.float32),
+    ("both", "ratio", 0.5, torch.float64), ("both", "weight", 0.99, torch.float32),
+])
+def test_torch_matches_reference_long_rows(style, mode, a, dtype):
+    # rows of ~200-300 valid tokens: real completion lengths, and longer than any block a scan
+    # may be cut into (the carry between blocks is exercised), with holes and one empty row
+    cfg = lg.LossConfig(aggregation="lambda_grpo", trace=style, trace_mode=mode, trace_decay=a, beta=0.02)
+    inp = make_batch(B=4, T=333, V=5, G=2, dtype=dtype, seed=13, mask="holes", logit_scale=1.0)
+    inp["mask"][3] = False
+    assert_backend_matches("torch", inp, cfg, lam=0.8)
 
 
 @pytest.mark.parametrize("V, dtype, cfg", [
