@@ -20,13 +20,15 @@ import torch
 # tests see.
 VOCAB_BLOCK = 4096
 VOCAB_WARPS = 8
-# Row kernel: one program per row, T in chunks.
-ROW_BLOCK_T = 512
+# Row kernel: one program per row, T in chunks of 128 (one value per thread at 4 warps);
+# its cost is O(B*T), negligible next to the vocab passes.
+ROW_BLOCK_T = 128
 ROW_WARPS = 4
-# Group kernel: one program per group, a (BLOCK_G, BLOCK_T) tile of the mask.
-GROUP_BLOCKS = (16, 64, 256, 1024)
-GROUP_TILE = 4096
-GROUP_WARPS = 4
+# Group kernel: one program per group, a (BLOCK_G, BLOCK_T) tile of the mask for the
+# lengths, then float64 math on BLOCK_G lanes (at most 2 per thread: no spills).
+GROUP_BLOCKS = (16, 64, 256)
+GROUP_WARPS = (4, 4, 4)
+GROUP_TILE = 2048
 
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TRACE_CODES = {None: 0, "recent": 1, "both": 2}
@@ -64,10 +66,14 @@ def row_launch(trace) -> Launch:
 
 
 def group_launch(group_size: int) -> Launch:
-    for bg in GROUP_BLOCKS:
+    for bg, nw in zip(GROUP_BLOCKS, GROUP_WARPS):
         if group_size <= bg:
-            return _launch(GROUP_WARPS, BLOCK_G=bg, BLOCK_T=max(16, GROUP_TILE // bg))
-    raise ValueError(f"group_size: expected at most {GROUP_BLOCKS[-1]} for the triton backend, got {group_size}")
+            return _launch(nw, BLOCK_G=bg, BLOCK_T=max(8, GROUP_TILE // bg))
+    raise ValueError(f"group_size: expected at most {GROUP_BLOCKS[-1]} for backend='triton', got {group_size}")
+
+
+def trace_coef_launch() -> Launch:
+    return _launch(ROW_WARPS, BLOCK_T=ROW_BLOCK_T)
 
 
 def specialisations():
@@ -85,3 +91,4 @@ def specialisations():
         yield "rows", None, row_launch(tr)
     for g in GROUP_BLOCKS:
         yield "groups", None, group_launch(g)
+    yield "trace_coef", None, trace_coef_launch()

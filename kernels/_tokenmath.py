@@ -8,7 +8,7 @@ clip is passed as dual_clip = +inf and a disabled advantage clamp as adv_min = -
 import triton
 import triton.language as tl
 
-LOG_RATIO_CLAMP: tl.constexpr = 20.0
+LOG_RATIO_CLAMP = tl.constexpr(20.0)
 
 
 @triton.jit

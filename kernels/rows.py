@@ -1,9 +1,9 @@
 """Row/group passes over the small (B, T) tensors (SPEC §4-§6).
 
 `group_kernel` (one program per group of G rows, mask only): lengths n_i, the λ-GRPO weights
-f_i and df_i/dλ in float64, the row weights w_i of every aggregation, and the weight-mode
-trace coefficients c_t. It runs before the vocab pass, which is what lets the fused kernel
-know its coefficient in the forward.
+f_i and df_i/dλ in float64 and the row weights w_i of every aggregation; `trace_coef_kernel`
+(one program per row, mask only): the weight-mode trace coefficients c_t. Both run before
+the vocab pass, which is what lets the fused kernel know its coefficient in the forward.
 
 `row_kernel` (one program per row, T in chunks): the ratio-mode trace scans, ratio, clipping,
 KL, per-token loss, per-row sums S_i and metric sums, and the per-token coefficients
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import KL_CODES, TRACE_CODES, group_launch, row_launch
+from ._config import KL_CODES, TRACE_CODES, group_launch, row_launch, trace_coef_launch
 from ._launch import as_u8
 from ._tokenmath import kl_and_grad, surrogate
 
@@ -35,9 +35,9 @@ def _geo(m, ln_a, inv_1ma, a_is_one):
     return tl.where(a_is_one != 0, m, (1.0 - tl.exp(m * ln_a)) * inv_1ma)
 
 
-@triton.jit(do_not_specialize=["T", "G", "a_is_one", "agg", "trace_style"])
-def group_kernel(mask_ptr, lam_ptr, len_ptr, f_ptr, df_ptr, roww_ptr, c_ptr,
-                 T, G, r: "fp64", ln_a: "fp64", inv_1ma: "fp64", a_is_one, agg, trace_style,
+@triton.jit(do_not_specialize=["T", "G", "agg"])
+def group_kernel(mask_ptr, lam_ptr, len_ptr, f_ptr, df_ptr, roww_ptr,
+                 T, G, r: tl.float64, agg,
                  BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr):
     gid = tl.program_id(0).to(tl.int64)
     gi = tl.arange(0, BLOCK_G)
@@ -78,24 +78,34 @@ def group_kernel(mask_ptr, lam_ptr, len_ptr, f_ptr, df_ptr, roww_ptr, c_ptr,
     else:
         w = tl.full([BLOCK_G], 1.0, tl.float32)
     tl.store(roww_ptr + rows, w, mask=gm)
-    if trace_style != 0:
-        # weight mode: c_k = sum_{t=k}^{n-1} w(t, k) in closed form (float64 geometric sums)
-        #   recent: geo(n - k);  both: geo(min(k, n-1-k) + 1) + max(0, n-1-2k) a^k
-        cnt = tl.zeros([BLOCK_G], tl.int32)
-        for t0 in range(0, T, BLOCK_T):
-            cols = t0 + tl.arange(0, BLOCK_T)
-            m2 = gm[:, None] & (cols < T)[None, :]
-            mk = tl.load(mask_ptr + base[:, None] + cols[None, :], mask=m2, other=0) != 0
-            cum = tl.cumsum(mk.to(tl.int32), 1) + cnt[:, None]
-            cnt += tl.sum(mk.to(tl.int32), 1)
-            k = (cum - 1).to(tl.float64)
-            rest = nf[:, None] - 1.0 - k
-            if trace_style == 1:
-                c = _geo(rest + 1.0, ln_a, inv_1ma, a_is_one)
-            else:
-                c = (_geo(tl.minimum(k, rest) + 1.0, ln_a, inv_1ma, a_is_one)
-                     + tl.maximum(rest - k, 0.0) * tl.exp(k * ln_a))
-            tl.store(c_ptr + base[:, None] + cols[None, :], tl.where(mk, c, 0.0).to(tl.float32), mask=m2)
+
+
+@triton.jit(do_not_specialize=["T", "a_is_one", "trace_style"])
+def trace_coef_kernel(mask_ptr, len_ptr, c_ptr, T, ln_a: tl.float64, inv_1ma: tl.float64, a_is_one, trace_style,
+                      BLOCK_T: tl.constexpr):
+    """Weight mode: c_k = sum_{t=k}^{n-1} w(t, k) per valid token, closed form in float64.
+
+    recent: geo(n - k);  both: geo(min(k, n-1-k) + 1) + max(0, n-1-2k) a^k,
+    with geo(m) = sum_{j<m} a^j and k the valid-token ordinal. One program per row.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    base = row * T
+    nf = tl.load(len_ptr + row).to(tl.float64)
+    cnt = tl.zeros([], tl.int32)
+    for t0 in range(0, T, BLOCK_T):
+        cols = t0 + tl.arange(0, BLOCK_T)
+        cm = cols < T
+        mk = tl.load(mask_ptr + base + cols, mask=cm, other=0) != 0
+        cum = tl.cumsum(mk.to(tl.int32), 0) + cnt
+        cnt += tl.sum(mk.to(tl.int32), 0)
+        k = (cum - 1).to(tl.float64)
+        rest = nf - 1.0 - k
+        if trace_style == 1:
+            c = _geo(rest + 1.0, ln_a, inv_1ma, a_is_one)
+        else:
+            c = (_geo(tl.minimum(k, rest) + 1.0, ln_a, inv_1ma, a_is_one)
+                 + tl.maximum(rest - k, 0.0) * tl.exp(k * ln_a))
+        tl.store(c_ptr + base + cols, tl.where(mk, c, 0.0).to(tl.float32), mask=cm)
 
 
 @triton.jit
@@ -291,11 +301,12 @@ def group_pass(mask: torch.Tensor, group_size: int, aggregation: str, lam=None, 
         lam_arg = f
     if B > 0:
         cfg = group_launch(group_size)
-        group_kernel[(B // group_size,)](as_u8(mask.contiguous()), lam_arg, lengths, f, df, w,
-                                         w if c is None else c, T, group_size, float(length_r),
-                                         math.log(a), 0.0 if a == 1.0 else 1.0 / (1.0 - a), int(a == 1.0),
-                                         AGG_CODES[aggregation], TRACE_CODES[trace_style],
-                                         **cfg.kwargs())
+        m8 = as_u8(mask.contiguous())
+        group_kernel[(B // group_size,)](m8, lam_arg, lengths, f, df, w, T, group_size, float(length_r),
+                                         AGG_CODES[aggregation], **cfg.kwargs())
+        if c is not None:
+            trace_coef_kernel[(B,)](m8, lengths, c, T, math.log(a), 0.0 if a == 1.0 else 1.0 / (1.0 - a),
+                                    int(a == 1.0), TRACE_CODES[trace_style], **trace_coef_launch().kwargs())
     return lengths, f, df, w, c
 
 
