@@ -82,10 +82,12 @@ def variants():
             yield name, dt, launch, sc
 
 
-def ptxas_path() -> str:
-    import triton
+def ptxas_path(arch: int) -> str:
+    """The ptxas Triton itself uses for this arch (the wheel ships two: CUDA 12.x for < sm_90,
+    a newer one for sm_90+, whose PTX ISA version the older one rejects)."""
+    from triton.backends.nvidia.compiler import get_ptxas
 
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return get_ptxas(arch).path
 
 
 def ptxas_stats(ptx: str, arch: int) -> dict:
@@ -94,8 +96,13 @@ def ptxas_stats(ptx: str, arch: int) -> dict:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as fh:
             fh.write(ptx)
-        res = subprocess.run([ptxas_path(), "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", src,
-                              "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True)
+        # the PTX names its own target (Triton emits sm_90a for cc 90): compile for exactly that
+        m = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M)
+        gpu = m.group(1) if m else f"sm_{arch}"
+        res = subprocess.run([ptxas_path(arch), "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"ptxas failed for {gpu}: {res.stderr.strip()}")
     text = res.stdout + res.stderr
 
     def grab(pattern):
