@@ -1,0 +1,74 @@
+"""What a quick (CI) run and a full run measure, in priority order.
+
+A full run spends at most `--max-minutes`; cases are ordered so that the acceptance case
+(V = 151 936, N = 2 048, fp32, fwd+bwd) is measured first, and whatever the budget cuts is
+reported as skipped with that reason. Providers absent from a case's list are not run at that
+shape because their time there would not fit the budget (the eager references cost 30-60 s per
+fwd+bwd call at the largest shapes); the tables say so.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+from .cases import Case
+
+ALL = ["floor", "reference", "eager_fp32", "compile_fp32", "trl", "torch", "triton", "liger_triton",
+       "liger_chunked"]
+FAST = ["floor", "eager_fp32", "compile_fp32", "trl", "torch", "triton", "liger_triton", "liger_chunked"]
+CHEAP = ["floor", "torch", "triton", "compile_fp32", "liger_triton", "liger_chunked"]
+LINEAR = ["liger_chunked", "torch_linear", "lm_head_matmul"]
+
+Entry = Tuple[Case, List[str]]
+
+# SmolLM2-135M (the project's offline model) has V = 49 152 and hidden size 576.
+LINEAR_V, LINEAR_H = 49152, 576
+
+
+def quick() -> Tuple[List[Case], List[Entry]]:
+    checks = [Case("logits", 32000, 256, "fp32", "grpo"), Case("logits", 32000, 256, "fp32", "lambda_trace"),
+              Case("logits", 32000, 256, "bf16", "grpo"),
+              Case("linear", 32000, 256, "fp32", "grpo", H=64)]
+    timed = [(Case("logits", 32000, 256, "fp32", "grpo"), ALL),
+             (Case("logits", 32000, 512, "fp32", "grpo"), ["floor", "eager_fp32", "torch"]),
+             (Case("linear", 32000, 256, "fp32", "grpo", H=64), ["liger_chunked", "torch_linear"]),
+             (Case("logits", 32000, 256, "fp32", "lambda_trace"), ["eager_fp32", "torch"]),
+             (Case("logits", 32000, 256, "bf16", "grpo"), ["eager_fp32", "torch", "trl"])]
+    return checks, timed
+
+
+def full() -> Tuple[List[Case], List[Entry]]:
+    checks = []
+    for V in (32000, 151936):
+        for dtype in ("fp32", "bf16"):
+            for mode in ("grpo", "dapo", "lambda_trace"):
+                checks.append(Case("logits", V, 128, dtype, mode))
+    checks.append(Case("linear", LINEAR_V, 128, "fp32", "grpo", H=LINEAR_H))
+    key = Case("logits", 151936, 2048, "fp32", "grpo")
+    timed: List[Entry] = [
+        (key, ALL),
+        (Case("logits", 151936, 512, "fp32", "grpo"), ALL),
+        (Case("logits", 32000, 2048, "fp32", "grpo"), ALL),
+        (Case("logits", 151936, 2048, "bf16", "grpo"), FAST),
+        (Case("logits", 151936, 2048, "fp32", "lambda_trace"), ["floor", "eager_fp32", "torch", "triton"]),
+        (Case("logits", 151936, 4096, "fp32", "grpo"), CHEAP),
+        (Case("logits", 32000, 512, "fp32", "grpo"), ALL),
+        (Case("logits", 32000, 8192, "fp32", "grpo"), FAST),
+        (Case("logits", 49152, 2048, "fp32", "grpo"), FAST),
+        (Case("logits", 128256, 2048, "fp32", "grpo"), FAST),
+        (Case("logits", 151936, 2048, "fp32", "dapo"), ["floor", "eager_fp32", "trl", "torch", "triton"]),
+        (Case("logits", 151936, 512, "bf16", "grpo"), FAST),
+        (Case("linear", LINEAR_V, 512, "fp32", "grpo", H=LINEAR_H), LINEAR),
+        (Case("logits", 49152, 8192, "fp32", "grpo"), CHEAP),
+        (Case("logits", 128256, 4096, "fp32", "grpo"), CHEAP),
+        (Case("linear", LINEAR_V, 2048, "fp32", "grpo", H=LINEAR_H), LINEAR),
+    ]
+    return checks, timed
+
+
+def key_case(timed: List[Entry]) -> Optional[Case]:
+    for case, _ in timed:
+        if case.task == "logits" and case.V == 151936 and case.N == 2048 and case.dtype == "fp32" \
+                and case.mode == "grpo":
+            return case
+    return None

@@ -1,0 +1,348 @@
+"""The loss implementations the suite puts side by side.
+
+A provider turns a case's inputs into a `Runner`: `forward()` returns the 0-d loss, `backward(out)`
+runs autograd, and `leaves` are the tensors whose gradients are compared and freed between calls.
+`skip_reason(case, device)` says, in one printed sentence, why a provider cannot run somewhere.
+
+All providers of the "logits" task compute the SPEC §4-§5 loss of the case's mode from the very
+same (B, T, V) logits; those of the "linear" task start from hidden states and the LM-head weight
+and therefore include the LM-head matmul (forward and both backward matmuls).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import lambda_grpo as lg
+from lambda_grpo._validate import validate
+from lambda_grpo.reference import reference_loss
+
+from .cases import Case, lam_leaf
+
+# Multiples of one (N, V) tensor in the logits' dtype that a provider is expected to hold at its
+# peak (fwd+bwd). Used only to skip a provider *before* running it when the expected peak would
+# not fit in the memory budget of a shared machine; never reported as a measurement.
+# (eager fp64: an fp64 copy, the log-softmax output and its gradient, each 2x the fp32 size.)
+EXPECTED_PEAK_MULTIPLE = {
+    "reference": 10.0, "eager_fp32": 5.0, "compile_fp32": 3.0, "trl": 4.0, "torch": 1.5, "triton": 1.5,
+    "liger_triton": 0.5, "liger_chunked": 0.2, "torch_linear": 2.5, "lm_head_matmul": 2.5, "floor": 2.0,
+}
+
+
+@dataclass
+class Runner:
+    forward: Callable[[], torch.Tensor]
+    leaves: Dict[str, torch.Tensor]
+    backward: Optional[Callable[[torch.Tensor], None]] = None
+    notes: List[str] = field(default_factory=list)
+
+    def run_backward(self, out: torch.Tensor) -> None:
+        if self.backward is not None:
+            self.backward(out)
+        else:
+            out.backward()
+
+    def zero_grad(self) -> None:
+        for t in self.leaves.values():
+            t.grad = None
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    label: str
+    task: str
+    make: Callable[[Case, dict, str], Runner]
+    skip: Callable[[Case, str], Optional[str]]
+    is_loss: bool = True  # False for context rows (the bare LM-head matmul): not agreement-checked
+    # True when the provider does its softmax arithmetic in the logits' dtype (TRL's bf16 path runs
+    # log_softmax in bf16); it is then held to the looser "math in bf16" tolerance for bf16 inputs.
+    low_precision_math: bool = False
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _logits_leaf(inputs: dict, device: str) -> torch.Tensor:
+    # The leaf shares the input's storage: no extra (N, V) copy sits in the baseline.
+    return inputs["logits"].to(device).requires_grad_(True)
+
+
+def _common(inputs: dict, device: str) -> dict:
+    def mv(x):
+        return None if x is None else x.to(device)
+
+    return dict(tokens=mv(inputs["tokens"]), mask=mv(inputs["mask"]), advantages=mv(inputs["advantages"]),
+                old_logp=mv(inputs["old_logp"]), ref_logp=mv(inputs["ref_logp"]), group_size=inputs["group_size"])
+
+
+# --- our package -------------------------------------------------------------------------------
+
+def _make_backend(backend: str):
+    def make(case: Case, inputs: dict, device: str) -> Runner:
+        logits = _logits_leaf(inputs, device)
+        lam = lam_leaf(inputs)
+        kw = _common(inputs, device)
+        cfg = case.config()
+        leaves = {"logits": logits, **({"lam": lam} if lam is not None else {})}
+        return Runner(lambda: lg.grpo_loss(logits, lam=lam, config=cfg, backend=backend, **kw).loss, leaves)
+
+    return make
+
+
+def _skip_torch_backend(case: Case, device: str) -> Optional[str]:
+    if not _has_module("lambda_grpo.torch_backend"):
+        return "lambda_grpo.torch_backend is not importable in this checkout (backend='torch' not built yet)"
+    return None
+
+
+def _skip_triton_backend(case: Case, device: str) -> Optional[str]:
+    if device != "cuda":
+        return ("backend='triton' launches Triton kernels, which need CUDA; on CPU they run only under "
+                "TRITON_INTERPRET=1 (a correctness tool, ~0.6 ms per program), so there is nothing to time here")
+    if not _has_module("lambda_grpo.triton_backend"):
+        return "lambda_grpo.triton_backend is not importable in this checkout"
+    return None
+
+
+# --- plain torch: the reference, the same in fp32, and torch.compile of that ------------------------
+
+def _eager(dtype, compiled: bool):
+    def make(case: Case, inputs: dict, device: str) -> Runner:
+        logits = _logits_leaf(inputs, device)
+        lam = lam_leaf(inputs)
+        kw = _common(inputs, device)
+        cfg = case.config()
+
+        def loss_fn(logits, lam):
+            batch = validate(logits, kw["tokens"], kw["mask"], kw["advantages"], kw["group_size"], kw["old_logp"],
+                             kw["ref_logp"], lam, cfg, None, None)
+            return reference_loss(batch, cfg, dtype=dtype).loss
+
+        fn = torch.compile(loss_fn, dynamic=False) if compiled else loss_fn
+        leaves = {"logits": logits, **({"lam": lam} if lam is not None else {})}
+        return Runner(lambda: fn(logits, lam), leaves)
+
+    return make
+
+
+def _skip_compile(case: Case, device: str) -> Optional[str]:
+    if device == "cpu" and not any(shutil.which(c) for c in ("cc", "gcc", "g++", "clang")):
+        return "torch.compile (inductor) needs a C++ compiler on CPU and none is on PATH"
+    if case.mode == "lambda_trace":
+        # The reference's traces loop over rows with data-dependent lengths (nonzero): dynamo breaks
+        # the graph on every row, so what gets timed is mostly eager code plus guard overhead.
+        return ("the reference's GRPO-lambda trace is a per-row Python loop with data-dependent lengths; "
+                "torch.compile breaks the graph there (measured slower than eager in development), not timed")
+    return None
+
+
+# --- TRL 1.16: selective_log_softmax + GRPOTrainer's per-token loss and aggregation ----------------
+
+TRL_MODES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def _skip_trl(case: Case, device: str) -> Optional[str]:
+    if not _has_module("trl"):
+        return "trl is not installed (pip install trl==1.16.0)"
+    agg = case.config().aggregation
+    if agg not in TRL_MODES or case.config().trace is not None:
+        return "TRL 1.16 has no lambda-GRPO length weighting or GRPO-lambda traces"
+    return None
+
+
+def trl_style_loss(logits, tokens, mask, advantages, old_logp, ref_logp, cfg: lg.LossConfig):
+    """GRPO-family loss written the way TRL 1.16's GRPOTrainer computes it (token-level IS).
+
+    logits (B, T, V) aligned with tokens (B, T); advantages (B,); old/ref (B, T). Per-token log-probs
+    come from TRL's own `selective_log_softmax` (on CPU: gather minus a row-by-row logsumexp for
+    fp32, a row-by-row log_softmax in the logits' dtype for bf16). One process, no gradient
+    accumulation: TRL's dapo normaliser `num_items_in_batch` is then the batch's token count.
+    """
+    from trl.trainer.utils import selective_log_softmax
+
+    logp = selective_log_softmax(logits, tokens, temperature=cfg.temperature)
+    adv = advantages[:, None]
+    coef_1 = torch.exp(logp - old_logp)
+    coef_2 = torch.clamp(coef_1, 1 - cfg.eps_low, 1 + cfg.eps_high)
+    per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+    if cfg.beta != 0.0:
+        d = ref_logp - logp
+        per_token = per_token + cfg.beta * (torch.exp(d) - d - 1)
+    m = mask.to(per_token.dtype)
+    if cfg.aggregation == "grpo":
+        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    if cfg.aggregation == "bnpo":
+        return (per_token * m).sum() / m.sum().clamp(min=1.0)
+    if cfg.aggregation == "dr_grpo":
+        L = cfg.max_completion_length or mask.shape[1]
+        return (per_token * m).sum() / (per_token.size(0) * L)
+    return (per_token * m).sum() / m.sum().clamp(min=1.0)
+
+
+def _make_trl(case: Case, inputs: dict, device: str) -> Runner:
+    logits = _logits_leaf(inputs, device)
+    kw = _common(inputs, device)
+    cfg = case.config()
+    return Runner(lambda: trl_style_loss(logits, kw["tokens"], kw["mask"], kw["advantages"], kw["old_logp"],
+                                         kw["ref_logp"], cfg), {"logits": logits})
+
+
+# --- Liger-Kernel 0.8.5 -------------------------------------------------------------------------
+
+LIGER_MODES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def _skip_liger_common(case: Case) -> Optional[str]:
+    if not _has_module("liger_kernel"):
+        return "liger-kernel is not installed (pip install --no-deps liger-kernel==0.8.5)"
+    cfg = case.config()
+    if cfg.aggregation not in LIGER_MODES or cfg.trace is not None:
+        return "Liger-Kernel 0.8.5 has no lambda-GRPO length weighting or GRPO-lambda traces"
+    return None
+
+
+def _skip_liger_triton(case: Case, device: str) -> Optional[str]:
+    if device != "cuda":
+        return "Liger's triton_grpo_loss launches Triton kernels: CUDA only"
+    return _skip_liger_common(case)
+
+
+def _make_liger_triton(case: Case, inputs: dict, device: str) -> Runner:
+    """Liger's fused Triton GRPO loss (CUDA). It takes unshifted logits (B, T+1, V) and drops the
+    last position itself, so the aligned logits are placed in a (B, T+1, V) buffer once, up front."""
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    src = inputs["logits"]
+    B, T, V = src.shape
+    buf = torch.empty((B, T + 1, V), dtype=src.dtype, device=device)
+    buf[:, :T] = src.to(device)
+    buf[:, T] = 0
+    kw = _common(inputs, device)
+    cfg = case.config()
+    leaf = buf.requires_grad_(True)
+
+    def fwd():
+        loss, _ = triton_grpo_loss(leaf, kw["old_logp"], kw["ref_logp"], kw["tokens"], kw["advantages"],
+                                   completion_mask=kw["mask"].to(torch.int32).contiguous(),
+                                   temperature=cfg.temperature, beta=cfg.beta, eps_low=cfg.eps_low,
+                                   eps_high=cfg.eps_high, inplace=False, loss_type=cfg.aggregation, reduce=True)
+        return loss
+
+    # inplace=False: the suite reuses the logits across repeats, and dlogits must not alias them.
+    return Runner(fwd, {"logits": leaf}, notes=["gradient compared on [:, :T] of the (B, T+1, V) buffer"])
+
+
+def _skip_liger_chunked_logits(case: Case, device: str) -> Optional[str]:
+    return ("LigerFusedLinearGRPOLoss takes hidden states and the LM-head weight, not logits: it is timed "
+            "in the 'linear' task, next to our backend preceded by the same matmul")
+
+
+def _skip_liger_chunked(case: Case, device: str) -> Optional[str]:
+    return _skip_liger_common(case)
+
+
+def _linear_leaves(inputs: dict, device: str) -> Dict[str, torch.Tensor]:
+    return {"hidden": inputs["hidden"].to(device).requires_grad_(True),
+            "weight": inputs["weight"].to(device).requires_grad_(True)}
+
+
+def _make_liger_chunked(case: Case, inputs: dict, device: str) -> Runner:
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    cfg = case.config()
+    leaves = _linear_leaves(inputs, device)
+    kw = _common(inputs, device)
+    loss_mod = LigerFusedLinearGRPOLoss(beta=cfg.beta, use_ref_model=cfg.beta > 0, epsilon_low=cfg.eps_low,
+                                        epsilon_high=cfg.eps_high, loss_type=cfg.aggregation,
+                                        max_completion_length=case.T, temperature=cfg.temperature)
+    mask = kw["mask"].to(torch.int64)
+
+    def fwd():
+        loss, _ = loss_mod(leaves["hidden"], leaves["weight"], kw["tokens"], mask, kw["advantages"],
+                           ref_per_token_logps=kw["ref_logp"], old_per_token_logps=kw["old_logp"])
+        return loss
+
+    return Runner(fwd, leaves, notes=["Liger computes the gradients inside its forward (chunk by chunk); "
+                                      "its 'forward' time is the whole fwd+bwd work"])
+
+
+def _make_torch_linear(case: Case, inputs: dict, device: str) -> Runner:
+    cfg = case.config()
+    leaves = _linear_leaves(inputs, device)
+    lam = lam_leaf(inputs)
+    if lam is not None:
+        leaves["lam"] = lam
+    kw = _common(inputs, device)
+
+    def fwd():
+        logits = F.linear(leaves["hidden"], leaves["weight"])
+        return lg.grpo_loss(logits, lam=lam, config=cfg, backend="torch", **kw).loss
+
+    return Runner(fwd, leaves)
+
+
+def _make_matmul(case: Case, inputs: dict, device: str) -> Runner:
+    leaves = _linear_leaves(inputs, device)
+    grad = torch.ones((case.B, case.T, case.V), dtype=case.torch_dtype, device=device)
+
+    def bwd(out):
+        out.backward(grad)
+
+    return Runner(lambda: F.linear(leaves["hidden"], leaves["weight"]), leaves, backward=bwd,
+                  notes=["not a loss: logits = hidden @ W^T, then dhidden and dW from a given dlogits"])
+
+
+def _never(case: Case, device: str) -> Optional[str]:
+    return None
+
+
+PROVIDERS: List[Provider] = [
+    Provider("reference", "eager reference (fp64 math, autograd)", "logits", _make_backend("reference"), _never),
+    Provider("eager_fp32", "eager plain torch, fp32 (autograd)", "logits", _eager(torch.float32, False), _never),
+    Provider("compile_fp32", "torch.compile of the eager fp32 loss", "logits", _eager(torch.float32, True),
+             _skip_compile),
+    Provider("trl", "TRL 1.16 style (selective_log_softmax + GRPOTrainer loss)", "logits", _make_trl, _skip_trl,
+             low_precision_math=True),
+    Provider("torch", "ours: backend='torch'", "logits", _make_backend("torch"), _skip_torch_backend),
+    Provider("triton", "ours: backend='triton'", "logits", _make_backend("triton"), _skip_triton_backend),
+    Provider("liger_triton", "Liger 0.8.5 triton_grpo_loss", "logits", _make_liger_triton, _skip_liger_triton),
+    Provider("liger_chunked", "Liger 0.8.5 LigerFusedLinearGRPOLoss", "logits", None, _skip_liger_chunked_logits),
+    Provider("liger_chunked", "Liger 0.8.5 LigerFusedLinearGRPOLoss (incl. LM-head matmul)", "linear",
+             _make_liger_chunked, _skip_liger_chunked),
+    Provider("torch_linear", "ours: F.linear + backend='torch' (incl. LM-head matmul)", "linear",
+             _make_torch_linear, _skip_torch_backend),
+    Provider("lm_head_matmul", "LM-head matmul alone, fwd + both bwd matmuls (context, not a loss)", "linear",
+             _make_matmul, _never, is_loss=False),
+]
+
+
+def providers_for(task: str, names: Optional[List[str]] = None) -> List[Provider]:
+    out = [p for p in PROVIDERS if p.task == task]
+    if names:
+        out = [p for p in out if p.name in names]
+    return out
+
+
+def get(name: str, task: str) -> Provider:
+    for p in PROVIDERS:
+        if p.name == name and p.task == task:
+            return p
+    raise KeyError(f"provider {name!r} for task {task!r}")
+
+
+def fault_factor(name: str) -> float:
+    """Test hook: BENCH_FAULT=<provider> makes that provider's loss 1% too large, so the test suite
+    can show that a disagreeing provider makes the run fail."""
+    return 1.01 if os.environ.get("BENCH_FAULT") == name else 1.0

@@ -1,0 +1,213 @@
+"""Outputs of a run: long-format CSV, Markdown tables, PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import math
+from typing import Dict, List, Optional
+
+from .cases import Case
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+def derive(results: List[dict]) -> None:
+    """Add floor ratios, speed-ups of ours and memory ratios to each measured result, in place."""
+    by_case: Dict[str, Dict[str, dict]] = {}
+    for r in results:
+        by_case.setdefault(r["case"].key(), {})[r["provider"]] = r
+    for group in by_case.values():
+        floor = group.get("floor")
+        ok_floor = floor is not None and floor["status"] == "ok"
+        ours = group.get("torch") if group.get("torch", {}).get("status") == "ok" else None
+        if ours is None and group.get("torch_linear", {}).get("status") == "ok":
+            ours = group["torch_linear"]
+        for name, r in group.items():
+            if r["status"] != "ok" or name == "floor":
+                continue
+            case: Case = r["case"]
+            d = r.setdefault("derived", {})
+            if ok_floor and case.task == "logits":
+                exp_out = floor["exp_out"]["median"]
+                d["x_floor2"] = r["fwdbwd"]["median"] / (2 * exp_out)
+                d["x_floor2_alloc"] = r["fwdbwd"]["median"] / (exp_out + floor["exp_alloc"]["median"])
+                d["fwd_x_floor1"] = r["fwd"]["median"] / exp_out
+            if ours is not None and r is not ours:
+                d["ours_speedup"] = r["fwdbwd"]["median"] / ours["fwdbwd"]["median"]
+                d["ours_speedup_fwd"] = r["fwd"]["median"] / ours["fwd"]["median"]
+            d["mem_x_dlogits"] = r["mem_fwdbwd"] / case.logits_bytes
+
+
+def _metrics(r: dict) -> List[tuple]:
+    out = []
+    if r["provider"] == "floor":
+        for k in ("exp_alloc", "exp_out", "read_sum", "copy"):
+            for s in ("median", "min", "max"):
+                out.append((f"{k}_{s}", r[k][s], "s"))
+            out.append((f"{k}_n", r[k]["n"], "count"))
+        for k in ("gbps_read", "gbps_copy", "gbps_exp_out"):
+            out.append((k, r[k], "GB/s"))
+        return out
+    for phase in ("fwd", "fwdbwd"):
+        for s in ("median", "min", "max"):
+            out.append((f"{phase}_{s}", r[phase][s], "s"))
+        out.append((f"{phase}_n", r[phase]["n"], "count"))
+    out += [("first_call", r["first_call_s"], "s"), ("peak_extra_fwd", r["mem_fwd"], "bytes"),
+            ("peak_extra_fwdbwd", r["mem_fwdbwd"], "bytes"), ("peak_extra_first_call", r["mem_first_call"], "bytes")]
+    for k, v in r.get("derived", {}).items():
+        out.append((k, v, "ratio"))
+    return out
+
+
+def write_csv(path: str, meta: dict, results: List[dict], checks: List[dict]) -> None:
+    meta_cols = list(meta.keys())
+    cols = meta_cols + ["kind", "task", "mode", "dtype", "V", "N", "B", "T", "H", "provider", "provider_label",
+                        "status", "reason", "loadavg_1m_at_case", "metric", "value", "unit"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+
+        def row(kind, case: Case, provider, label, status, reason, load, metric, value, unit):
+            w.writerow([meta[k] for k in meta_cols] + [kind, case.task, case.mode, case.dtype, case.V, case.N, case.B,
+                                                       case.T, case.H, provider, label, status, reason, load, metric,
+                                                       value, unit])
+
+        for c in checks:
+            if c["status"] in ("ok", "DISAGREES") and "errors" in c:
+                for k, v in c["errors"].items():
+                    row("check", c["case"], c["provider"], c.get("label", ""), c["status"], "", "",
+                        f"rel_err_{k}", v, "ratio")
+            else:
+                row("check", c["case"], c["provider"], c.get("label", ""), c["status"], c.get("reason", ""), "",
+                    "", "", "")
+        for r in results:
+            base = ("timing", r["case"], r["provider"], r.get("label", ""), r["status"], r.get("reason", ""),
+                    r.get("loadavg_1m", ""))
+            if r["status"] != "ok":
+                row(*base, "", "", "")
+                continue
+            for metric, value, unit in _metrics(r):
+                row(*base, metric, value, unit)
+
+
+def _ms(x: Optional[float]) -> str:
+    if x is None:
+        return "-"
+    return f"{x * 1e3:.0f}" if x >= 0.1 else f"{x * 1e3:.1f}"
+
+
+def _spread(st: dict) -> str:
+    return f"{_ms(st['median'])} ({_ms(st['min'])}–{_ms(st['max'])}, n={st['n']})"
+
+
+def _x(v: Optional[float], fmt: str = "{:.2f}") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+
+def case_title(case: Case) -> str:
+    extra = f", H={case.H}" if case.task == "linear" else ""
+    return (f"{case.task} · {case.mode} · {case.dtype} · V={case.V} · N={case.N} (B={case.B}, T={case.T}{extra}) · "
+            f"one dlogits buffer = {case.logits_bytes / MiB:.0f} MiB")
+
+
+def markdown_case(results: List[dict]) -> List[str]:
+    """Table of one case; results share the case."""
+    case: Case = results[0]["case"]
+    lines = [f"**{case_title(case)}**", ""]
+    floor = next((r for r in results if r["provider"] == "floor" and r["status"] == "ok"), None)
+    if floor:
+        lines.append(
+            f"Floor: exp pass {_ms(floor['exp_out']['median'])} ms with out= / {_ms(floor['exp_alloc']['median'])} ms "
+            f"allocating; two-exp-pass floor {_ms(2 * floor['exp_out']['median'])} ms; read {floor['gbps_read']:.1f} "
+            f"GB/s, copy {floor['gbps_copy']:.1f} GB/s (read+write). Load average at this case: "
+            f"{floor.get('loadavg_1m', '?')}.")
+        lines.append("")
+    lines += ["| provider | fwd ms | fwd+bwd ms median (min–max, n) | × 2-exp floor | ours is × faster | "
+              "peak extra MiB | × dlogits |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    skipped = []
+    fused = False
+    for r in results:
+        if r["provider"] == "floor":
+            continue
+        if r["status"] != "ok":
+            skipped.append(f"{r['provider']}: {r['status']} — {r.get('reason', '')}")
+            continue
+        d = r.get("derived", {})
+        # A provider whose backward costs < 5% of the step computes the gradient inside its forward.
+        mark = " †" if r["fwdbwd"]["median"] - r["fwd"]["median"] < 0.05 * r["fwdbwd"]["median"] else ""
+        fused = fused or bool(mark)
+        lines.append(f"| {r['label']} | {_ms(r['fwd']['median'])}{mark} | {_spread(r['fwdbwd'])} | "
+                     f"{_x(d.get('x_floor2'))} | {_x(d.get('ours_speedup'))} | {r['mem_fwdbwd'] / MiB:.0f} | "
+                     f"{_x(d.get('mem_x_dlogits'))} |")
+    if fused:
+        lines += ["", "† the gradient is computed during the forward (one pass; backward only returns it), so the "
+                      "forward time is the whole step."]
+    if skipped:
+        lines.append("")
+        lines += [f"- not timed: {s}" for s in skipped]
+    lines.append("")
+    return lines
+
+
+def plot(path: str, results: List[dict]) -> Optional[str]:
+    """Time and peak memory vs N per provider (log-log), fp32 grpo at the largest and smallest V."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return f"matplotlib not importable ({e}); no plot"
+    sel = [r for r in results if r["case"].task == "logits" and r["case"].dtype == "fp32"
+           and r["case"].mode == "grpo" and r["status"] == "ok"]
+    vs = sorted({r["case"].V for r in sel}, reverse=True)
+    vs = [v for v in vs if len({r["case"].N for r in sel if r["case"].V == v}) >= 2][:2]
+    if not vs:
+        return "fewer than two N per V measured; no plot"
+    fig, axes = plt.subplots(2, len(vs), figsize=(6.5 * len(vs), 9), squeeze=False)
+    styles = {"reference": ("tab:red", "o"), "eager_fp32": ("tab:orange", "s"), "compile_fp32": ("tab:purple", "D"),
+              "trl": ("tab:brown", "^"), "torch": ("tab:blue", "*"), "triton": ("tab:cyan", "P"),
+              "liger_triton": ("tab:olive", "v"), "liger_chunked": ("tab:pink", "X")}
+    for j, V in enumerate(vs):
+        rows = [r for r in sel if r["case"].V == V]
+        ax_t, ax_m = axes[0][j], axes[1][j]
+        names = [n for n in styles if any(r["provider"] == n for r in rows)]
+        for n in names:
+            pts = sorted((r["case"].N, r) for r in rows if r["provider"] == n)
+            N = [p[0] for p in pts]
+            med = [p[1]["fwdbwd"]["median"] for p in pts]
+            lo = [m - p[1]["fwdbwd"]["min"] for m, p in zip(med, pts)]
+            hi = [p[1]["fwdbwd"]["max"] - m for m, p in zip(med, pts)]
+            c, mk = styles[n]
+            label = pts[0][1]["label"]
+            ax_t.errorbar(N, med, yerr=[lo, hi], color=c, marker=mk, ms=8 if n == "torch" else 6,
+                          lw=2.5 if n == "torch" else 1.3, capsize=3, label=label)
+            ax_m.plot(N, [p[1]["mem_fwdbwd"] / GiB for p in pts], color=c, marker=mk,
+                      ms=8 if n == "torch" else 6, lw=2.5 if n == "torch" else 1.3, label=label)
+        fl = sorted((r["case"].N, r) for r in rows if r["provider"] == "floor")
+        if fl:
+            ax_t.plot([p[0] for p in fl], [2 * p[1]["exp_out"]["median"] for p in fl], "k--", lw=1.5,
+                      label="floor: two torch.exp passes (out=)")
+        Ns = sorted({r["case"].N for r in rows})
+        ax_m.plot(Ns, [N * V * 4 / GiB for N in Ns], "k--", lw=1.5, label="one dlogits buffer (N·V·4 B)")
+        ax_m.plot(Ns, [1.25 * N * V * 4 / GiB for N in Ns], "k:", lw=1.2, label="target: 1.25 × dlogits")
+        for ax, ylab in ((ax_t, "fwd+bwd time, s (median, bars: min–max)"), (ax_m, "peak extra RSS, GiB")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("N = B·T tokens")
+            ax.set_ylabel(ylab)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.set_xticks(Ns)
+            ax.set_xticklabels([str(n) for n in Ns])
+        ax_t.set_title(f"GRPO loss fwd+bwd, fp32, V={V}")
+        ax_m.set_title(f"peak additional memory, fp32, V={V}")
+        ax_t.legend(fontsize=7.5, loc="upper left")
+        ax_m.legend(fontsize=7.5, loc="upper left")
+    fig.suptitle("lambda-grpo benchmark on this machine (CPU, measured; each provider in its own process)",
+                 fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

@@ -1,0 +1,403 @@
+"""`python -m bench [--quick]`: check that all providers agree, then time them against the floor.
+
+Exit status: 0 when every provider that ran agreed with the float64 truth and every timed
+measurement completed; 1 when a provider disagreed or errored (nothing is timed after a
+disagreement); providers that cannot run here are skipped with a printed reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import redirect_stdout
+from typing import List, Optional
+
+import torch
+
+from . import grid as grid_mod
+from . import report
+from .cases import Case
+from .checks import check_case
+from .providers import EXPECTED_PEAK_MULTIPLE, PROVIDERS, get, providers_for
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _version(mod: str) -> str:
+    try:
+        return getattr(importlib.import_module(mod), "__version__", "?")
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+        return f"not importable ({type(e).__name__})"
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def _mem_total_gib() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal"):
+                    return int(line.split()[1]) / 1024**2
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def machine_meta(device: str, argv: List[str], run_id: str) -> dict:
+    return {
+        "run_id": run_id,
+        "utc_start": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": "python -m bench " + " ".join(argv),
+        "device": device,
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "mem_total_gib": f"{_mem_total_gib():.1f}",
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else "none",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "trl": _version("trl"),
+        "liger_kernel": _liger_version(),
+        "transformers": _version("transformers"),
+        "lambda_grpo": _version("lambda_grpo"),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": "yes" if _git("status", "--porcelain", "--untracked-files=no") else "no",
+        "loadavg_start": _loadavg(),
+    }
+
+
+def _liger_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("liger-kernel")
+    except Exception:  # noqa: BLE001
+        return "not installed"
+
+
+def run_worker(spec: dict, timeout: float) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bench.worker", json.dumps(spec), out], cwd=REPO,
+                              capture_output=True, text=True, timeout=timeout)
+        try:
+            with open(out) as f:
+                res = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            tail = (proc.stderr or "").strip().splitlines()[-3:]
+            res = {"status": "error", "reason": f"worker exited {proc.returncode} without a result "
+                                                f"(killed for memory?) {' | '.join(tail)}"}
+    except subprocess.TimeoutExpired:
+        res = {"status": "error", "reason": f"timed out after {timeout:.0f} s"}
+    finally:
+        if os.path.exists(out):
+            os.unlink(out)
+    return res
+
+
+def _inputs_bytes(case: Case) -> int:
+    if case.task == "logits":
+        return case.logits_bytes
+    return (case.N + case.V) * case.H * case.itemsize
+
+
+def kernel_report() -> str:
+    """Output of `python -m bench.kernels` (ptxas registers/spills) when that module is present."""
+    try:
+        mod = importlib.import_module("bench.kernels")
+    except Exception as e:  # noqa: BLE001
+        return f"(kernel report skipped: bench.kernels is not importable: {type(e).__name__}: {e})"
+    fn = getattr(mod, "main", None)
+    if fn is None:
+        return "(kernel report skipped: bench.kernels has no main())"
+    buf = io.StringIO()
+    try:
+        with redirect_stdout(buf):
+            try:
+                fn([])
+            except TypeError:
+                fn()
+    except SystemExit:
+        pass
+    except Exception as e:  # noqa: BLE001
+        return f"(kernel report failed: {type(e).__name__}: {e})\n{buf.getvalue()}"
+    return buf.getvalue().strip() or "(kernel report printed nothing)"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CI-sized run (small shapes, < 3 min)")
+    ap.add_argument("--out", help="output directory (default bench/results/<utc time>[-quick])")
+    ap.add_argument("--providers", help="comma-separated provider names to include (default: all)")
+    ap.add_argument("--check-only", action="store_true", help="run the agreement check and stop")
+    ap.add_argument("--max-minutes", type=float,
+                    help="wall-time budget of the whole run; no new measurement starts after it (quick 2.2, full 14)")
+    ap.add_argument("--mem-budget-gib", type=float, default=9.0,
+                    help="skip a provider whose expected peak (inputs + its typical multiple of one (N, V) "
+                         "tensor) exceeds this; the machine is shared (default 9)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--no-gpu-model", action="store_true")
+    args = ap.parse_args(argv)
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    names = args.providers.split(",") if args.providers else None
+    if names:
+        unknown = sorted(set(names) - {p.name for p in PROVIDERS} - {"floor"})
+        if unknown:
+            ap.error(f"--providers: unknown {unknown}; known: {sorted({p.name for p in PROVIDERS} | {'floor'})}")
+    checks_cases, timed = grid_mod.quick() if args.quick else grid_mod.full()
+    max_s = 60 * (args.max_minutes if args.max_minutes is not None else (2.2 if args.quick else 14.0))
+    reps = dict(reps_min=3, reps_max=5 if args.quick else 7, budget_s=2.0 if args.quick else 12.0)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_id = stamp + ("-quick" if args.quick else "")
+    out_dir = args.out or os.path.join(REPO, "bench", "results", run_id)
+    os.makedirs(out_dir, exist_ok=True)
+    meta = machine_meta(device, argv, run_id)
+    t_start = time.perf_counter()
+
+    print(f"bench {'quick' if args.quick else 'full'} run {run_id} -> {out_dir}")
+    for k in ("cpu", "cores", "mem_total_gib", "torch", "triton", "trl", "liger_kernel", "git_commit",
+              "loadavg_start"):
+        print(f"  {k}: {meta[k]}")
+
+    # 1. Memory method sanity: a known 256 MiB allocation, measured with the same probe.
+    cal = run_worker({"provider": "calibrate"}, timeout=120) if device == "cpu" else {"status": "n/a"}
+    if cal.get("status") == "ok":
+        print(f"memory probe (VmHWM over VmRSS after clear_refs): 256 MiB allocation measured as "
+              f"{cal['measured'] / 2**20:.1f} MiB")
+        meta["mem_calibration_mib"] = f"{cal['measured'] / 2**20:.1f}"
+    else:
+        meta["mem_calibration_mib"] = "n/a"
+
+    # 2. Agreement, before anything is timed.
+    print("agreement check against the float64 truth (tolerances per dtype, see bench/checks.py):")
+    checks: List[dict] = []
+    failed = []
+    compile_checked = set()
+    for case in checks_cases:
+        provs = providers_for(case.task, names)
+        if case.task == "logits" and any(p.name == "compile_fp32" for p in provs):
+            # One compile per shape costs 20-60 s on this machine: check it once per dtype.
+            if case.dtype in compile_checked:
+                provs = [p for p in provs if p.name != "compile_fp32"]
+            elif not get("compile_fp32", "logits").skip(case, device):
+                compile_checked.add(case.dtype)
+        for r in check_case(case, provs, device):
+            r["case"] = case
+            r["label"] = get(r["provider"], case.task).label
+            checks.append(r)
+            if r["status"] in ("DISAGREES", "ERROR"):
+                failed.append(f"{case.key()} {r['provider']}: {r['status']} {r.get('errors', r.get('reason'))}")
+    print(f"check phase: {time.perf_counter() - t_start:.0f} s")
+    results: List[dict] = []
+    if failed:
+        print("PROVIDERS DISAGREE — nothing is timed:")
+        for f_ in failed:
+            print("  " + f_)
+    elif not args.check_only:
+        # 3. Timing, each provider in its own process.
+        for case, provs in timed:
+            print(f"\n{report.case_title(case)}")
+            wanted = [n for n in provs if names is None or n in names]
+            for name in wanted:
+                label = "floor: torch.exp / sum / copy over the logits" if name == "floor" else get(name, case.task).label
+                r = {"case": case, "provider": name, "label": label, "loadavg_1m": _loadavg().split(" ")[0]}
+                reason = None
+                if name != "floor":
+                    reason = get(name, case.task).skip(case, device)
+                if reason is None:
+                    est = _inputs_bytes(case) + EXPECTED_PEAK_MULTIPLE.get(name, 2.0) * case.logits_bytes
+                    if est > args.mem_budget_gib * 2**30:
+                        reason = (f"expected peak ~{est / 2**30:.1f} GiB (inputs + "
+                                  f"{EXPECTED_PEAK_MULTIPLE.get(name, 2.0):g} x one (N, V) tensor) exceeds the "
+                                  f"{args.mem_budget_gib:g} GiB budget of this shared machine")
+                if reason is None and time.perf_counter() - t_start > max_s:
+                    reason = f"time budget of the run ({max_s / 60:.0f} min) spent"
+                if reason is not None:
+                    r.update(status="skipped", reason=reason)
+                    print(f"  {name:<15} skipped: {reason}")
+                    results.append(r)
+                    continue
+                spec = {"case": case.to_dict(), "provider": name, "device": device, **reps}
+                t0 = time.perf_counter()
+                res = run_worker(spec, timeout=150 if args.quick else 600)
+                r.update(res)
+                r["wall_s"] = time.perf_counter() - t0
+                results.append(r)
+                if r["status"] != "ok":
+                    failed.append(f"{case.key()} {name}: {r.get('reason')}")
+                    print(f"  {name:<15} ERROR: {r.get('reason')}")
+                elif name == "floor":
+                    print(f"  {name:<15} exp(out=) {report._ms(r['exp_out']['median'])} ms, exp(alloc) "
+                          f"{report._ms(r['exp_alloc']['median'])} ms, read {r['gbps_read']:.1f} GB/s, copy "
+                          f"{r['gbps_copy']:.1f} GB/s  [{r['wall_s']:.0f} s]")
+                else:
+                    print(f"  {name:<15} fwd {report._ms(r['fwd']['median'])} ms, fwd+bwd "
+                          f"{report._spread(r['fwdbwd'])} ms, peak extra {r['mem_fwdbwd'] / 2**20:.0f} MiB "
+                          f"[{r['wall_s']:.0f} s, load {r['loadavg_1m']}]")
+        report.derive([r for r in results if r["status"] == "ok"])
+
+    meta["loadavg_end"] = _loadavg()
+    meta["wall_s"] = f"{time.perf_counter() - t_start:.0f}"
+    csv_path = os.path.join(out_dir, "results.csv")
+    report.write_csv(csv_path, meta, results, checks)
+    md = render_markdown(meta, checks, results, timed, device, args, out_dir)
+    md_path = os.path.join(out_dir, "report.md")
+    with open(md_path, "w") as f:
+        f.write(md)
+    print(f"\nwrote {csv_path}\nwrote {md_path}")
+    if results:
+        png = os.path.join(out_dir, "bench.png")
+        err = report.plot(png, results)
+        print(f"wrote {png}" if err is None else f"plot skipped: {err}")
+    print(f"total {time.perf_counter() - t_start:.0f} s, load average at end {meta['loadavg_end']}")
+    if failed:
+        print(f"FAILED: {len(failed)} problem(s)")
+        for f_ in failed:
+            print("  " + f_)
+        return 1
+    return 0
+
+
+def _targets(results: List[dict], case: Optional[Case]) -> List[str]:
+    if case is None:
+        return []
+    rows = {r["provider"]: r for r in results if r["case"] == case}
+    ours = rows.get("torch")
+    lines = ["## Targets (V = 151 936, N = 2 048, fp32, grpo, fwd+bwd)", ""]
+    if ours is None or ours["status"] != "ok":
+        reason = "" if ours is None else ours.get("reason", "")
+        return lines + [f"Our torch backend was not measured here: {reason}", ""]
+    t = ours["fwdbwd"]["median"]
+
+    def verdict(ok):
+        return "**met**" if ok else "**missed**"
+
+    for name, what in (("reference", "eager reference"), ("trl", "TRL-style loss"), ("eager_fp32", "eager fp32")):
+        r = rows.get(name)
+        if r is not None and r["status"] == "ok":
+            s = r["fwdbwd"]["median"] / t
+            target = " (target ≥ 4×)" if name != "eager_fp32" else " (no target; context)"
+            lines.append(f"- ours vs {what}: {s:.2f}× faster{target}"
+                         + (f" — {verdict(s >= 4)}" if name != "eager_fp32" else ""))
+        else:
+            lines.append(f"- ours vs {what}: not measured ({'' if r is None else r.get('reason', '')})")
+    x = ours.get("derived", {}).get("x_floor2")
+    xa = ours.get("derived", {}).get("x_floor2_alloc")
+    if x is not None:
+        lines.append(f"- ours vs the two-exp-pass floor (2 × exp with out=): {x:.2f}× (target ≤ 1.5×) — "
+                     f"{verdict(x <= 1.5)}; vs exp(out=) + exp(allocating) (the gradient is fresh memory): "
+                     f"{xa:.2f}×")
+    m = ours["mem_fwdbwd"] / case.logits_bytes
+    lines.append(f"- ours peak extra memory: {ours['mem_fwdbwd'] / 2**20:.0f} MiB = {m:.2f}× one dlogits buffer "
+                 f"({case.logits_bytes / 2**20:.0f} MiB) (target ≤ 1.25×) — {verdict(m <= 1.25)}")
+    lines.append("")
+    return lines
+
+
+def render_markdown(meta, checks, results, timed, device, args, out_dir) -> str:
+    L = [f"# lambda-grpo benchmark: run {meta['run_id']}", "",
+         f"Command: `{meta['command']}` (from the repository root). Wall time {meta['wall_s']} s.", "",
+         f"Machine: {meta['cpu']}, {meta['cores']} cores ({meta['torch_threads']} torch threads), "
+         f"{meta['mem_total_gib']} GiB, device {meta['device']}, GPU: {meta['gpu']}. "
+         f"Load average (1/5/15 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']} "
+         f"(the machine is shared: other jobs run during the measurement).", "",
+         f"Versions: python {meta['python']}, torch {meta['torch']}, triton {meta['triton']}, trl {meta['trl']}, "
+         f"liger-kernel {meta['liger_kernel']}, transformers {meta['transformers']}, lambda_grpo "
+         f"{meta['lambda_grpo']}; git commit {meta['git_commit']} (uncommitted changes to tracked files: "
+         f"{meta['git_dirty']}).", "",
+         "Method: each provider runs in its own subprocess on the same deterministic inputs. Time = wall clock, "
+         "one warm-up call, then 3-7 repeats (median, min–max); the forward time is the forward part of each "
+         "fwd+bwd call. Peak extra memory = high-water mark of the process's resident set (VmHWM, reset via "
+         "`/proc/self/clear_refs`) over its resident set just before the call (inputs allocated, previous "
+         "gradients freed, `malloc_trim`), maximised over the timed repeats; it includes the gradient buffer. "
+         f"Probe check: a 256 MiB allocation measures as {meta.get('mem_calibration_mib', 'n/a')} MiB. "
+         "Floor = this machine's `torch.exp` over the same logits; the '× 2-exp floor' column divides by two "
+         "exp passes with `out=` (no page faults), the strictest floor.", ""]
+    # agreement
+    L += ["## Agreement with the float64 truth (before timing)", "",
+          "| case | provider | status | rel. error loss | rel. error grads (max over leaves) |", "|---|---|---|---:|---:|"]
+    for c in checks:
+        errs = c.get("errors")
+        if errs:
+            g = max((v for k, v in errs.items() if k != "loss"), default=float("nan"))
+            L.append(f"| {c['case'].key()} | {c['provider']} | {c['status']} | {errs['loss']:.1e} | {g:.1e} |")
+        else:
+            L.append(f"| {c['case'].key()} | {c['provider']} | {c['status']} | - | - |")
+    L.append("")
+    L += _targets(results, grid_mod.key_case(timed))
+    if results:
+        L += ["## Timings", "",
+              "'ours is × faster' = provider's fwd+bwd median / ours (backend='torch'; in the linear task "
+              "F.linear + backend='torch'). '× dlogits' = peak extra memory / one (N, V) buffer in the logits' dtype.",
+              ""]
+        seen = []
+        for r in results:
+            if r["case"] not in seen:
+                seen.append(r["case"])
+        for case in seen:
+            L += report.markdown_case([r for r in results if r["case"] == case])
+        L += ["Plot: `" + os.path.relpath(os.path.join(out_dir, "bench.png"), REPO) + "`", ""]
+    if not args.no_gpu_model:
+        L += gpu_model_section()
+    L += ["## Triton kernel report (`python -m bench.kernels`)", "", "```", kernel_report(), "```", ""]
+    return "\n".join(L)
+
+
+def gpu_model_section() -> List[str]:
+    from . import gpu_model
+
+    L = ["## GPU model — a MODEL, not a measurement", "",
+         "No GPU was used. Bytes of vocabulary-sized HBM traffic per token for one fwd+bwd, and the time that "
+         f"traffic takes at the {gpu_model.H100_NAME} for N = 2 048 tokens, V = 151 936. 'passes' = multiples "
+         "of one (N, V) tensor in the logits' dtype. How each row is obtained is in its last column "
+         "(bench/gpu_model.py).", "",
+         "| design | dtype | passes | MB / token | modelled H100 ms @ N=2048 | × ours | how |",
+         "|---|---|---:|---:|---:|---:|---|"]
+    for dtype in ("fp32", "bf16"):
+        try:
+            rows = gpu_model.model_rows(PROVIDERS, 151936, dtype, "grpo", 2048)
+        except Exception as e:  # noqa: BLE001
+            L.append(f"| (model failed for {dtype}: {type(e).__name__}: {e}) | | | | | | |")
+            continue
+        for r in rows:
+            L.append(f"| {r['design']} | {dtype} | {r['passes']:.1f} | {r['bytes_per_token'] / 1e6:.2f} | "
+                     f"{r['h100_ms']:.2f} | {r['x_ours']:.1f} | {r['how']} |")
+    L.append("")
+    return L

@@ -1,0 +1,205 @@
+"""One measurement in a fresh process: `python -m bench.worker SPEC_JSON OUT_JSON`.
+
+SPEC_JSON holds {"case": Case dict, "provider": name, "reps_min", "reps_max", "budget_s", "device"}.
+The worker builds the case's inputs, then times and measures one provider (or the floor).
+
+Time: wall clock (time.perf_counter; CUDA events on a GPU) of forward and of forward+backward,
+one warm-up call, then repeats until reps_max, or until budget_s is spent once reps_min are done.
+The forward time is the forward part of each timed fwd+bwd call (autograd on, as in training).
+
+Memory (CPU): the peak resident set size over the baseline, read from the kernel: after the timed
+repeats, gradients are freed, glibc is asked to return free heap pages (malloc_trim), the baseline
+VmRSS is read, the high-water mark is reset (`echo 5 > /proc/self/clear_refs`), one more fwd+bwd
+runs, and VmHWM minus the baseline is the peak additional memory (inputs excluded, the gradient
+buffer included). The same number for the very first call (one-time allocations included) is
+kept as `mem_first_call`. On CUDA: torch.cuda.max_memory_allocated over the allocated baseline.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import re
+import statistics
+import sys
+import time
+import traceback
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .cases import Case, make_inputs
+from .providers import get
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        m = re.search(field + r":\s+(\d+) kB", f.read())
+    return int(m.group(1)) * 1024 if m else -1
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+class MemProbe:
+    """Peak memory above a baseline, for one region of code."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.ok = device == "cuda" or _reset_hwm()
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            _trim()
+            self.base = _status_bytes("VmRSS")
+            _reset_hwm()
+
+    def peak(self) -> int:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
+        return _status_bytes("VmHWM") - self.base
+
+
+def _clock(device: str) -> Callable[[], float]:
+    if device == "cuda":
+        def now():
+            torch.cuda.synchronize()
+            return time.perf_counter()
+        return now
+    return time.perf_counter
+
+
+def _stats(xs: List[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def _repeat(fn, reps_min: int, reps_max: int, budget_s: float, now) -> List[float]:
+    fn()  # warm-up
+    times: List[float] = []
+    start = now()
+    while len(times) < reps_max and (len(times) < reps_min or now() - start < budget_s):
+        t0 = now()
+        fn()
+        times.append(now() - t0)
+    return times
+
+
+def measure_floor(case: Case, inputs: dict, spec: dict) -> dict:
+    """This machine's floor on these logits: torch.exp (allocating and out=), a read and a copy."""
+    dev, now = spec["device"], _clock(spec["device"])
+    x = inputs["logits"].to(dev)
+    buf = torch.empty_like(x)
+    nbytes = x.numel() * x.element_size()
+    args = (spec["reps_min"], spec["reps_max"], spec["budget_s"], now)
+    res = {
+        "exp_alloc": _stats(_repeat(lambda: torch.exp(x), *args)),
+        "exp_out": _stats(_repeat(lambda: torch.exp(x, out=buf), *args)),
+        "read_sum": _stats(_repeat(lambda: x.sum(), *args)),
+        "copy": _stats(_repeat(lambda: buf.copy_(x), *args)),
+    }
+    res["bytes"] = nbytes
+    res["gbps_read"] = nbytes / res["read_sum"]["median"] / 1e9
+    res["gbps_copy"] = 2 * nbytes / res["copy"]["median"] / 1e9
+    res["gbps_exp_out"] = 2 * nbytes / res["exp_out"]["median"] / 1e9
+    return res
+
+
+def measure_provider(case: Case, inputs: dict, spec: dict) -> dict:
+    dev, now = spec["device"], _clock(spec["device"])
+    p = get(spec["provider"], case.task)
+    runner = p.make(case, inputs, dev)
+    probe = MemProbe(dev)
+    fwd_t: List[float] = []
+    tot_t: List[float] = []
+
+    def call(record: bool, mem: Optional[Dict[str, int]] = None):
+        runner.zero_grad()
+        t0 = now()
+        out = runner.forward()
+        t1 = now()
+        if mem is not None:
+            mem["fwd"] = probe.peak()
+        t1b = now()
+        runner.run_backward(out)
+        t2 = now()
+        if mem is not None:
+            mem["fwdbwd"] = probe.peak()
+        if record:
+            fwd_t.append(t1 - t0)
+            tot_t.append((t1 - t0) + (t2 - t1b))
+        del out
+
+    first: Dict[str, int] = {}
+    probe.start()
+    t_first = now()
+    call(False, first)
+    t_first = now() - t_first
+    start = now()
+    while len(tot_t) < spec["reps_max"] and (len(tot_t) < spec["reps_min"] or now() - start < spec["budget_s"]):
+        call(True)
+    steady: Dict[str, int] = {}
+    runner.zero_grad()
+    probe.start()
+    call(False, steady)
+    runner.zero_grad()
+    return {"fwd": _stats(fwd_t), "fwdbwd": _stats(tot_t), "first_call_s": t_first,
+            "mem_fwd": steady["fwd"], "mem_fwdbwd": steady["fwdbwd"],
+            "mem_first_call": first["fwdbwd"], "mem_method_ok": probe.ok, "notes": runner.notes}
+
+
+def calibrate_memory() -> dict:
+    """Measure a known 256 MiB allocation with the same probe, so the report can show the method works."""
+    probe = MemProbe("cpu")
+    probe.start()
+    t = torch.ones(64 * 1024 * 1024, dtype=torch.float32)
+    got = probe.peak()
+    del t
+    return {"expected": 256 * 1024 * 1024, "measured": got, "ok": probe.ok}
+
+
+def main(argv: List[str]) -> int:
+    spec = json.loads(argv[0])
+    out_path = argv[1]
+    result: dict = {"provider": spec["provider"]}
+    try:
+        if spec["provider"] == "calibrate":
+            result.update(status="ok", **calibrate_memory())
+        else:
+            case = Case.from_dict(spec["case"])
+            t0 = time.perf_counter()
+            inputs = make_inputs(case)
+            result["inputs_s"] = time.perf_counter() - t0
+            if spec["provider"] == "floor":
+                result.update(measure_floor(case, inputs, spec))
+            else:
+                result.update(measure_provider(case, inputs, spec))
+            result["status"] = "ok"
+    except Exception as e:  # reported by the parent, which decides whether the run fails
+        result.update(status="error", reason=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
