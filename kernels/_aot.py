@@ -5,10 +5,11 @@ needs no driver. Must run WITHOUT TRITON_INTERPRET (under the interpreter `@trit
 interpreted functions): `python -m lambda_grpo.kernels._aot [--json] [--arch 80 90]`.
 
 The specialisations are `_config.specialisations()` crossed with what Triton's JIT itself
-specialises on for the vocab kernels: the row stride of the logits, which is divisible by 16
-("D": every real vocabulary), not ("plain": odd V) or 1 (V = 1, made a constant). Pointers
-are taken as 16-byte aligned (fresh torch allocations); every other int argument is marked
-do_not_specialize in the kernels, so it adds no variant.
+specialises on for the vocab kernels: V and the row strides of the logits (equal for
+contiguous logits), which are divisible by 16 ("D": every real vocabulary; this is what lets
+the tile loads compile to 128-bit vector loads), not ("plain": odd V) or 1 (V = 1, made a
+constant). Pointers are taken as 16-byte aligned (fresh torch allocations); every other int
+argument is marked do_not_specialize in the kernels, so it adds no variant.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _signature(fn, logits_dtype, constexprs: dict, stride_class: str):
             ty = _TORCH_TO_TT[logits_dtype] if name in _LOGITS_PTRS else _PTR_TYPES.get(name, "fp32")
             sig[name] = "*" + ty
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name.startswith("stride"):
+        elif name.startswith("stride") or name == "V":
             if stride_class == "one":
                 sig[name] = "constexpr"
                 consts[name] = 1

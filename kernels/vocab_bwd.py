@@ -20,7 +20,7 @@ from ._launch import as_u8, check_rows, check_vec
 from ._vocab import load_token, write_grad, write_zero
 
 
-@triton.jit(do_not_specialize=["V"])
+@triton.jit
 def vocab_bwd_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, lse_ptr, ent_ptr, coef_lp_ptr, coef_h_ptr,
                      scale_ptr, stride_in, stride_out, V, inv_temp,
                      BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
@@ -44,7 +44,7 @@ def vocab_bwd_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, lse_ptr, ent
         write_zero(row_out, V, BLOCK_V)
 
 
-@triton.jit(do_not_specialize=["V"])
+@triton.jit
 def scale_kernel(d_ptr, mask_ptr, scale_ptr, stride_row, V, BLOCK_V: tl.constexpr):
     """d *= scale on valid rows; returns at once when scale == 1 (the usual loss.backward()).
 

@@ -31,7 +31,7 @@ from ._tokenmath import kl_and_grad, surrogate
 from ._vocab import load_token, lse_entropy, write_grad, write_zero
 
 
-@triton.jit(do_not_specialize=["V", "T", "kl_est", "has_old", "has_ref", "has_c"])
+@triton.jit(do_not_specialize=["T", "kl_est", "has_old", "has_ref", "has_c"])
 def vocab_fused_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, old_ptr, ref_ptr, adv_ptr, c_ptr,
                        roww_ptr, norm_ptr, logp_ptr, ent_ptr,
                        stride_in, stride_out, V, T, inv_temp,

@@ -16,7 +16,7 @@ from ._launch import as_u8, check_rows, check_vec
 from ._vocab import load_token, lse_entropy
 
 
-@triton.jit(do_not_specialize=["V"])
+@triton.jit
 def vocab_fwd_kernel(logits_ptr, tokens_ptr, mask_ptr, logp_ptr, lse_ptr, ent_ptr,
                      stride_row, V, inv_temp,
                      BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):

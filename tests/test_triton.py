@@ -146,7 +146,7 @@ def _cases(draw):
     return cfg, inputs, lam
 
 
-@settings(max_examples=int(os.environ.get("LG_TRITON_EXAMPLES", "30")), deadline=None, derandomize=True,
+@settings(max_examples=int(os.environ.get("LG_TRITON_EXAMPLES", "50")), deadline=None, derandomize=True,
           database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(_cases())
 def test_hypothesis_against_reference(case):
