@@ -37,6 +37,15 @@ def quick() -> Tuple[List[Case], List[Entry]]:
     return checks, timed
 
 
+def smoke() -> Tuple[List[Case], List[Entry]]:
+    """A developer's pipeline test: two small N, a thread variant, the linear task, few providers."""
+    checks = [Case("logits", 32000, 128, "fp32", "grpo"), Case("linear", 32000, 128, "fp32", "grpo", H=64)]
+    timed = [(Case("logits", 32000, 256, "fp32", "grpo"), ["floor", "eager_fp32", "torch", "torch@1t"]),
+             (Case("logits", 32000, 512, "fp32", "grpo"), ["floor", "eager_fp32", "torch", "torch@1t"]),
+             (Case("linear", 32000, 256, "fp32", "grpo", H=64), LINEAR)]
+    return checks, timed
+
+
 def full() -> Tuple[List[Case], List[Entry]]:
     checks = []
     for V in (32000, 151936):
@@ -45,22 +54,25 @@ def full() -> Tuple[List[Case], List[Entry]]:
                 checks.append(Case("logits", V, 128, dtype, mode))
     checks.append(Case("linear", LINEAR_V, 128, "fp32", "grpo", H=LINEAR_H))
     key = Case("logits", 151936, 2048, "fp32", "grpo")
+    # "@1t": the same provider with one intra-op thread. On this shared 2-core machine other jobs
+    # keep the cores busy, and two-thread OpenMP regions then wait on each other; the 1-thread rows
+    # show how much of a provider's time is that contention (run for every provider at N = 512).
+    one_thread = ["eager_fp32@1t", "trl@1t", "torch@1t"]
     timed: List[Entry] = [
-        (key, ALL),
-        (Case("logits", 151936, 512, "fp32", "grpo"), ALL),
-        (Case("logits", 32000, 2048, "fp32", "grpo"), ALL),
-        (Case("logits", 151936, 2048, "bf16", "grpo"), FAST),
-        (Case("logits", 151936, 2048, "fp32", "lambda_trace"), ["floor", "eager_fp32", "torch", "triton"]),
-        (Case("logits", 151936, 4096, "fp32", "grpo"), CHEAP),
-        (Case("logits", 32000, 512, "fp32", "grpo"), ALL),
-        (Case("logits", 32000, 8192, "fp32", "grpo"), FAST),
-        (Case("logits", 49152, 2048, "fp32", "grpo"), FAST),
-        (Case("logits", 128256, 2048, "fp32", "grpo"), FAST),
-        (Case("logits", 151936, 2048, "fp32", "dapo"), ["floor", "eager_fp32", "trl", "torch", "triton"]),
-        (Case("logits", 151936, 512, "bf16", "grpo"), FAST),
+        (key, ALL + ["torch@1t"]),
+        (Case("logits", 151936, 512, "fp32", "grpo"), ALL + one_thread),
+        (Case("logits", 151936, 2048, "bf16", "grpo"), FAST + ["torch@1t"]),
+        (Case("logits", 151936, 2048, "fp32", "lambda_trace"), ["eager_fp32", "torch", "torch@1t", "triton"]),
+        (Case("logits", 151936, 4096, "fp32", "grpo"), CHEAP + ["torch@1t"]),
+        (Case("logits", 32000, 2048, "fp32", "grpo"), ALL + ["torch@1t"]),
+        (Case("logits", 32000, 512, "fp32", "grpo"), ALL + ["torch@1t"]),
         (Case("linear", LINEAR_V, 512, "fp32", "grpo", H=LINEAR_H), LINEAR),
-        (Case("logits", 49152, 8192, "fp32", "grpo"), CHEAP),
-        (Case("logits", 128256, 4096, "fp32", "grpo"), CHEAP),
+        (Case("logits", 32000, 8192, "fp32", "grpo"), FAST + ["torch@1t"]),
+        (Case("logits", 151936, 2048, "fp32", "dapo"), ["eager_fp32", "trl", "torch", "torch@1t", "triton"]),
+        (Case("logits", 49152, 2048, "fp32", "grpo"), FAST + ["torch@1t"]),
+        (Case("logits", 128256, 2048, "fp32", "grpo"), FAST + ["torch@1t"]),
+        (Case("logits", 151936, 512, "bf16", "grpo"), FAST + ["torch@1t"]),
+        (Case("logits", 49152, 8192, "fp32", "grpo"), CHEAP + ["torch@1t"]),
         (Case("linear", LINEAR_V, 2048, "fp32", "grpo", H=LINEAR_H), LINEAR),
     ]
     return checks, timed

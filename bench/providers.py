@@ -335,10 +335,22 @@ def providers_for(task: str, names: Optional[List[str]] = None) -> List[Provider
     return out
 
 
+def split_threads(name: str):
+    """"torch@1t" -> ("torch", 1): a provider run with that many intra-op threads; "torch" -> ("torch", None)."""
+    if "@" in name:
+        base, t = name.split("@", 1)
+        return base, int(t.rstrip("t"))
+    return name, None
+
+
 def get(name: str, task: str) -> Provider:
+    base, threads = split_threads(name)
     for p in PROVIDERS:
-        if p.name == name and p.task == task:
-            return p
+        if p.name == base and p.task == task:
+            if threads is None:
+                return p
+            return Provider(name, f"{p.label} [{threads} intra-op thread{'s' if threads > 1 else ''}]", p.task,
+                            p.make, p.skip, p.is_loss, p.low_precision_math)
     raise KeyError(f"provider {name!r} for task {task!r}")
 
 

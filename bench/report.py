@@ -13,26 +13,36 @@ MiB = 1024**2
 
 
 def derive(results: List[dict]) -> None:
-    """Add floor ratios, speed-ups of ours and memory ratios to each measured result, in place."""
+    """Add floor ratios, speed-ups of ours and memory ratios to each measured result, in place.
+
+    The floor of a case is the default-thread floor measured on the same logits (same task, dtype,
+    V and N: the inputs do not depend on the loss mode). "Ours" for a provider run with k threads
+    is our backend run with k threads, when measured."""
+    floors: Dict[tuple, dict] = {}
     by_case: Dict[str, Dict[str, dict]] = {}
     for r in results:
-        by_case.setdefault(r["case"].key(), {})[r["provider"]] = r
+        c = r["case"]
+        if r["provider"] == "floor" and r["status"] == "ok":
+            floors[(c.task, c.dtype, c.V, c.N)] = r
+        by_case.setdefault(c.key(), {})[r["provider"]] = r
     for group in by_case.values():
-        floor = group.get("floor")
-        ok_floor = floor is not None and floor["status"] == "ok"
-        ours = group.get("torch") if group.get("torch", {}).get("status") == "ok" else None
-        if ours is None and group.get("torch_linear", {}).get("status") == "ok":
-            ours = group["torch_linear"]
         for name, r in group.items():
-            if r["status"] != "ok" or name == "floor":
+            if r["status"] != "ok" or name.startswith("floor"):
                 continue
             case: Case = r["case"]
             d = r.setdefault("derived", {})
-            if ok_floor and case.task == "logits":
+            floor = floors.get((case.task, case.dtype, case.V, case.N))
+            if floor is not None and case.task == "logits":
                 exp_out = floor["exp_out"]["median"]
                 d["x_floor2"] = r["fwdbwd"]["median"] / (2 * exp_out)
                 d["x_floor2_alloc"] = r["fwdbwd"]["median"] / (exp_out + floor["exp_alloc"]["median"])
                 d["fwd_x_floor1"] = r["fwd"]["median"] / exp_out
+            suffix = name[name.index("@"):] if "@" in name else ""
+            ours = None
+            for cand in ("torch" + suffix, "torch_linear" + suffix):
+                if group.get(cand, {}).get("status") == "ok":
+                    ours = group[cand]
+                    break
             if ours is not None and r is not ours:
                 d["ours_speedup"] = r["fwdbwd"]["median"] / ours["fwdbwd"]["median"]
                 d["ours_speedup_fwd"] = r["fwd"]["median"] / ours["fwd"]["median"]
@@ -41,7 +51,7 @@ def derive(results: List[dict]) -> None:
 
 def _metrics(r: dict) -> List[tuple]:
     out = []
-    if r["provider"] == "floor":
+    if r["provider"].startswith("floor"):
         for k in ("exp_alloc", "exp_out", "read_sum", "copy"):
             for s in ("median", "min", "max"):
                 out.append((f"{k}_{s}", r[k][s], "s"))
@@ -115,7 +125,7 @@ def markdown_case(results: List[dict]) -> List[str]:
     """Table of one case; results share the case."""
     case: Case = results[0]["case"]
     lines = [f"**{case_title(case)}**", ""]
-    floor = next((r for r in results if r["provider"] == "floor" and r["status"] == "ok"), None)
+    floor = next((r for r in results if r["provider"].startswith("floor") and r["status"] == "ok"), None)
     if floor:
         lines.append(
             f"Floor: exp pass {_ms(floor['exp_out']['median'])} ms with out= / {_ms(floor['exp_alloc']['median'])} ms "
@@ -129,7 +139,7 @@ def markdown_case(results: List[dict]) -> List[str]:
     skipped = []
     fused = False
     for r in results:
-        if r["provider"] == "floor":
+        if r["provider"].startswith("floor"):
             continue
         if r["status"] != "ok":
             skipped.append(f"{r['provider']}: {r['status']} — {r.get('reason', '')}")
@@ -166,7 +176,7 @@ def plot(path: str, results: List[dict]) -> Optional[str]:
     vs = [v for v in vs if len({r["case"].N for r in sel if r["case"].V == v}) >= 2][:2]
     if not vs:
         return "fewer than two N per V measured; no plot"
-    fig, axes = plt.subplots(2, len(vs), figsize=(6.5 * len(vs), 9), squeeze=False)
+    fig, axes = plt.subplots(2, len(vs), figsize=(max(8.0, 6.5 * len(vs)), 9), squeeze=False)
     styles = {"reference": ("tab:red", "o"), "eager_fp32": ("tab:orange", "s"), "compile_fp32": ("tab:purple", "D"),
               "trl": ("tab:brown", "^"), "torch": ("tab:blue", "*"), "triton": ("tab:cyan", "P"),
               "liger_triton": ("tab:olive", "v"), "liger_chunked": ("tab:pink", "X")}
@@ -174,18 +184,22 @@ def plot(path: str, results: List[dict]) -> Optional[str]:
         rows = [r for r in sel if r["case"].V == V]
         ax_t, ax_m = axes[0][j], axes[1][j]
         names = [n for n in styles if any(r["provider"] == n for r in rows)]
+        names += [n + "@1t" for n in styles if any(r["provider"] == n + "@1t" for r in rows)]
         for n in names:
             pts = sorted((r["case"].N, r) for r in rows if r["provider"] == n)
             N = [p[0] for p in pts]
             med = [p[1]["fwdbwd"]["median"] for p in pts]
             lo = [m - p[1]["fwdbwd"]["min"] for m, p in zip(med, pts)]
             hi = [p[1]["fwdbwd"]["max"] - m for m, p in zip(med, pts)]
-            c, mk = styles[n]
+            c, mk = styles[n.split("@")[0]]
+            ls = ":" if "@" in n else "-"
             label = pts[0][1]["label"]
-            ax_t.errorbar(N, med, yerr=[lo, hi], color=c, marker=mk, ms=8 if n == "torch" else 6,
-                          lw=2.5 if n == "torch" else 1.3, capsize=3, label=label)
-            ax_m.plot(N, [p[1]["mem_fwdbwd"] / GiB for p in pts], color=c, marker=mk,
-                      ms=8 if n == "torch" else 6, lw=2.5 if n == "torch" else 1.3, label=label)
+            big = n.startswith("torch")
+            ax_t.errorbar(N, med, yerr=[lo, hi], color=c, marker=mk, ms=8 if big else 6, ls=ls,
+                          lw=2.5 if big else 1.3, capsize=3, label=label)
+            if "@" not in n:  # memory does not depend on the thread count; one line per provider
+                ax_m.plot(N, [p[1]["mem_fwdbwd"] / GiB for p in pts], color=c, marker=mk,
+                          ms=8 if big else 6, lw=2.5 if big else 1.3, label=label)
         fl = sorted((r["case"].N, r) for r in rows if r["provider"] == "floor")
         if fl:
             ax_t.plot([p[0] for p in fl], [2 * p[1]["exp_out"]["median"] for p in fl], "k--", lw=1.5,
@@ -205,8 +219,8 @@ def plot(path: str, results: List[dict]) -> Optional[str]:
         ax_m.set_title(f"peak additional memory, fp32, V={V}")
         ax_t.legend(fontsize=7.5, loc="upper left")
         ax_m.legend(fontsize=7.5, loc="upper left")
-    fig.suptitle("lambda-grpo benchmark on this machine (CPU, measured; each provider in its own process)",
-                 fontsize=11)
+    fig.suptitle("lambda-grpo benchmark, measured on this machine\n(CPU; each provider in its own process; "
+                 "dotted: same provider with 1 intra-op thread)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

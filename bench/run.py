@@ -27,7 +27,7 @@ from . import grid as grid_mod
 from . import report
 from .cases import Case
 from .checks import check_case
-from .providers import EXPECTED_PEAK_MULTIPLE, PROVIDERS, get, providers_for
+from .providers import EXPECTED_PEAK_MULTIPLE, PROVIDERS, get, providers_for, split_threads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,6 +84,7 @@ def machine_meta(device: str, argv: List[str], run_id: str) -> dict:
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "worker_threads": "default",
         "mem_total_gib": f"{_mem_total_gib():.1f}",
         "gpu": torch.cuda.get_device_name() if device == "cuda" else "none",
         "python": platform.python_version(),
@@ -163,6 +164,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CI-sized run (small shapes, < 3 min)")
+    ap.add_argument("--grid", choices=["quick", "full", "smoke"],
+                    help="which grid to run (default: full, or quick with --quick; smoke = pipeline test)")
     ap.add_argument("--out", help="output directory (default bench/results/<utc time>[-quick])")
     ap.add_argument("--providers", help="comma-separated provider names to include (default: all)")
     ap.add_argument("--check-only", action="store_true", help="run the agreement check and stop")
@@ -172,6 +175,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="skip a provider whose expected peak (inputs + its typical multiple of one (N, V) "
                          "tensor) exceeds this; the machine is shared (default 9)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--threads", type=int, help="intra-op threads of every worker (default: torch's default)")
     ap.add_argument("--no-gpu-model", action="store_true")
     args = ap.parse_args(argv)
 
@@ -181,17 +185,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         unknown = sorted(set(names) - {p.name for p in PROVIDERS} - {"floor"})
         if unknown:
             ap.error(f"--providers: unknown {unknown}; known: {sorted({p.name for p in PROVIDERS} | {'floor'})}")
-    checks_cases, timed = grid_mod.quick() if args.quick else grid_mod.full()
-    max_s = 60 * (args.max_minutes if args.max_minutes is not None else (2.2 if args.quick else 14.0))
-    reps = dict(reps_min=3, reps_max=5 if args.quick else 7, budget_s=2.0 if args.quick else 12.0)
+    grid_name = args.grid or ("quick" if args.quick else "full")
+    checks_cases, timed = getattr(grid_mod, grid_name)()
+    small = grid_name != "full"
+    max_s = 60 * (args.max_minutes if args.max_minutes is not None else (2.2 if small else 14.0))
+    reps = dict(reps_min=3, reps_max=5 if small else 7, budget_s=2.0 if small else 12.0)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    run_id = stamp + ("-quick" if args.quick else "")
+    run_id = stamp + ("" if grid_name == "full" else f"-{grid_name}")
     out_dir = args.out or os.path.join(REPO, "bench", "results", run_id)
     os.makedirs(out_dir, exist_ok=True)
     meta = machine_meta(device, argv, run_id)
+    if args.threads:
+        meta["worker_threads"] = str(args.threads)
     t_start = time.perf_counter()
 
-    print(f"bench {'quick' if args.quick else 'full'} run {run_id} -> {out_dir}")
+    print(f"bench {grid_name} run {run_id} -> {out_dir}")
     for k in ("cpu", "cores", "mem_total_gib", "torch", "triton", "trl", "liger_kernel", "git_commit",
               "loadavg_start"):
         print(f"  {k}: {meta[k]}")
@@ -234,18 +242,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         # 3. Timing, each provider in its own process.
         for case, provs in timed:
             print(f"\n{report.case_title(case)}")
-            wanted = [n for n in provs if names is None or n in names]
+            wanted = [n for n in provs if names is None or split_threads(n)[0] in names]
             for name in wanted:
-                label = "floor: torch.exp / sum / copy over the logits" if name == "floor" else get(name, case.task).label
+                base = split_threads(name)[0]
+                label = ("floor: torch.exp / sum / copy over the logits" if base == "floor"
+                         else get(name, case.task).label)
                 r = {"case": case, "provider": name, "label": label, "loadavg_1m": _loadavg().split(" ")[0]}
                 reason = None
-                if name != "floor":
+                if base != "floor":
                     reason = get(name, case.task).skip(case, device)
                 if reason is None:
-                    est = _inputs_bytes(case) + EXPECTED_PEAK_MULTIPLE.get(name, 2.0) * case.logits_bytes
+                    est = _inputs_bytes(case) + EXPECTED_PEAK_MULTIPLE.get(base, 2.0) * case.logits_bytes
                     if est > args.mem_budget_gib * 2**30:
                         reason = (f"expected peak ~{est / 2**30:.1f} GiB (inputs + "
-                                  f"{EXPECTED_PEAK_MULTIPLE.get(name, 2.0):g} x one (N, V) tensor) exceeds the "
+                                  f"{EXPECTED_PEAK_MULTIPLE.get(base, 2.0):g} x one (N, V) tensor) exceeds the "
                                   f"{args.mem_budget_gib:g} GiB budget of this shared machine")
                 if reason is None and time.perf_counter() - t_start > max_s:
                     reason = f"time budget of the run ({max_s / 60:.0f} min) spent"
@@ -254,16 +264,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                     print(f"  {name:<15} skipped: {reason}")
                     results.append(r)
                     continue
-                spec = {"case": case.to_dict(), "provider": name, "device": device, **reps}
+                spec = {"case": case.to_dict(), "provider": name, "device": device, "threads": args.threads, **reps}
                 t0 = time.perf_counter()
-                res = run_worker(spec, timeout=150 if args.quick else 600)
+                res = run_worker(spec, timeout=150 if small else 600)
                 r.update(res)
                 r["wall_s"] = time.perf_counter() - t0
                 results.append(r)
                 if r["status"] != "ok":
                     failed.append(f"{case.key()} {name}: {r.get('reason')}")
                     print(f"  {name:<15} ERROR: {r.get('reason')}")
-                elif name == "floor":
+                elif base == "floor":
                     print(f"  {name:<15} exp(out=) {report._ms(r['exp_out']['median'])} ms, exp(alloc) "
                           f"{report._ms(r['exp_alloc']['median'])} ms, read {r['gbps_read']:.1f} GB/s, copy "
                           f"{r['gbps_copy']:.1f} GB/s  [{r['wall_s']:.0f} s]")
@@ -327,6 +337,17 @@ def _targets(results: List[dict], case: Optional[Case]) -> List[str]:
     m = ours["mem_fwdbwd"] / case.logits_bytes
     lines.append(f"- ours peak extra memory: {ours['mem_fwdbwd'] / 2**20:.0f} MiB = {m:.2f}× one dlogits buffer "
                  f"({case.logits_bytes / 2**20:.0f} MiB) (target ≤ 1.25×) — {verdict(m <= 1.25)}")
+    one = rows.get("torch@1t")
+    if one is not None and one["status"] == "ok":
+        t1 = one["fwdbwd"]["median"]
+        parts = [f"{what} {rows[n]['fwdbwd']['median'] / t1:.2f}×" for n, what in
+                 (("reference", "vs eager reference"), ("trl", "vs TRL-style"), ("eager_fp32", "vs eager fp32"))
+                 if rows.get(n, {}).get("status") == "ok"]
+        x1 = one.get("derived", {}).get("x_floor2")
+        lines.append(f"- the same backend with 1 intra-op thread: {t1 * 1e3:.0f} ms fwd+bwd; "
+                     + ", ".join(parts) + (f"; {x1:.2f}× the two-exp-pass floor" if x1 is not None else "")
+                     + " (the other providers at their default 2 threads; see the N = 512 table for all of "
+                       "them at 1 thread)")
     lines.append("")
     return lines
 
@@ -334,7 +355,8 @@ def _targets(results: List[dict], case: Optional[Case]) -> List[str]:
 def render_markdown(meta, checks, results, timed, device, args, out_dir) -> str:
     L = [f"# lambda-grpo benchmark: run {meta['run_id']}", "",
          f"Command: `{meta['command']}` (from the repository root). Wall time {meta['wall_s']} s.", "",
-         f"Machine: {meta['cpu']}, {meta['cores']} cores ({meta['torch_threads']} torch threads), "
+         f"Machine: {meta['cpu']}, {meta['cores']} cores ({meta['torch_threads']} torch threads by default; workers: "
+         f"{meta['worker_threads']}, '[1 intra-op thread]' rows: 1), "
          f"{meta['mem_total_gib']} GiB, device {meta['device']}, GPU: {meta['gpu']}. "
          f"Load average (1/5/15 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']} "
          f"(the machine is shared: other jobs run during the measurement).", "",

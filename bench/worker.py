@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .cases import Case, make_inputs
-from .providers import get
+from .providers import get, split_threads
 
 
 def _status_bytes(field: str) -> int:
@@ -181,6 +181,10 @@ def main(argv: List[str]) -> int:
     spec = json.loads(argv[0])
     out_path = argv[1]
     result: dict = {"provider": spec["provider"]}
+    threads = split_threads(spec["provider"])[1] or spec.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    result["threads"] = torch.get_num_threads()
     try:
         if spec["provider"] == "calibrate":
             result.update(status="ok", **calibrate_memory())
@@ -189,7 +193,7 @@ def main(argv: List[str]) -> int:
             t0 = time.perf_counter()
             inputs = make_inputs(case)
             result["inputs_s"] = time.perf_counter() - t0
-            if spec["provider"] == "floor":
+            if split_threads(spec["provider"])[0] == "floor":
                 result.update(measure_floor(case, inputs, spec))
             else:
                 result.update(measure_provider(case, inputs, spec))
