@@ -92,7 +92,7 @@ def token_constants(batch: Batch, cfg: LossConfig, dtype) -> TokenConstants:
     count = maskf.sum()
     n_tok = count if batch.num_tokens is None else batch.num_tokens.to(dtype)
     n_seq = torch.full((), float(B), dtype=dtype, device=mask.device) if batch.num_sequences is None else batch.num_sequences.to(dtype)
-    A = batch.advantages.to(dtype)
+    A = torch.where(mask, batch.advantages.to(dtype), torch.zeros((), dtype=dtype, device=mask.device))
     if cfg.adv_clamp_min is not None:
         A = torch.clamp(A, min=cfg.adv_clamp_min)
     seq_weight = torch.ones(B, dtype=dtype, device=mask.device)
@@ -298,10 +298,10 @@ def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, 
     mask = k.mask
     zero = torch.zeros((), dtype=dtype, device=logp.device)
     logp = torch.where(mask, logp, zero)
-    old = logp if batch.old_logp is None else batch.old_logp.to(dtype)
+    old = logp if batch.old_logp is None else torch.where(mask, batch.old_logp.to(dtype), zero)
     x = torch.where(mask, logp - old, zero)
     z = trace_forward(x, mask, cfg) if cfg.ratio_trace else x
-    ref = None if batch.ref_logp is None else batch.ref_logp.to(dtype)
+    ref = None if batch.ref_logp is None else torch.where(mask, batch.ref_logp.to(dtype), zero)
     terms = token_terms(z, logp, ref, entropy, k.A, k.W, k.coef, cfg)
     token_loss = torch.where(mask, terms.loss, zero)
     loss = (k.W * token_loss).sum()

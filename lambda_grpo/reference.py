@@ -82,15 +82,18 @@ def reference_loss(batch: Batch, cfg: LossConfig, dtype=torch.float64) -> LossOu
     # §4 per-token math
     scaled = batch.logits.to(dtype) / cfg.temperature
     logprobs = torch.log_softmax(scaled, dim=-1)
+    # Masked positions take no part in anything: their token ids, old/ref log-probs and
+    # advantages may hold anything (nan, -inf, out-of-range ids), so they are replaced by
+    # zeros before any math, and the where() also stops any gradient from reaching them.
     safe_tokens = torch.where(mask, batch.tokens, torch.zeros_like(batch.tokens))
-    logp = logprobs.gather(-1, safe_tokens[..., None]).squeeze(-1)
-    old = logp.detach() if batch.old_logp is None else batch.old_logp.to(dtype)
-    x = torch.where(mask, logp - old, zero)
+    logp = torch.where(mask, logprobs.gather(-1, safe_tokens[..., None]).squeeze(-1), zero)
+    old = logp.detach() if batch.old_logp is None else torch.where(mask, batch.old_logp.to(dtype), zero)
+    x = logp - old
 
     z = traced_log_ratio(x, mask, cfg) if cfg.ratio_trace else x
     rho = torch.exp(torch.clamp(z, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
-    A = batch.advantages.to(dtype)
+    A = torch.where(mask, batch.advantages.to(dtype), zero)
     if cfg.adv_clamp_min is not None:
         A = torch.clamp(A, min=cfg.adv_clamp_min)
     surrogate = torch.minimum(rho * A, torch.clamp(rho, 1 - cfg.eps_low, 1 + cfg.eps_high) * A)
@@ -102,7 +105,7 @@ def reference_loss(batch: Batch, cfg: LossConfig, dtype=torch.float64) -> LossOu
     token_loss = -surrogate
     kl = None
     if batch.ref_logp is not None:
-        kl = kl_divergence(logp, batch.ref_logp.to(dtype), cfg.kl_estimator)
+        kl = kl_divergence(logp, torch.where(mask, batch.ref_logp.to(dtype), zero), cfg.kl_estimator)
         if cfg.beta != 0:
             token_loss = token_loss + cfg.beta * kl
     entropy = None

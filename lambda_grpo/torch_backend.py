@@ -22,13 +22,13 @@ H = lse - sum_j p_j x_j, and upstream coefficients gl = dL/dlogp, gh = dL/dH:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
 from .config import LossConfig
 from .output import LossOutput
-from ._rowmath import TokenConstants, row_pass, token_constants, token_terms
+from ._rowmath import row_pass, token_constants, token_terms
 from ._validate import Batch, compute_dtype
 
 # Rows per chunk are chosen so a chunk holds about this many elements (fp32: 2 MiB), small
@@ -45,52 +45,89 @@ def _fused(cfg: LossConfig) -> bool:
     return not cfg.ratio_trace
 
 
-def _load_rows(logits2d: torch.Tensor, rows: torch.Tensor, tau: float, buf: torch.Tensor) -> torch.Tensor:
-    """Rows of logits as fp32 (float64 for float64 logits) scaled by 1/tau, in `buf`."""
-    out = buf[: rows.numel()]
-    if logits2d.dtype == out.dtype:
-        torch.index_select(logits2d, 0, rows, out=out)
-    else:
-        out.copy_(logits2d.index_select(0, rows))
+def _runs(flat_mask: torch.Tensor) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int]]]:
+    """Maximal runs [start, end) of valid and of masked rows (one host sync, O(B*T))."""
+    m = flat_mask.to(torch.int8).cpu()
+    edges = torch.diff(torch.cat([torch.zeros(1, dtype=torch.int8), m, torch.zeros(1, dtype=torch.int8)]))
+    starts = (edges == 1).nonzero().squeeze(1).tolist()
+    ends = (edges == -1).nonzero().squeeze(1).tolist()
+    valid = list(zip(starts, ends))
+    gaps, prev = [], 0
+    for a, b in valid:
+        if a > prev:
+            gaps.append((prev, a))
+        prev = b
+    if prev < m.numel():
+        gaps.append((prev, m.numel()))
+    return valid, gaps
+
+
+def _chunks(runs: List[Tuple[int, int]], rows_per: int) -> Iterator[Tuple[int, int]]:
+    """Contiguous row ranges of at most rows_per rows: the chunks are plain slices, no gather."""
+    for a, b in runs:
+        for s in range(a, b, rows_per):
+            yield s, min(s + rows_per, b)
+
+
+def _scaled(src: torch.Tensor, tau: float, out: torch.Tensor) -> torch.Tensor:
+    """out = src / tau in the compute dtype (a true division: x * (1/tau) would round 1/tau)."""
+    out.copy_(src)
     if tau != 1.0:
-        out.div_(tau)  # a true division: x * (1/tau) would add a rounding of 1/tau
+        out.div_(tau)
     return out
 
 
-def _vocab_forward(logits2d, rows, targets, tau, want_entropy, buf, ebuf):
-    """For a chunk of rows: xm = x - max (in buf), e = exp(xm) (in ebuf), sum e, log-sum,
-    logp = xm[y] - log sum e, H = log sum e - sum(e * xm) / sum e. Returns (xm, e, se, lse_shift, logp, H)."""
-    xm = _load_rows(logits2d, rows, tau, buf)
-    mx = xm.amax(dim=1, keepdim=True)
-    xm.sub_(mx)
-    e = torch.exp(xm, out=ebuf[: rows.numel()])
+def _vocab_forward(src, targets, tau, want_entropy, buf, e_out):
+    """One exp pass over a chunk of rows src (n, V).
+
+    Leaves xm = x - max(x) in buf and e = exp(xm) in e_out; returns
+    (xm, e, se = sum e, lse = max + log se, lse_shift = log se, logp = xm[y] - log se, H)
+    with H = log se - sum(e * xm) / se (None unless asked)."""
+    n = src.shape[0]
+    xm = buf[:n]
+    if src.dtype == xm.dtype and tau == 1.0:
+        mx = src.amax(dim=1, keepdim=True)
+        torch.sub(src, mx, out=xm)
+    else:
+        _scaled(src, tau, xm)
+        mx = xm.amax(dim=1, keepdim=True)
+        xm.sub_(mx)
+    e = torch.exp(xm, out=e_out)
     se = e.sum(dim=1)
     lse_shift = torch.log(se)
     logp = xm.gather(1, targets[:, None]).squeeze(1) - lse_shift
     H = None
     if want_entropy:
-        H = lse_shift - torch.bmm(e.unsqueeze(1), xm.unsqueeze(2)).reshape(-1) / se
-    return xm, e, se, mx.squeeze(1), lse_shift, logp, H
+        # vecdot reduces pairwise; a bmm here accumulates serially and loses ~1e-4 at V = 151 936
+        H = lse_shift - torch.linalg.vecdot(e, xm) / se
+    return xm, e, se, mx.squeeze(1) + lse_shift, lse_shift, logp, H
 
 
-def _write_grad(xm, p, targets, gl, gh, H, lse_shift, tau, out_rows):
-    """p (consumed in place) -> dL/dlogits rows, written to out_rows (logits dtype).
+def _write_grad(xm, p, targets, gl, gh, H, lse_shift, tau, out):
+    """Turn p (n, V) in place into dL/dlogits rows and store them in `out` (logits dtype).
 
-    xm is x - c for any per-row constant c with log p = xm - lse_shift."""
+    xm = x - c for a per-row constant c with log p = xm - lse_shift (only read with entropy).
+    dL/dx_j = gl (1[j = y] - p_j) - gh p_j (log p_j + H); divided by tau for dL/dlogits."""
     if gh is None:
         p.mul_((-gl / tau)[:, None])
     else:
-        # -p * (gl + gh (log p + H)) = -p * (gh * xm + (gl + gh (H - lse_shift)))
+        # -p (gl + gh (log p + H)) = -p (gh xm + (gl + gh (H - lse_shift)))
         a = (gl + gh * (H - lse_shift))[:, None]
         torch.mul(xm, gh[:, None], out=xm)
         xm.add_(a)
         p.mul_(xm).mul_(-1.0 / tau)
     p.scatter_add_(1, targets[:, None], (gl / tau)[:, None])
-    out_rows.copy_(p)
+    if out.data_ptr() != p.data_ptr():
+        out.copy_(p)
+
+
+def _buffers(rows_per: int, n_rows: int, V: int, dtype, device):
+    n = max(1, min(rows_per, n_rows))
+    return torch.empty(n, V, dtype=dtype, device=device), torch.empty(n, V, dtype=dtype, device=device)
 
 
 def _forward(logits, batch: Batch, cfg: LossConfig, need_grad: bool):
-    """The vocab pass over valid tokens, then the row pass. Returns (RowPass, saved tensors)."""
+    """The vocab pass over valid tokens, then the row pass. Returns (RowPass, fused, saved)."""
     B, T, V = logits.shape
     dtype = compute_dtype(logits.dtype)
     device = logits.device
@@ -100,46 +137,42 @@ def _forward(logits, batch: Batch, cfg: LossConfig, need_grad: bool):
     consts = token_constants(batch, cfg, dtype)
 
     logits2d = logits.reshape(B * T, V)
-    flat_mask = batch.mask.reshape(-1)
-    valid = flat_mask.nonzero().squeeze(1)
-    targets_all = batch.tokens.reshape(-1)
+    valid_runs, gaps = _runs(batch.mask.reshape(-1))
+    n_valid = sum(b - a for a, b in valid_runs)
+    targets = batch.tokens.reshape(-1)
     logp_flat = torch.zeros(B * T, dtype=dtype, device=device)
     ent_flat = torch.zeros(B * T, dtype=dtype, device=device) if want_entropy else None
     lse_flat = torch.zeros(B * T, dtype=dtype, device=device) if (need_grad and not fused) else None
-
     rows_per = _rows_per_chunk(V)
-    buf = torch.empty(min(rows_per, max(valid.numel(), 1)), V, dtype=dtype, device=device)
-    ebuf = torch.empty_like(buf)
+    buf, ebuf = _buffers(rows_per, n_valid, V, dtype, device)
+
     if fused:
         dlogits = torch.empty_like(logits2d)
-        invalid = (~flat_mask).nonzero().squeeze(1)
-        if invalid.numel():
-            dlogits.index_fill_(0, invalid, 0)
+        for a, b in gaps:
+            dlogits[a:b].zero_()
+        direct = dlogits.dtype == dtype  # exp can land straight in the gradient rows
         old_flat = None if batch.old_logp is None else batch.old_logp.reshape(-1)
         ref_flat = None if batch.ref_logp is None else batch.ref_logp.reshape(-1)
         A_flat, W_flat = consts.A.reshape(-1), consts.W.reshape(-1)
         c_flat = None if consts.coef is None else consts.coef.reshape(-1)
 
-    for s in range(0, valid.numel(), rows_per):
-        rows = valid[s:s + rows_per]
-        tg = targets_all.index_select(0, rows)
-        xm, e, se, mx, lse_shift, logp, H = _vocab_forward(logits2d, rows, tg, tau, want_entropy, buf, ebuf)
-        logp_flat.index_copy_(0, rows, logp)
+    for s, e in _chunks(valid_runs, rows_per):
+        tg = targets[s:e]
+        e_out = dlogits[s:e] if fused and direct else ebuf[: e - s]
+        xm, ex, se, lse, lse_shift, logp, H = _vocab_forward(logits2d[s:e], tg, tau, want_entropy, buf, e_out)
+        logp_flat[s:e] = logp
         if want_entropy:
-            ent_flat.index_copy_(0, rows, H)
+            ent_flat[s:e] = H
         if lse_flat is not None:
-            lse_flat.index_copy_(0, rows, mx + lse_shift)
+            lse_flat[s:e] = lse
         if fused:
-            # The token's own coefficient from the same elementwise math as the row pass
+            # The token's own coefficient, from the same elementwise math as the row pass
             # (no ratio trace: z = x = logp - old).
-            old = logp if old_flat is None else old_flat.index_select(0, rows)
-            ref = None if ref_flat is None else ref_flat.index_select(0, rows)
-            coef = None if c_flat is None else c_flat.index_select(0, rows)
-            terms = token_terms(logp - old, logp, ref, H, A_flat.index_select(0, rows),
-                                W_flat.index_select(0, rows), coef, cfg)
-            p = e.mul_((1.0 / se)[:, None])
-            _write_grad(xm, p, tg, terms.g_z + terms.g_logp, terms.g_entropy, H, lse_shift, tau,
-                        _RowsView(dlogits, rows))
+            old = logp if old_flat is None else old_flat[s:e]
+            terms = token_terms(logp - old, logp, None if ref_flat is None else ref_flat[s:e], H, A_flat[s:e],
+                                W_flat[s:e], None if c_flat is None else c_flat[s:e], cfg)
+            p = ex.mul_((1.0 / se)[:, None])
+            _write_grad(xm, p, tg, terms.g_z + terms.g_logp, terms.g_entropy, H, lse_shift, tau, dlogits[s:e])
 
     ent_bt = None if ent_flat is None else ent_flat.view(B, T)
     rp = row_pass(logp_flat.view(B, T), ent_bt, batch, cfg, consts)
@@ -152,6 +185,24 @@ def _forward(logits, batch: Batch, cfg: LossConfig, need_grad: bool):
         gh = empty if rp.dentropy is None else rp.dentropy.reshape(-1)
         saved = (logits, lse_flat, rp.dlogp.reshape(-1), gh, empty if ent_flat is None else ent_flat)
     return rp, fused, saved
+
+
+def _recompute_grad(logits2d, runs, gaps, targets, lse, gl, gh, H, tau, dtype):
+    """Backward vocab pass: p = exp(x - lse) recomputed per chunk, written as dL/dlogits."""
+    N, V = logits2d.shape
+    dlogits = torch.empty_like(logits2d)
+    for a, b in gaps:
+        dlogits[a:b].zero_()
+    rows_per = _rows_per_chunk(V)
+    buf, _ = _buffers(rows_per, N, V, dtype, logits2d.device)
+    direct = dlogits.dtype == dtype
+    for s, e in _chunks(runs, rows_per):
+        logp_all = _scaled(logits2d[s:e], tau, buf[: e - s]).sub_(lse[s:e, None])  # x - lse = log p
+        out = dlogits[s:e]
+        p = torch.exp(logp_all, out=out if direct else torch.empty_like(logp_all))
+        _write_grad(logp_all, p, targets[s:e], gl[s:e], None if gh is None else gh[s:e],
+                    None if H is None else H[s:e], torch.zeros_like(gl[s:e]), tau, out)
+    return dlogits
 
 
 class _TorchGRPOLoss(torch.autograd.Function):
@@ -183,43 +234,16 @@ class _TorchGRPOLoss(torch.autograd.Function):
         return dlogits, dlam, None, None, None
 
 
-class _RowsView:
-    """Destination for `_write_grad`: `copy_` scatters the chunk's rows into a (N, V) buffer."""
-
-    def __init__(self, target2d: torch.Tensor, rows: torch.Tensor):
-        self.target, self.rows = target2d, rows
-
-    def copy_(self, src: torch.Tensor) -> None:
-        self.target.index_copy_(0, self.rows, src.to(self.target.dtype))
-
-
 def _two_pass_backward(ctx, grad_out):
     logits, lse_flat, gl_flat, gh_flat, ent_flat = ctx.saved_tensors
     B, T, V = logits.shape
-    dtype = lse_flat.dtype
-    tau = float(ctx.cfg.temperature)
-    logits2d = logits.reshape(B * T, V)
-    flat_mask = ctx.batch.mask.reshape(-1)
-    valid = flat_mask.nonzero().squeeze(1)
-    targets_all = ctx.batch.tokens.reshape(-1)
-    go = grad_out.to(dtype)
-    dlogits = torch.zeros_like(logits2d)
-    rows_per = _rows_per_chunk(V)
-    buf = torch.empty(min(rows_per, max(valid.numel(), 1)), V, dtype=dtype, device=logits.device)
-    ebuf = torch.empty_like(buf)
+    go = grad_out.to(lse_flat.dtype)
     has_ent = gh_flat.numel() > 0
-    for s in range(0, valid.numel(), rows_per):
-        rows = valid[s:s + rows_per]
-        tg = targets_all.index_select(0, rows)
-        x = _load_rows(logits2d, rows, tau, buf)
-        x.sub_(lse_flat.index_select(0, rows)[:, None])  # x - lse = log p
-        p = torch.exp(x, out=ebuf[: rows.numel()])
-        gl = gl_flat.index_select(0, rows) * go
-        gh = gh_flat.index_select(0, rows) * go if has_ent else None
-        H = ent_flat.index_select(0, rows) if has_ent else None
-        zeros = torch.zeros_like(gl)
-        _write_grad(x, p, tg, gl, gh, H, zeros, tau, _RowsView(dlogits, rows))
-    return dlogits.view(B, T, V)
+    runs, gaps = _runs(ctx.batch.mask.reshape(-1))
+    dl = _recompute_grad(logits.reshape(B * T, V), runs, gaps, ctx.batch.tokens.reshape(-1), lse_flat,
+                         gl_flat * go, gh_flat * go if has_ent else None, ent_flat if has_ent else None,
+                         float(ctx.cfg.temperature), lse_flat.dtype)
+    return dl.view(B, T, V)
 
 
 def torch_loss(batch: Batch, cfg: LossConfig) -> LossOutput:
@@ -241,13 +265,9 @@ class _TorchTokenLogprobs(torch.autograd.Function):
         logp = torch.empty(B * T, dtype=dtype, device=logits.device)
         lse = torch.empty(B * T, dtype=dtype, device=logits.device)
         rows_per = _rows_per_chunk(V)
-        buf = torch.empty(min(rows_per, max(B * T, 1)), V, dtype=dtype, device=logits.device)
-        ebuf = torch.empty_like(buf)
-        for s in range(0, B * T, rows_per):
-            rows = torch.arange(s, min(s + rows_per, B * T), device=logits.device)
-            _, _, _, mx, lse_shift, lp, _ = _vocab_forward(logits2d, rows, targets[s:s + rows_per], tau, False, buf, ebuf)
-            logp[s:s + rows.numel()] = lp
-            lse[s:s + rows.numel()] = mx + lse_shift
+        buf, ebuf = _buffers(rows_per, B * T, V, dtype, logits.device)
+        for s, e in _chunks([(0, B * T)], rows_per):
+            _, _, _, lse[s:e], _, logp[s:e], _ = _vocab_forward(logits2d[s:e], targets[s:e], tau, False, buf, ebuf[: e - s])
         ctx.tau = tau
         ctx.save_for_backward(logits, targets, lse)
         return logp.view(B, T)
@@ -257,20 +277,9 @@ class _TorchTokenLogprobs(torch.autograd.Function):
         # dL/dlogits_j = g (1[j = y] - p_j) / tau, p recomputed from the saved lse
         logits, targets, lse = ctx.saved_tensors
         B, T, V = logits.shape
-        logits2d = logits.reshape(B * T, V)
         g = grad_logp.reshape(-1).to(lse.dtype)
-        dlogits = torch.empty_like(logits2d)
-        rows_per = _rows_per_chunk(V)
-        buf = torch.empty(min(rows_per, max(B * T, 1)), V, dtype=lse.dtype, device=logits.device)
-        ebuf = torch.empty_like(buf)
-        for s in range(0, B * T, rows_per):
-            rows = torch.arange(s, min(s + rows_per, B * T), device=logits.device)
-            x = _load_rows(logits2d, rows, ctx.tau, buf)
-            x.sub_(lse[s:s + rows.numel(), None])
-            p = torch.exp(x, out=ebuf[: rows.numel()])
-            _write_grad(x, p, targets[s:s + rows.numel()], g[s:s + rows.numel()], None, None, None, ctx.tau,
-                        dlogits[s:s + rows.numel()])
-        return dlogits.view(B, T, V), None, None
+        dl = _recompute_grad(logits.reshape(B * T, V), [(0, B * T)], [], targets, lse, g, None, None, ctx.tau, lse.dtype)
+        return dl.view(B, T, V), None, None
 
 
 def torch_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
