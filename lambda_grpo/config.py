@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 AGGREGATIONS = ("grpo", "bnpo", "dapo", "dr_grpo", "lambda_grpo")
@@ -94,6 +95,9 @@ class LossConfig:
             and self.max_completion_length > 0
         ):
             _fail("max_completion_length", "None or a positive int", self.max_completion_length)
+        # A canonical string form, computed once: the torch.library ops take the config as a
+        # string constant (torch.compile cannot run json.dumps while tracing).
+        object.__setattr__(self, "_json", json.dumps(asdict(self), sort_keys=True))
 
     # --- derived flags (what the backends branch on) -------------------------------------
     @property
@@ -109,6 +113,10 @@ class LossConfig:
     @property
     def needs_entropy(self) -> bool:
         return self.entropy_coef != 0 or self.compute_entropy
+
+    def to_json(self) -> str:
+        """Canonical JSON of the fields; LossConfig(**json.loads(s)) rebuilds the config."""
+        return self._json
 
     def replace(self, **changes) -> "LossConfig":
         return replace(self, **changes)

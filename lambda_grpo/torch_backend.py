@@ -247,7 +247,14 @@ def _two_pass_backward(ctx, grad_out):
 
 
 def torch_loss(batch: Batch, cfg: LossConfig) -> LossOutput:
-    """backend="torch" for a validated batch (see the module docstring for the schedule)."""
+    """backend="torch" for a validated batch (see the module docstring for the schedule).
+
+    While torch.compile traces, the same computation runs behind torch.library custom ops
+    (`lambda_grpo._ops`), which Dynamo treats as opaque nodes with fake shapes."""
+    if torch.compiler.is_compiling():
+        from ._ops import compiled_torch_loss
+
+        return compiled_torch_loss(batch, cfg)
     holder: dict = {}
     loss = _TorchGRPOLoss.apply(batch.logits, batch.lam, batch, cfg, holder)
     return LossOutput(loss, {k: v.detach() for k, v in holder["metrics"].items()})
