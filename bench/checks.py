@@ -12,8 +12,12 @@ The tolerances are per dtype. fp32 must agree to accumulated rounding (measured 
 is orders of magnitude larger). bf16 inputs carry 8 mantissa bits and bf16 gradients are rounded
 to them (measured 2.4e-3 of the largest gradient for every fp32-math provider), so 3e-2 is the
 bound there. A provider that does the softmax itself in bf16 (TRL's bf16 path: log-probs rounded
-to bf16, ~0.03 absolute at |logp| ~ 10) gets "bf16_math": 1e-1; its formula is still checked to
-fp32 precision by the fp32 cases, which every provider also runs.
+to bf16, ~0.03 absolute at |logp| ~ 10) gets "bf16_math": loss within 1e-1, and its gradient is
+judged per token: rounding a log-ratio by up to 0.03 moves tokens near the clip boundary to the
+other side (zero gradient in one, full gradient in the other), so a few token rows legitimately
+differ completely; at most 5% of the token rows may be off by more than 1e-1 of the largest
+gradient. Its formula is still checked to fp32 precision by the fp32 cases, which every provider
+also runs.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from .providers import Provider, fault_factor
 TOL = {
     "fp32": {"loss": 1e-4, "grad": 1e-3},
     "bf16": {"loss": 3e-2, "grad": 3e-2},
-    "bf16_math": {"loss": 1e-1, "grad": 1e-1},
+    "bf16_math": {"loss": 1e-1, "grad": 1e-1, "rows_off": 0.05},
 }
 LOSS_FLOOR = 1e-2
 
@@ -72,6 +76,13 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
     return float((a - b).abs().max()) / scale
 
 
+def _rows_off(g: torch.Tensor, t: torch.Tensor, tol: float) -> float:
+    """Fraction of token rows (last dim = V) whose max error exceeds tol x the largest |t|."""
+    g, t = g.detach().double().reshape(-1, g.shape[-1]), t.detach().double().reshape(-1, t.shape[-1])
+    scale = max(float(t.abs().max()), 1e-300)
+    return float(((g - t).abs().amax(dim=1) > tol * scale).double().mean())
+
+
 def check_case(case: Case, providers: List[Provider], device: str, log=print) -> List[dict]:
     """Run every provider once on `case`, compare with the truth; one result dict per provider."""
     inputs = make_inputs(case)
@@ -100,8 +111,18 @@ def check_case(case: Case, providers: List[Provider], device: str, log=print) ->
                 if p.name == "liger_triton" and name == "logits":
                     g = g[:, : case.T]
                 errs[f"d{name}"] = _rel_err(g.cpu(), truth[name])
+                if "rows_off" in tol and name == "logits":
+                    errs["dlogits_rows_off"] = _rows_off(g.cpu(), truth[name], tol["grad"])
             runner.zero_grad()
-            worst = {k: v for k, v in errs.items() if v > (tol["loss"] if k == "loss" else tol["grad"])}
+
+            def limit(k):
+                if k == "loss":
+                    return tol["loss"]
+                if k == "dlogits" and "rows_off" in tol:
+                    return float("inf")  # judged by the share of rows off instead
+                return tol["rows_off"] if k.endswith("_rows_off") else tol["grad"]
+
+            worst = {k: v for k, v in errs.items() if v > limit(k)}
             status = "ok" if not worst else "DISAGREES"
             results.append(dict(provider=p.name, status=status, errors=errs, tol=tol))
         except Exception as e:  # a provider that crashes on valid input is a failure, not a skip

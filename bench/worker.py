@@ -7,12 +7,13 @@ Time: wall clock (time.perf_counter; CUDA events on a GPU) of forward and of for
 one warm-up call, then repeats until reps_max, or until budget_s is spent once reps_min are done.
 The forward time is the forward part of each timed fwd+bwd call (autograd on, as in training).
 
-Memory (CPU): the peak resident set size over the baseline, read from the kernel: after the timed
-repeats, gradients are freed, glibc is asked to return free heap pages (malloc_trim), the baseline
-VmRSS is read, the high-water mark is reset (`echo 5 > /proc/self/clear_refs`), one more fwd+bwd
-runs, and VmHWM minus the baseline is the peak additional memory (inputs excluded, the gradient
-buffer included). The same number for the very first call (one-time allocations included) is
-kept as `mem_first_call`. On CUDA: torch.cuda.max_memory_allocated over the allocated baseline.
+Memory (CPU): the peak resident set size over the baseline, read from the kernel. Before each
+timed call (outside the timed region) gradients are freed, glibc is asked to return free heap
+pages (malloc_trim), the baseline VmRSS is read and the high-water mark is reset
+(`echo 5 > /proc/self/clear_refs`); after the call VmHWM minus the baseline is that call's peak
+additional memory (inputs excluded, the gradient buffer included). The maximum over the timed
+calls is reported; the same number for the warm-up call (one-time allocations included) is kept
+as `mem_first_call`. On CUDA: torch.cuda.max_memory_allocated over the allocated baseline.
 """
 
 from __future__ import annotations
@@ -133,7 +134,6 @@ def measure_provider(case: Case, inputs: dict, spec: dict) -> dict:
     tot_t: List[float] = []
 
     def call(record: bool, mem: Optional[Dict[str, int]] = None):
-        runner.zero_grad()
         t0 = now()
         out = runner.forward()
         t1 = now()
@@ -150,20 +150,22 @@ def measure_provider(case: Case, inputs: dict, spec: dict) -> dict:
         del out
 
     first: Dict[str, int] = {}
+    runner.zero_grad()
     probe.start()
     t_first = now()
     call(False, first)
     t_first = now() - t_first
+    peaks: Dict[str, int] = {"fwd": 0, "fwdbwd": 0}
     start = now()
     while len(tot_t) < spec["reps_max"] and (len(tot_t) < spec["reps_min"] or now() - start < spec["budget_s"]):
-        call(True)
-    steady: Dict[str, int] = {}
-    runner.zero_grad()
-    probe.start()
-    call(False, steady)
+        mem: Dict[str, int] = {}
+        runner.zero_grad()  # the previous gradient must not sit in the baseline
+        probe.start()  # outside the timed region: gc, malloc_trim, baseline, reset of the high-water mark
+        call(True, mem)
+        peaks = {k: max(peaks[k], mem[k]) for k in peaks}
     runner.zero_grad()
     return {"fwd": _stats(fwd_t), "fwdbwd": _stats(tot_t), "first_call_s": t_first,
-            "mem_fwd": steady["fwd"], "mem_fwdbwd": steady["fwdbwd"],
+            "mem_fwd": peaks["fwd"], "mem_fwdbwd": peaks["fwdbwd"],
             "mem_first_call": first["fwdbwd"], "mem_method_ok": probe.ok, "notes": runner.notes}
 
 
