@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/python -m lambda_grpo.train --preset demo
 
 compare: $(STAMP)
-	$(BIN)/python -m lambda_grpo.train --compare
+	$(BIN)/python -m lambda_grpo.train --preset demo --compare
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -20,6 +20,7 @@ HELP = {
              "or a local Hugging Face model directory",
     "cache_dir": "where the converted built-in model is cached (default ~/.cache/lambda_grpo or $LAMBDA_GRPO_CACHE)",
     "threads": "torch CPU threads (0: torch default)",
+    "trainable_layers": "train only the top N transformer layers and the final norm (0: the whole model)",
     "task": "arithmetic (built-in generator), file (--data-path jsonl/parquet with prompt/answer), "
             "reasoning_gym (optional package)",
     "min_value": "arithmetic: smallest operand", "max_value": "arithmetic: largest operand",
@@ -41,6 +42,7 @@ HELP = {
     "lambda_optimizer": "sgd (default) or adam for lambda", "lambda_init": "initial lambda",
     "backend": "loss backend: auto, torch, reference, triton",
     "output_dir": "metrics.jsonl, curves.png, eval_*.jsonl, summary.json, checkpoints",
+    "eval_before": "evaluate the held-out set before training too",
     "eval_every": "also evaluate every N steps (0: only before and after)",
     "save_every": "checkpoint every N steps (0: never)",
     "resume": "checkpoint directory to resume from, or 'latest' (in --output-dir)",
@@ -141,6 +143,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m lambda_grpo.tr
     if args.compare:
         from .compare import run_comparison
 
+        if "output_dir" not in vars(args):
+            cfg = cfg.replace(output_dir="runs/compare")
         methods = [m for m in args.methods.split(",") if m]
         seeds = [int(s) for s in args.seeds.split(",") if s]
         run_comparison(cfg, methods, seeds)
@@ -154,10 +158,12 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m lambda_grpo.tr
 
 def format_summary(s: Dict) -> str:
     lines = ["", "=== lambda-grpo training summary ==="]
-    if "eval_before" in s:
+    if "eval_before" in s and "eval_after" in s:
         lines.append(f"held-out greedy accuracy: before {s['eval_before']:.3f} -> after {s['eval_after']:.3f} "
                      f"({100 * (s['eval_after'] - s['eval_before']):+.1f} points)")
         lines.append(f"held-out mean completion length: {s['eval_length_before']:.1f} -> {s['eval_length_after']:.1f} tokens")
+    elif "eval_after" in s:
+        lines.append(f"held-out greedy accuracy after: {s['eval_after']:.3f}")
     if s.get("final_lambda") is not None:
         lines.append(f"final lambda: {s['final_lambda']:.4f}")
     lines.append(f"steps: {s['steps']}, wall time: {s['train_time']:.0f} s (+ {s['load_time']:.1f} s model load)")

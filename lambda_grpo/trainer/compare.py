@@ -24,17 +24,21 @@ def run_comparison(base: TrainConfig, methods: List[str], seeds: List[int]) -> L
     unknown = [m for m in methods if m not in COMPARE_METHODS]
     if unknown:
         raise ValueError(f"methods: expected names from {sorted(COMPARE_METHODS)}, got {unknown}")
-    root = Path(base.output_dir if base.output_dir != "runs/grpo" else "runs/compare")
+    root = Path(base.output_dir)
     rows = []
+    before: Dict[int, float] = {}  # per seed the starting model and held-out set are shared: evaluate once
     for seed in seeds:
         for name in methods:
             loss = base.loss.replace(aggregation="grpo", trace=None, adv_clamp_min=None, eps_high=base.loss.eps_low)
             loss = loss.replace(**COMPARE_METHODS[name])
-            cfg = base.replace(loss=loss, seed=seed, output_dir=str(root / f"{name}-seed{seed}"), resume=None)
+            cfg = base.replace(loss=loss, seed=seed, output_dir=str(root / f"{name}-seed{seed}"), resume=None,
+                               eval_before=seed not in before)
             log.info("compare: %s seed %d", name, seed)
             t0 = time.perf_counter()
             s = GRPOTrainer(cfg).train()
-            rows.append(dict(method=name, seed=seed, eval_before=s.get("eval_before"), eval_after=s.get("eval_after"),
+            if seed not in before:
+                before[seed] = s.get("eval_before")
+            rows.append(dict(method=name, seed=seed, eval_before=before[seed], eval_after=s.get("eval_after"),
                              eval_length_after=s.get("eval_length_after"), mean_train_len=s["mean_completion_len"],
                              final_lambda=s["final_lambda"], wall_time=time.perf_counter() - t0,
                              metrics=s["metrics"]))

@@ -1,0 +1,233 @@
+"""The GRPO trainer end to end on a tiny Llama and a char-level tokenizer built in code (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("datasets")
+pytest.importorskip("tokenizers")
+
+from lambda_grpo import LossConfig, token_logprobs  # noqa: E402
+from lambda_grpo.trainer import GRPOTrainer, TrainConfig  # noqa: E402
+from lambda_grpo.trainer.cli import build_parser, config_from_args, main  # noqa: E402
+from lambda_grpo.trainer.data import arithmetic_problems  # noqa: E402
+from lambda_grpo.trainer.model import pick_attention  # noqa: E402
+from lambda_grpo.trainer.rewards import answers_match, extract_number  # noqa: E402
+
+CHARS = list("0123456789+-*= ")
+TIMING = {"step_time", "gen_time", "tokens_per_s", "eval_time"}
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>"] + CHARS)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def _tiny_model(vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_llama")
+    tok = _tiny_tokenizer()
+    _tiny_model(len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def _args(model_dir, out, *extra):
+    # No system prompt, no chat template: the prompt is "a + b=" in the tiny vocabulary. The format
+    # reward gives a random tiny model a reward signal with variance inside its groups.
+    return ["--model", str(model_dir), "--output-dir", str(out), "--system-prompt", "none",
+            "--prompt-template", "{question}=", "--max-value", "5", "--num-train", "24", "--num-eval", "6",
+            "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "5", "--micro-batch-prompts", "1",
+            "--format-weight", "1.0", "--lr", "3e-3", "--lambda-lr", "5.0", "--no-progress", "--quiet", *extra]
+
+
+def _cfg(model_dir, out, *extra) -> TrainConfig:
+    return config_from_args(build_parser().parse_args(_args(model_dir, out, *extra)))
+
+
+def _train_rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in line]
+
+
+def test_cli_trains_end_to_end(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(model_dir, out, "--steps", "4", "--trace", "recent")) == 0
+    printed = capsys.readouterr().out
+    assert "held-out greedy accuracy: before" in printed and "curves.png" in printed
+    rows = _train_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("reward", "accuracy", "completion_len", "clip_frac", "clip_frac_low", "clip_frac_high",
+                "entropy_mean", "lambda", "grad_norm", "step_time", "tokens_per_s", "lr"):
+        assert all(r.get(key) is not None for r in rows), key
+    assert any(r["reward_std"] > 0 for r in rows), "the test set-up must give a reward signal"
+    # lambda moves: it starts at 0 and gets a true gradient whenever lengths and advantages vary.
+    assert abs(rows[-1]["lambda"]) > 1e-4
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["eval_before"] <= 1 and 0 <= summary["eval_after"] <= 1
+    assert len((out / "eval_after.jsonl").read_text().splitlines()) == 6
+
+
+def test_console_script_entry(model_dir, tmp_path, capsys):
+    from lambda_grpo.cli import main as console_main
+
+    with pytest.raises(SystemExit) as e:
+        console_main(["train", "--help"])
+    assert e.value.code == 0
+    assert "--aggregation" in capsys.readouterr().out
+    assert console_main(["train"] + _args(model_dir, tmp_path / "c", "--steps", "1", "--num-eval", "0",
+                                          "--no-plot")) == 0
+    assert len(_train_rows(tmp_path / "c")) == 1
+
+
+def test_every_loss_config_field_is_a_flag():
+    from dataclasses import fields
+
+    p = build_parser()
+    flags = {s for a in p._actions for s in a.option_strings}
+    for f in fields(LossConfig):
+        assert "--" + f.name.replace("_", "-") in flags, f.name
+    cfg = config_from_args(p.parse_args(["--aggregation", "dapo", "--eps-high", "0.28", "--trace", "both",
+                                         "--trace-mode", "weight", "--adv-clamp-min", "-0.1", "--dual-clip", "3",
+                                         "--beta", "0.04", "--kl-estimator", "k2", "--max-completion-length", "7",
+                                         "--no-compute-entropy"]))
+    assert cfg.loss == LossConfig(aggregation="dapo", eps_high=0.28, trace="both", trace_mode="weight",
+                                  adv_clamp_min=-0.1, dual_clip=3.0, beta=0.04, kl_estimator="k2",
+                                  max_completion_length=7, compute_entropy=False)
+
+
+def test_resume_is_exact(model_dir, tmp_path):
+    # mu = 2 and two mini-batches exercise the behaviour log-probs; beta > 0 the frozen reference.
+    extra = ("--steps", "3", "--num-iterations", "2", "--num-mini-batches", "2", "--beta", "0.05",
+             "--num-eval", "0", "--no-plot")
+    full = tmp_path / "full"
+    GRPOTrainer(_cfg(model_dir, full, *extra, "--save-every", "2")).train()
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    resumed = GRPOTrainer(_cfg(model_dir, part, *extra, "--resume", str(part / "checkpoint-2")))
+    assert resumed.step == 2
+    resumed.train()
+    a, b = _train_rows(full), _train_rows(part)
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for key in a[-1]:
+        if key not in TIMING:
+            assert a[-1][key] == b[-1][key], key
+    assert a[-1]["kl_mean"] is not None and a[-1]["kl_mean"] > 0
+    # a different seed gives a different run (the check above can fail)
+    other = tmp_path / "other"
+    GRPOTrainer(_cfg(model_dir, other, *extra, "--seed", "1")).train()
+    assert _train_rows(other)[-1]["loss"] != a[-1]["loss"]
+
+
+@pytest.mark.parametrize("aggregation", ["lambda_grpo", "grpo", "dr_grpo"])
+def test_gradient_accumulation_matches_one_big_batch(model_dir, tmp_path, aggregation):
+    """Global normalisers: micro-batches of 1 group give the same gradient as one micro-batch of 2."""
+    grads = []
+    for micro in ("1", "2"):
+        t = GRPOTrainer(_cfg(model_dir, tmp_path / micro, "--steps", "1", "--num-eval", "0", "--no-plot",
+                             "--aggregation", aggregation, "--micro-batch-prompts", micro, "--max-grad-norm", "0"))
+        seen = []
+        step = t.optimizer.step
+
+        def record(*a, _step=step, _seen=seen, _t=t, **k):
+            _seen.append(torch.cat([p.grad.flatten() for p in _t.model.parameters()]))
+            lam = _t.loss_fn.lam
+            _seen.append(None if lam is None else lam.grad.clone())
+            return _step(*a, **k)
+
+        t.optimizer.step = record
+        t.train()
+        grads.append(seen)
+    (g1, l1), (g2, l2) = grads
+    assert g1.abs().max() > 0
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6 * float(g1.abs().max()))
+    if l1 is not None:
+        torch.testing.assert_close(l1, l2, rtol=1e-4, atol=1e-8)
+
+
+def test_logits_are_aligned_with_completion_tokens(model_dir, tmp_path):
+    """logits[b, t] scores completion token t, with left-padded prompts of different lengths."""
+    t = GRPOTrainer(_cfg(model_dir, tmp_path / "a", "--steps", "0", "--num-eval", "0", "--no-plot"))
+    prompts = ["1 + 2=", "13 - 4 + 5="]
+    g = t.generate(prompts, 2, sample=True)
+    logits = t._logits(t.model, g["prompt_ids"], g["prompt_mask"], g["completion_ids"], g["completion_mask"])
+    lp = token_logprobs(logits, g["completion_ids"])
+    with torch.no_grad():
+        for b in range(len(g["texts"])):
+            p = g["prompt_ids"][b][g["prompt_mask"][b].bool()]
+            c = g["completion_ids"][b][g["completion_mask"][b].bool()]
+            full = t.model(torch.cat([p, c])[None]).logits[0].log_softmax(-1)
+            want = full[len(p) - 1:len(p) - 1 + len(c)].gather(1, c[:, None])[:, 0]
+            torch.testing.assert_close(lp[b, :len(c)], want, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_configs_raise_clear_value_errors(model_dir, tmp_path, capsys):
+    with pytest.raises(ValueError, match="group_size"):
+        TrainConfig(group_size=1)
+    with pytest.raises(ValueError, match="num_mini_batches"):
+        TrainConfig(prompts_per_step=3, num_mini_batches=2)
+    with pytest.raises(ValueError, match="lambda_optimizer"):
+        TrainConfig(lambda_optimizer="rmsprop")
+    with pytest.raises(ValueError, match="aggregation"):
+        config_from_args(build_parser().parse_args(["--aggregation", "ppo"]))
+    with pytest.raises(ValueError, match="data_path"):
+        TrainConfig(task="file")
+    with pytest.raises(SystemExit) as e:  # the CLI turns config errors into a usage error
+        main(["--trace-decay", "1.5"])
+    assert e.value.code == 2 and "trace_decay" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="model.*no such directory"):
+        GRPOTrainer(TrainConfig(model=str(tmp_path / "missing"), output_dir=str(tmp_path / "o")))
+    with pytest.raises(ValueError, match="data_path"):
+        GRPOTrainer(_cfg(model_dir, tmp_path / "f", "--task", "file", "--data-path", str(tmp_path / "nope.jsonl")))
+    with pytest.raises(ValueError, match="resume"):
+        GRPOTrainer(_cfg(model_dir, tmp_path / "r", "--resume", "latest"))
+
+
+def test_local_jsonl_task(model_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} + 1=", "answer": str(i + 1)}) + "\n" for i in range(20)))
+    t = GRPOTrainer(_cfg(model_dir, tmp_path / "j", "--task", "file", "--data-path", str(data), "--steps", "1",
+                         "--num-eval", "4", "--no-plot"))
+    assert len(t.eval_ds) == 4 and len(t.train_ds) == 16
+    assert not set(t.eval_ds["question"]) & set(t.train_ds["question"])
+    t.train()
+
+
+def test_arithmetic_split_and_answers():
+    cfg = TrainConfig(min_value=1, max_value=9, ops="+-*", num_terms=2, num_train=100, num_eval=30)
+    probs = arithmetic_problems(cfg)
+    assert len(probs) == len(set(probs)) == 130
+    for q, a in probs:
+        x, op, y = q.split()
+        assert int(a) == {"+": int(x) + int(y), "-": int(x) - int(y), "*": int(x) * int(y)}[op]
+
+
+def test_rewards_and_attention_choice():
+    assert extract_number("13 + 14 = 27.") == "27"
+    assert extract_number("it is -3") == "-3"
+    assert extract_number("1,024 apples") == "1024"
+    assert extract_number("no number") is None
+    assert answers_match("27", "27") and answers_match("27.0", "27") and not answers_match("28", "27")
+    assert not answers_match(None, "1")
+    assert pick_attention(torch.device("cpu")) == "sdpa"
