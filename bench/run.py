@@ -168,9 +168,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--check-only", action="store_true", help="run the agreement check and stop")
     ap.add_argument("--max-minutes", type=float,
                     help="wall-time budget of the whole run; no new measurement starts after it (quick 1.7, full 12.5)")
-    ap.add_argument("--mem-budget-gib", type=float, default=9.0,
+    ap.add_argument("--mem-budget-gib", type=float, default=11.0,
                     help="skip a provider whose expected peak (inputs + its typical multiple of one (N, V) "
-                         "tensor) exceeds this; the machine is shared (default 9)")
+                         "tensor) exceeds this; the machine is shared (default 11)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--threads", type=int, help="intra-op threads of every worker (default: torch's default)")
     ap.add_argument("--no-gpu-model", action="store_true")

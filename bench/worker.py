@@ -3,7 +3,7 @@
 SPEC_JSON holds {"case": Case dict, "provider": name, "reps_min", "reps_max", "budget_s", "device"}.
 The worker builds the case's inputs, then times and measures one provider (or the floor).
 
-Time: wall clock (time.perf_counter; CUDA events on a GPU) of forward and of forward+backward,
+Time: wall clock (time.perf_counter; CUDA events, i.e. device time, on a GPU) of forward and of fwd+bwd,
 one warm-up call, then repeats until reps_max, or until budget_s is spent once reps_min are done.
 The forward time is the forward part of each timed fwd+bwd call (autograd on, as in training).
 
@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 import traceback
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -81,37 +81,48 @@ class MemProbe:
         return _status_bytes("VmHWM") - self.base
 
 
-def _clock(device: str) -> Callable[[], float]:
-    if device == "cuda":
-        def now():
-            torch.cuda.synchronize()
-            return time.perf_counter()
-        return now
-    return time.perf_counter
+class Clock:
+    """Marks and the seconds between them: perf_counter on CPU, CUDA events on a GPU (device time)."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def between(self, a, b) -> float:
+        if self.cuda:
+            b.synchronize()
+            return a.elapsed_time(b) / 1e3
+        return b - a
 
 
 def _stats(xs: List[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
-def _repeat(fn, reps_min: int, reps_max: int, budget_s: float, now) -> List[float]:
+def _repeat(fn, reps_min: int, reps_max: int, budget_s: float, clock: Clock) -> List[float]:
     fn()  # warm-up
     times: List[float] = []
-    start = now()
-    while len(times) < reps_max and (len(times) < reps_min or now() - start < budget_s):
-        t0 = now()
+    start = time.perf_counter()
+    while len(times) < reps_max and (len(times) < reps_min or time.perf_counter() - start < budget_s):
+        t0 = clock.mark()
         fn()
-        times.append(now() - t0)
+        times.append(clock.between(t0, clock.mark()))
     return times
 
 
 def measure_floor(case: Case, inputs: dict, spec: dict) -> dict:
     """This machine's floor on these logits: torch.exp (allocating and out=), a read and a copy."""
-    dev, now = spec["device"], _clock(spec["device"])
+    dev, clock = spec["device"], Clock(spec["device"])
     x = inputs["logits"].to(dev)
     buf = torch.empty_like(x)
     nbytes = x.numel() * x.element_size()
-    args = (spec["reps_min"], spec["reps_max"], spec["budget_s"], now)
+    args = (spec["reps_min"], spec["reps_max"], spec["budget_s"], clock)
     res = {
         "exp_alloc": _stats(_repeat(lambda: torch.exp(x), *args)),
         "exp_out": _stats(_repeat(lambda: torch.exp(x, out=buf), *args)),
@@ -126,7 +137,7 @@ def measure_floor(case: Case, inputs: dict, spec: dict) -> dict:
 
 
 def measure_provider(case: Case, inputs: dict, spec: dict) -> dict:
-    dev, now = spec["device"], _clock(spec["device"])
+    dev, clock = spec["device"], Clock(spec["device"])
     p = get(spec["provider"], case.task)
     runner = p.make(case, inputs, dev)
     probe = MemProbe(dev)
@@ -134,30 +145,31 @@ def measure_provider(case: Case, inputs: dict, spec: dict) -> dict:
     tot_t: List[float] = []
 
     def call(record: bool, mem: Optional[Dict[str, int]] = None):
-        t0 = now()
+        t0 = clock.mark()
         out = runner.forward()
-        t1 = now()
+        t1 = clock.mark()
         if mem is not None:
             mem["fwd"] = probe.peak()
-        t1b = now()
+        t1b = clock.mark()
         runner.run_backward(out)
-        t2 = now()
+        t2 = clock.mark()
         if mem is not None:
             mem["fwdbwd"] = probe.peak()
         if record:
-            fwd_t.append(t1 - t0)
-            tot_t.append((t1 - t0) + (t2 - t1b))
+            fwd_t.append(clock.between(t0, t1))
+            tot_t.append(clock.between(t0, t1) + clock.between(t1b, t2))
         del out
 
     first: Dict[str, int] = {}
     runner.zero_grad()
     probe.start()
-    t_first = now()
+    t_first = time.perf_counter()
     call(False, first)
-    t_first = now() - t_first
+    t_first = time.perf_counter() - t_first
     peaks: Dict[str, int] = {"fwd": 0, "fwdbwd": 0}
-    start = now()
-    while len(tot_t) < spec["reps_max"] and (len(tot_t) < spec["reps_min"] or now() - start < spec["budget_s"]):
+    start = time.perf_counter()
+    while len(tot_t) < spec["reps_max"] and (len(tot_t) < spec["reps_min"] or
+                                             time.perf_counter() - start < spec["budget_s"]):
         mem: Dict[str, int] = {}
         runner.zero_grad()  # the previous gradient must not sit in the baseline
         probe.start()  # outside the timed region: gc, malloc_trim, baseline, reset of the high-water mark
