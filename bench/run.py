@@ -351,7 +351,8 @@ def _targets(results: List[dict], case: Optional[Case]) -> List[str]:
 
 def render_markdown(meta, checks, results, timed, device, args, out_dir) -> str:
     L = [f"# lambda-grpo benchmark: run {meta['run_id']}", "",
-         f"Command: `{meta['command']}` (from the repository root). Wall time {meta['wall_s']} s.", "",
+         f"Command: `{meta['command']}` (from the repository root). Wall time of checks and measurements "
+         f"{meta['wall_s']} s.", "",
          f"Machine: {meta['cpu']}, {meta['cores']} cores ({meta['torch_threads']} torch threads by default; workers: "
          f"{meta['worker_threads']}, '[1 intra-op thread]' rows: 1), "
          f"{meta['mem_total_gib']} GiB, device {meta['device']}, GPU: {meta['gpu']}. "
@@ -389,7 +390,7 @@ def render_markdown(meta, checks, results, timed, device, args, out_dir) -> str:
             L.append(f"| {c['case'].key()} | {c['provider']} | {c['status']} | - | - | {c.get('reason', '')} |")
     L.append("")
     for prov, reasons in skipped_checks.items():
-        L.append(f"- {prov} not checked where it cannot run: {'; '.join(sorted(reasons))}")
+        L.append(f"- {prov} skipped in the cases it cannot run: {'; '.join(sorted(reasons))}")
     L.append("")
     L += _targets(results, grid_mod.key_case(timed))
     if results:
