@@ -125,7 +125,7 @@ class _GRPOLossFunction(torch.autograd.Function):
         if cfg.needs_entropy:
             metrics["entropy_mean"] = sums[6] / count
         if cfg.aggregation == "lambda_grpo":
-            metrics["lambda"] = lam.detach().to(device=dev, dtype=torch.float32).reshape(())
+            metrics["lambda"] = lam.detach().to(device=dev, dtype=torch.float32).reshape(()).clone()
         metrics["seq_weight"] = f.to(torch.float32)
         keys = _metric_keys(cfg, ref is not None)
         outs = [metrics[k] for k in keys]

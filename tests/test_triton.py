@@ -85,11 +85,11 @@ def test_aggregation_x_trace(aggregation, trace, mode):
 
 
 @pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
-@pytest.mark.parametrize("temperature,dual_clip,adv_min", [(1.0, None, None), (0.7, 3.0, -0.1), (1.6, 1.5, None)])
+@pytest.mark.parametrize("temperature,dual_clip,adv_min", [(1.0, None, None), (0.7, 3.0, -0.1), (1.6, 1.5, 0.05)])
 def test_kl_temperature_dual_clip(kl, temperature, dual_clip, adv_min):
     cfg = lg.LossConfig(aggregation="dapo", beta=0.2, kl_estimator=kl, temperature=temperature, dual_clip=dual_clip,
                         adv_clamp_min=adv_min, eps_low=0.1, eps_high=0.28, trace="both")
-    inputs = make_batch(B=4, T=6, V=11, G=2, per_token_adv=True, logit_scale=3.0, seed=7)
+    inputs = make_batch(B=4, T=6, V=11, G=2, per_token_adv=True, logit_scale=3.0, seed=7, mask="empty_rows")
     assert_backend_matches("triton", inputs, cfg)
 
 
@@ -132,7 +132,7 @@ def _cases(draw):
         kl_estimator=draw(st.sampled_from(["k1", "k2", "k3"])),
         temperature=draw(st.sampled_from([1.0, 0.7, 1.3])), dual_clip=draw(st.sampled_from([None, 3.0])),
         entropy_coef=draw(st.sampled_from([0.0, 0.01])), compute_entropy=draw(st.booleans()),
-        adv_clamp_min=draw(st.sampled_from([None, -0.1])), eps_high=draw(st.sampled_from([0.2, 0.28])),
+        adv_clamp_min=draw(st.sampled_from([None, -0.1, 0.05])), eps_high=draw(st.sampled_from([0.2, 0.28])),
         max_completion_length=draw(st.sampled_from([None, 12])))
     G = draw(st.sampled_from([1, 2, 3]))
     inputs = make_batch(
