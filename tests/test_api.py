@@ -117,10 +117,10 @@ def test_group_advantages_vs_numpy(G):
 def test_module_owns_lambda_parameter():
     m = lg.GRPOLoss(lg.LossConfig(aggregation="lambda_grpo"), backend="reference")
     assert isinstance(m.lam, torch.nn.Parameter) and m.lam.requires_grad
-    assert m.lam.dim() == 0 and float(m.lam) == 0.0
+    assert m.lam.dim() == 0 and float(m.lam.detach()) == 0.0
     assert [n for n, _ in m.named_parameters()] == ["lam"]
     assert "lam" in m.state_dict()
-    assert float(lg.GRPOLoss(lg.LossConfig(), lam_init=0.5).lam) == 0.5
+    assert float(lg.GRPOLoss(lg.LossConfig(), lam_init=0.5).lam.detach()) == 0.5
     for agg in ("grpo", "bnpo", "dapo", "dr_grpo"):
         assert list(lg.GRPOLoss(lg.LossConfig(aggregation=agg)).parameters()) == []
 
@@ -140,10 +140,10 @@ def test_module_equals_functional_and_lambda_learns(backend):
     torch.testing.assert_close(m.lam.grad, lam.grad, rtol=0, atol=0)
     # an optimiser step moves lambda against its gradient
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    before = float(m.lam)
+    before = float(m.lam.detach())
     opt.step()
-    assert float(m.lam) == pytest.approx(before - 0.1 * float(lam.grad))
-    assert float(m(**inp).metrics["lambda"]) == pytest.approx(float(m.lam))
+    assert float(m.lam.detach()) == pytest.approx(before - 0.1 * float(lam.grad))
+    assert float(m(**inp).metrics["lambda"]) == pytest.approx(float(m.lam.detach()))
 
 
 def test_module_explicit_normalisers_and_default_backend():
