@@ -236,6 +236,13 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
     tl.store(part_ptr + row * 8 + 6, tl.sum(acc_h, 0))
     tl.store(part_ptr + row * 8 + 7, 0.0)
     if TRACE != 0:
+        # VJP of the ratio-mode trace z_t = sum_{k<=t} w(t, k) x_k, given g_t = dl_t/dz_t:
+        #   dL/dx_k = sum_{t>=k} w(t, k) g_t.
+        #   recent, w = a^(t-k): the reverse scan U_k = g_k + a U_{k+1}.
+        #   both, w = a^min(t-k, k): a^(t-k) for t <= 2k, a^k beyond, so with e = min(2k, n-1)
+        #   dL/dx_k = (U_k - a^(e-k+1) U_{e+1}) + a^k Q_{2k+1}, Q_k = sum_{t>=k} g_t.
+        # dx_k/dlogp_k = 1 (old is a constant), so this adds w_i dL/dx_k to the token's
+        # coefficient next to its direct KL term.
         tl.debug_barrier()
         # phase E: reverse scans U_k = g_k + a U_{k+1}, Q_k = g_k + Q_{k+1} over k < n
         Uc = tl.zeros([], tl.float32)

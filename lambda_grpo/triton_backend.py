@@ -144,6 +144,10 @@ class _GRPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
+        # VJP: loss = norm * sum_i w_i S_i is linear in the per-token terms, so
+        #   dL/dlogits = grad * norm * (per-token coefficients pushed through softmax; see
+        #   kernels/vocab_bwd.py), dL/dlam = grad * sum_i S_i df_i/dlam / max(1, N_tok)
+        # (f enters only through w_i = f_i; no gradient reaches the policy through f).
         B, T, V = ctx.shape
         g = grad_loss.detach().reshape(1).to(torch.float32)
         dlogits = None
