@@ -63,7 +63,9 @@ def grpo_loss(
         from .reference import reference_loss
 
         return reference_loss(batch, cfg)
-    if name == "torch":
+    if name == "torch" or torch.compiler.is_compiling():
+        # Under torch.compile every fast backend runs the torch backend's computation behind
+        # torch.library custom ops (lambda_grpo/_ops.py), on whatever device the logits are.
         from .torch_backend import torch_loss
 
         return torch_loss(batch, cfg)
