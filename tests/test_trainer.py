@@ -207,11 +207,15 @@ def test_bad_configs_raise_clear_value_errors(model_dir, tmp_path, capsys):
 def test_local_jsonl_task(model_dir, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i} + 1=", "answer": str(i + 1)}) + "\n" for i in range(20)))
-    t = GRPOTrainer(_cfg(model_dir, tmp_path / "j", "--task", "file", "--data-path", str(data), "--steps", "1",
-                         "--num-eval", "4", "--no-plot"))
+    t = GRPOTrainer(_cfg(model_dir, tmp_path / "j", "--task", "file", "--data-path", str(data), "--steps", "2",
+                         "--num-eval", "4", "--no-plot", "--trainable-layers", "1"))
     assert len(t.eval_ds) == 4 and len(t.train_ds) == 16
     assert not set(t.eval_ds["question"]) & set(t.train_ds["question"])
+    frozen = t.model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    top = t.model.model.layers[1].self_attn.q_proj.weight.detach().clone()
     t.train()
+    assert torch.equal(frozen, t.model.model.layers[0].self_attn.q_proj.weight)
+    assert not torch.equal(top, t.model.model.layers[1].self_attn.q_proj.weight)
 
 
 def test_arithmetic_split_and_answers():

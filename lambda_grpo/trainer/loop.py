@@ -333,7 +333,7 @@ class GRPOTrainer:
         m["lambda"] = float(self.loss_fn.lam) if self.loss_fn.lam is not None else None
         m["lambda_grad"] = sum(lam_grads) / len(lam_grads) if lam_grads else None
         m.update(grad_norm=sum(grad_norms) / len(grad_norms), lr=lr, step_time=dt, gen_time=t_gen,
-                 tokens_per_s=float(batch["completion_mask"].sum()) * (1 + cfg.num_iterations) / dt)
+                 tokens_per_s=float(batch["completion_mask"].sum()) / dt)  # sampled completion tokens per s
         return m
 
     # ---------------------------------------------------------------- checkpoints
