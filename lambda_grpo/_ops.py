@@ -23,24 +23,13 @@ import torch
 from torch import Tensor
 
 from .config import LossConfig
+from .output import metric_names
 from ._validate import Batch, compute_dtype
 
 
 @lru_cache(maxsize=64)
 def config_from_str(s: str) -> LossConfig:
     return LossConfig(**json.loads(s))
-
-
-def metric_names(cfg: LossConfig, has_ref: bool) -> List[str]:
-    """Scalar metric keys in a fixed order (seq_weight travels separately)."""
-    names = ["clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean"]
-    if has_ref:
-        names.append("kl_mean")
-    if cfg.needs_entropy:
-        names.append("entropy_mean")
-    if cfg.aggregation == "lambda_grpo":
-        names.append("lambda")
-    return names
 
 
 def _batch(logits, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num_sequences, group_size):

@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, List
 
 import torch
+
+SCALAR_METRICS = ("clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean")
+
+
+def metric_names(cfg, has_ref: bool, with_seq_weight: bool = False) -> List[str]:
+    """The metric keys a loss with config `cfg` reports (SPEC §6), in a fixed order."""
+    names = list(SCALAR_METRICS)
+    if has_ref:
+        names.append("kl_mean")
+    if cfg.needs_entropy:
+        names.append("entropy_mean")
+    if cfg.aggregation == "lambda_grpo":
+        names.append("lambda")
+    if with_seq_weight:
+        names.append("seq_weight")
+    return names
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from .config import LossConfig
-from .output import LossOutput
+from .output import LossOutput, metric_names
 from ._validate import Batch, fail
 from .kernels._config import LOGITS_DTYPES
 from .kernels.rows import group_pass, row_pass
@@ -50,18 +50,6 @@ def _rows_view(logits: torch.Tensor) -> torch.Tensor:
 
 def _f32(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if x is None else x.detach().to(torch.float32).contiguous().view(-1)
-
-
-def _metric_keys(cfg: LossConfig, has_ref: bool):
-    keys = ["clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean"]
-    if has_ref:
-        keys.append("kl_mean")
-    if cfg.needs_entropy:
-        keys.append("entropy_mean")
-    if cfg.aggregation == "lambda_grpo":
-        keys.append("lambda")
-    keys.append("seq_weight")
-    return keys
 
 
 class _GRPOLossFunction(torch.autograd.Function):
@@ -127,7 +115,7 @@ class _GRPOLossFunction(torch.autograd.Function):
         if cfg.aggregation == "lambda_grpo":
             metrics["lambda"] = lam.detach().to(device=dev, dtype=torch.float32).reshape(()).clone()
         metrics["seq_weight"] = f.to(torch.float32)
-        keys = _metric_keys(cfg, ref is not None)
+        keys = metric_names(cfg, ref is not None, with_seq_weight=True)
         outs = [metrics[k] for k in keys]
         ctx.mark_non_differentiable(*outs)
 
@@ -187,7 +175,7 @@ def triton_loss(batch: Batch, cfg: LossConfig, *, fused: Optional[bool] = None, 
         fail("fused", "False or None with trace_mode='ratio' (the coefficient needs the whole row)", fused)
     lam = batch.lam if cfg.aggregation == "lambda_grpo" else None
     outs = _GRPOLossFunction.apply(logits, lam, batch, cfg, bool(fused), bool(inplace_grad))
-    keys = _metric_keys(cfg, batch.ref_logp is not None)
+    keys = metric_names(cfg, batch.ref_logp is not None, with_seq_weight=True)
     return LossOutput(outs[0], dict(zip(keys, outs[1:])))
 
 
