@@ -140,6 +140,7 @@ def test_resume_is_exact(model_dir, tmp_path):
     assert _train_rows(other)[-1]["loss"] != a[-1]["loss"]
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step:UserWarning")  # our recording wrapper
 @pytest.mark.parametrize("aggregation", ["lambda_grpo", "grpo", "dr_grpo"])
 def test_gradient_accumulation_matches_one_big_batch(model_dir, tmp_path, aggregation):
     """Global normalisers: micro-batches of 1 group give the same gradient as one micro-batch of 2."""

@@ -330,7 +330,7 @@ class GRPOTrainer:
                  loss=loss_total / n_opt)
         for k, v in sums.items():
             m[k] = v / max(1.0, tok_total)
-        m["lambda"] = float(self.loss_fn.lam) if self.loss_fn.lam is not None else None
+        m["lambda"] = float(self.loss_fn.lam.detach()) if self.loss_fn.lam is not None else None
         m["lambda_grad"] = sum(lam_grads) / len(lam_grads) if lam_grads else None
         m.update(grad_norm=sum(grad_norms) / len(grad_norms), lr=lr, step_time=dt, gen_time=t_gen,
                  tokens_per_s=float(batch["completion_mask"].sum()) / dt)  # sampled completion tokens per s
@@ -422,7 +422,7 @@ class GRPOTrainer:
         train_rows = [r for r in self.history if "reward" in r]
         summary.update(
             steps=self.step, train_time=time.perf_counter() - t0,
-            final_lambda=float(self.loss_fn.lam) if self.loss_fn.lam is not None else None,
+            final_lambda=float(self.loss_fn.lam.detach()) if self.loss_fn.lam is not None else None,
             mean_completion_len=(sum(r["completion_len"] for r in train_rows) / len(train_rows)) if train_rows else None,
             metrics=str(self.metrics_path))
         if cfg.plot:
