@@ -49,6 +49,12 @@ def smoke() -> Tuple[List[Case], List[Entry]]:
     return checks, timed
 
 
+def key() -> Tuple[List[Case], List[Entry]]:
+    """Only the acceptance case (and its agreement check): to repeat it when the machine is quieter."""
+    checks = [Case("logits", 151936, 128, "fp32", "grpo")]
+    return checks, [(Case("logits", 151936, 2048, "fp32", "grpo"), ALL[:2] + ["torch@1t"] + ALL[2:])]
+
+
 def full() -> Tuple[List[Case], List[Entry]]:
     checks = [Case("logits", 32000, 128, dtype, mode) for dtype in ("fp32", "bf16")
               for mode in ("grpo", "dapo", "lambda_trace")]

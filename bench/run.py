@@ -161,8 +161,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CI-sized run (small shapes, < 3 min)")
-    ap.add_argument("--grid", choices=["quick", "full", "smoke"],
-                    help="which grid to run (default: full, or quick with --quick; smoke = pipeline test)")
+    ap.add_argument("--grid", choices=["quick", "full", "smoke", "key"],
+                    help="which grid to run (default: full, or quick with --quick; smoke = pipeline test; "
+                         "key = only the acceptance case V=151936, N=2048, fp32)")
     ap.add_argument("--out", help="output directory (default bench/results/<utc time>[-quick])")
     ap.add_argument("--providers", help="comma-separated provider names to include (default: all)")
     ap.add_argument("--check-only", action="store_true", help="run the agreement check and stop")
@@ -184,7 +185,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             ap.error(f"--providers: unknown {unknown}; known: {sorted({p.name for p in PROVIDERS} | {'floor'})}")
     grid_name = args.grid or ("quick" if args.quick else "full")
     checks_cases, timed = getattr(grid_mod, grid_name)()
-    small = grid_name != "full"
+    small = grid_name in ("quick", "smoke")
     max_s = 60 * (args.max_minutes if args.max_minutes is not None else (1.7 if small else 12.5))
     reps = dict(reps_min=3, reps_max=5 if small else 7, budget_s=2.0 if small else 12.0)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -407,7 +408,7 @@ def render_markdown(meta, checks, results, timed, device, args, out_dir) -> str:
         L += ["Plot: `" + os.path.relpath(os.path.join(out_dir, "bench.png"), REPO) + "`", ""]
     if not args.no_gpu_model:
         L += gpu_model_section()
-    if args.quick or (args.grid and args.grid != "full"):
+    if (args.grid or ("quick" if args.quick else "full")) != "full":
         text = ("(kernel report not run in a quick run: `python -m bench.kernels` compiles every kernel "
                 "ahead of time, about a minute here; a full run includes it)")
     else:
