@@ -22,6 +22,7 @@ H = lse - sum_j p_j x_j, and upstream coefficients gl = dL/dlogp, gh = dL/dH:
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, List, Optional, Tuple
 
 import torch
@@ -121,6 +122,41 @@ def _write_grad(xm, p, targets, gl, gh, H, lse_shift, tau, out):
         out.copy_(p)
 
 
+def _for_each_chunk(chunks: List[Tuple[int, int]], body, make_buffers, device: torch.device) -> None:
+    """Run body(s, e, buffers) over the chunks.
+
+    On a multi-threaded CPU the chunks are split between torch.get_num_threads() Python
+    workers, each running its ops single-threaded on its own buffers (torch releases the GIL
+    inside ops). Chunks write disjoint rows, so no locking is needed. Why not leave the
+    parallelism to torch's OpenMP: a chunk's ops are ~1 ms each, so every op is a parallel
+    region with a barrier, and on a CPU that other jobs share a barrier waits for a
+    descheduled thread (measured here: 26 s instead of 0.8 s for one step at N = 2048,
+    V = 151 936 with a second job running). Independent workers have no barrier.
+    """
+    nt = torch.get_num_threads() if device.type == "cpu" else 1
+    if nt <= 1 or len(chunks) < 2:
+        bufs = make_buffers()
+        for s, e in chunks:
+            body(s, e, bufs)
+        return
+
+    def work(part):
+        torch.set_num_threads(1)
+        with torch.no_grad():  # grad mode is thread-local; the caller's forward runs without it
+            bufs = make_buffers()
+            for s, e in part:
+                body(s, e, bufs)
+
+    parts = [chunks[i::nt] for i in range(nt)]
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=nt) as pool:
+            for f in [pool.submit(work, part) for part in parts]:
+                f.result()
+    finally:
+        torch.set_num_threads(nt)
+
+
 def _buffers(rows_per: int, n_rows: int, V: int, dtype, device):
     n = max(1, min(rows_per, n_rows))
     return torch.empty(n, V, dtype=dtype, device=device), torch.empty(n, V, dtype=dtype, device=device)
@@ -144,7 +180,6 @@ def _forward(logits, batch: Batch, cfg: LossConfig, need_grad: bool):
     ent_flat = torch.zeros(B * T, dtype=dtype, device=device) if want_entropy else None
     lse_flat = torch.zeros(B * T, dtype=dtype, device=device) if (need_grad and not fused) else None
     rows_per = _rows_per_chunk(V)
-    buf, ebuf = _buffers(rows_per, n_valid, V, dtype, device)
 
     if fused:
         dlogits = torch.empty_like(logits2d)
@@ -156,7 +191,8 @@ def _forward(logits, batch: Batch, cfg: LossConfig, need_grad: bool):
         A_flat, W_flat = consts.A.reshape(-1), consts.W.reshape(-1)
         c_flat = None if consts.coef is None else consts.coef.reshape(-1)
 
-    for s, e in _chunks(valid_runs, rows_per):
+    def body(s, e, bufs):
+        buf, ebuf = bufs
         tg = targets[s:e]
         e_out = dlogits[s:e] if fused and direct else ebuf[: e - s]
         xm, ex, se, lse, lse_shift, logp, H = _vocab_forward(logits2d[s:e], tg, tau, want_entropy, buf, e_out)
@@ -173,6 +209,9 @@ def _forward(logits, batch: Batch, cfg: LossConfig, need_grad: bool):
                                 W_flat[s:e], None if c_flat is None else c_flat[s:e], cfg)
             p = ex.mul_((1.0 / se)[:, None])
             _write_grad(xm, p, tg, terms.g_z + terms.g_logp, terms.g_entropy, H, lse_shift, tau, dlogits[s:e])
+
+    _for_each_chunk(list(_chunks(valid_runs, rows_per)), body,
+                    lambda: _buffers(rows_per, n_valid, V, dtype, device), device)
 
     ent_bt = None if ent_flat is None else ent_flat.view(B, T)
     rp = row_pass(logp_flat.view(B, T), ent_bt, batch, cfg, consts)
@@ -194,14 +233,17 @@ def _recompute_grad(logits2d, runs, gaps, targets, lse, gl, gh, H, tau, dtype):
     for a, b in gaps:
         dlogits[a:b].zero_()
     rows_per = _rows_per_chunk(V)
-    buf, _ = _buffers(rows_per, N, V, dtype, logits2d.device)
     direct = dlogits.dtype == dtype
-    for s, e in _chunks(runs, rows_per):
-        logp_all = _scaled(logits2d[s:e], tau, buf[: e - s]).sub_(lse[s:e, None])  # x - lse = log p
+
+    def body(s, e, bufs):
+        logp_all = _scaled(logits2d[s:e], tau, bufs[0][: e - s]).sub_(lse[s:e, None])  # x - lse = log p
         out = dlogits[s:e]
-        p = torch.exp(logp_all, out=out if direct else torch.empty_like(logp_all))
+        p = torch.exp(logp_all, out=out if direct else bufs[1][: e - s])
         _write_grad(logp_all, p, targets[s:e], gl[s:e], None if gh is None else gh[s:e],
                     None if H is None else H[s:e], torch.zeros_like(gl[s:e]), tau, out)
+
+    _for_each_chunk(list(_chunks(runs, rows_per)), body, lambda: _buffers(rows_per, N, V, dtype, logits2d.device),
+                    logits2d.device)
     return dlogits
 
 
@@ -272,9 +314,13 @@ class _TorchTokenLogprobs(torch.autograd.Function):
         logp = torch.empty(B * T, dtype=dtype, device=logits.device)
         lse = torch.empty(B * T, dtype=dtype, device=logits.device)
         rows_per = _rows_per_chunk(V)
-        buf, ebuf = _buffers(rows_per, B * T, V, dtype, logits.device)
-        for s, e in _chunks([(0, B * T)], rows_per):
-            _, _, _, lse[s:e], _, logp[s:e], _ = _vocab_forward(logits2d[s:e], targets[s:e], tau, False, buf, ebuf[: e - s])
+
+        def body(s, e, bufs):
+            out = _vocab_forward(logits2d[s:e], targets[s:e], tau, False, bufs[0], bufs[1][: e - s])
+            lse[s:e], logp[s:e] = out[3], out[5]
+
+        _for_each_chunk(list(_chunks([(0, B * T)], rows_per)), body,
+                        lambda: _buffers(rows_per, B * T, V, dtype, logits.device), logits.device)
         ctx.tau = tau
         ctx.save_for_backward(logits, targets, lse)
         return logp.view(B, T)
