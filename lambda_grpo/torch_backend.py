@@ -23,7 +23,7 @@ H = lse - sum_j p_j x_j, and upstream coefficients gl = dL/dlogp, gh = dL/dH:
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Tuple
 
 import torch
 

@@ -9,7 +9,7 @@ dtype exactly as the backend's do. The truth is the reference in float64 on the 
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 
