@@ -79,17 +79,13 @@ def _(logits, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num
 
 @torch.library.custom_op("lambda_grpo::loss_bwd", mutates_args=())
 def loss_bwd(logits: Tensor, tokens: Tensor, mask: Tensor, state: Tensor, grad_loss: Tensor, config: str) -> Tensor:
-    from .torch_backend import _recompute_grad, _runs
+    from .torch_backend import two_pass_backward
 
     cfg = config_from_str(config)
-    B, T, V = logits.shape
     lse, gl, gh, ent = state.unbind(0)
-    go = grad_loss.to(lse.dtype)
     has_ent = cfg.needs_entropy and cfg.entropy_coef != 0
-    runs, gaps = _runs(mask.reshape(-1))
-    dl = _recompute_grad(logits.reshape(B * T, V), runs, gaps, tokens.reshape(-1), lse, gl * go,
-                         gh * go if has_ent else None, ent if has_ent else None, cfg.temperature, lse.dtype)
-    return dl.view(B, T, V)
+    return two_pass_backward(logits, tokens, mask, lse, gl, gh if has_ent else None, ent if has_ent else None,
+                             grad_loss, cfg.temperature)
 
 
 @loss_bwd.register_fake

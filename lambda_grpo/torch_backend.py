@@ -276,16 +276,25 @@ class _TorchGRPOLoss(torch.autograd.Function):
         return dlogits, dlam, None, None, None
 
 
+def two_pass_backward(logits, tokens, mask, lse, gl, gh, H, grad_out, tau: float):
+    """dL/dlogits (B, T, V) of the two-pass schedule from the saved per-token state.
+
+    lse, gl = dL/dlogp, gh = dL/dH and H are flat (B*T,); gh and H are None without an entropy
+    term. Shared by the eager backward and the torch.compile op `lambda_grpo::loss_bwd`."""
+    B, T, V = logits.shape
+    go = grad_out.to(lse.dtype)
+    runs, gaps = _runs(mask.reshape(-1))
+    dl = _recompute_grad(logits.reshape(B * T, V), runs, gaps, tokens.reshape(-1), lse, gl * go,
+                         None if gh is None else gh * go, H, tau, lse.dtype)
+    return dl.view(B, T, V)
+
+
 def _two_pass_backward(ctx, grad_out):
     logits, lse_flat, gl_flat, gh_flat, ent_flat = ctx.saved_tensors
-    B, T, V = logits.shape
-    go = grad_out.to(lse_flat.dtype)
     has_ent = gh_flat.numel() > 0
-    runs, gaps = _runs(ctx.batch.mask.reshape(-1))
-    dl = _recompute_grad(logits.reshape(B * T, V), runs, gaps, ctx.batch.tokens.reshape(-1), lse_flat,
-                         gl_flat * go, gh_flat * go if has_ent else None, ent_flat if has_ent else None,
-                         float(ctx.cfg.temperature), lse_flat.dtype)
-    return dl.view(B, T, V)
+    return two_pass_backward(logits, ctx.batch.tokens, ctx.batch.mask, lse_flat, gl_flat,
+                             gh_flat if has_ent else None, ent_flat if has_ent else None, grad_out,
+                             float(ctx.cfg.temperature))
 
 
 def torch_loss(batch: Batch, cfg: LossConfig) -> LossOutput:
