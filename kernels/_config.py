@@ -3,7 +3,7 @@
 Each kernel has exactly the specialisations listed by `specialisations()`: the AOT compile
 test and `python -m bench.kernels` compile that list, so a config the launcher can pick is a
 config that has been compiled for sm_80 and sm_90. Hyper-parameters (eps, beta, tau, a, r,
-entropy_coef, dual_clip, adv_clamp_min) are runtime scalars: changing them never recompiles.
+entropy_coef, dual_clip) are runtime scalars: changing them never recompiles.
 Compile-time flags are only the ones that change the loop structure (entropy accumulation,
 trace style) plus the logits dtype.
 """
@@ -24,11 +24,6 @@ VOCAB_WARPS = 8
 # its cost is O(B*T), negligible next to the vocab passes.
 ROW_BLOCK_T = 128
 ROW_WARPS = 4
-# Group kernel: one program per group, a (BLOCK_G, BLOCK_T) tile of the mask for the
-# lengths, then float64 math on BLOCK_G lanes (at most 2 per thread: no spills).
-GROUP_BLOCKS = (16, 64, 256)
-GROUP_WARPS = (4, 4, 4)
-GROUP_TILE = 2048
 
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TRACE_CODES = {None: 0, "recent": 1, "both": 2}
@@ -65,17 +60,6 @@ def row_launch(trace) -> Launch:
     return _launch(ROW_WARPS, BLOCK_T=ROW_BLOCK_T, TRACE=TRACE_CODES[trace])
 
 
-def group_launch(group_size: int) -> Launch:
-    for bg, nw in zip(GROUP_BLOCKS, GROUP_WARPS):
-        if group_size <= bg:
-            return _launch(nw, BLOCK_G=bg, BLOCK_T=max(8, GROUP_TILE // bg))
-    raise ValueError(f"group_size: expected at most {GROUP_BLOCKS[-1]} for backend='triton', got {group_size}")
-
-
-def trace_coef_launch() -> Launch:
-    return _launch(ROW_WARPS, BLOCK_T=ROW_BLOCK_T)
-
-
 def specialisations():
     """Every (kernel name, signature-dtype choices, Launch) the launchers can pick.
 
@@ -89,6 +73,3 @@ def specialisations():
         yield "scale", dt, scale_launch()
     for tr in (None, "recent", "both"):
         yield "rows", None, row_launch(tr)
-    for g in GROUP_BLOCKS:
-        yield "groups", None, group_launch(g)
-    yield "trace_coef", None, trace_coef_launch()

@@ -2,13 +2,17 @@
 
 Everything here is elementwise on fp32 values; `kl_est` (1, 2, 3 for k1, k2, k3) and the
 hyper-parameters are runtime scalars, so no choice here recompiles a kernel. A disabled dual
-clip is passed as dual_clip = +inf and a disabled advantage clamp as adv_min = -inf.
+clip is passed as dual_clip = +inf. The advantages arrive clamped (adv_clamp_min is applied
+once, in `lambda_grpo._rowmath.token_constants`). The torch engine's copy of this math is
+`lambda_grpo._rowmath.token_terms`; the fixed constants come from `lambda_grpo.config`.
 """
 
 import triton
 import triton.language as tl
 
-LOG_RATIO_CLAMP = tl.constexpr(20.0)
+from ..config import LOG_RATIO_CLAMP as _CLAMP
+
+LOG_RATIO_CLAMP = tl.constexpr(_CLAMP)
 
 
 @triton.jit
@@ -20,7 +24,8 @@ def surrogate(z, A, eps_low, eps_high, dual_clip):
     branches together give rho*A; outside only the unclipped branch (when it is the min)
     carries a gradient. The clamp of z to [-20, 20] stops the gradient outside.
     """
-    zc = tl.minimum(tl.maximum(z, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
+    # where() rather than minimum/maximum, which drop a NaN: a non-finite z must stay non-finite
+    zc = tl.where(z < -LOG_RATIO_CLAMP, -LOG_RATIO_CLAMP, tl.where(z > LOG_RATIO_CLAMP, LOG_RATIO_CLAMP, z))
     rho = tl.exp(zc)
     clipped = tl.minimum(tl.maximum(rho, 1.0 - eps_low), 1.0 + eps_high)
     s1 = rho * A

@@ -2,21 +2,22 @@
 logp, entropy and dlogits.
 
 Applies when z_t = x_t (no trace, or trace_mode="weight"): then dL/dlogp_t depends only on
-the token's own logp, its old/ref log-probs, its advantage, the row weight w_i, the weight
--mode trace coefficient c_t and the loss normaliser, all of which are known before the
-vocabulary pass (w_i, c_t and the normaliser depend on the mask only). A ratio-mode trace
+the token's own logp, its old/ref log-probs, its advantage, its loss weight W_{i,t} and the
+weight-mode trace coefficient c_t, all of which are known before the vocabulary pass (they
+depend on the mask, lambda and the normalisers only: `lambda_grpo._rowmath.token_constants`). A ratio-mode trace
 couples every token of a row to the ones before it, so there the coefficient needs the
 whole row's logp first and the two-kernel path runs instead.
 
-VJP written here, per valid token (x = logits / tau, p = softmax(x), norm = loss normaliser):
+VJP written here, per valid token (x = logits / tau, p = softmax(x), W = W_{i,t}):
     l = -c s(logp - old) + beta kl(ref - logp) - ent_coef H
-    g  = dL/dlogp = norm w_i (-c ds/dz + beta dkl/dlogp)
-    gh = dL/dH    = -norm w_i ent_coef
+    g  = dL/dlogp = W (-c ds/dz + beta dkl/dlogp)
+    gh = dL/dH    = -W ent_coef
     dL/dlogits_j = (g (1[j = tok] - p_j) - gh p_j (log p_j + H)) / tau
 The kernel walks the row twice (online lse/entropy, then the gradient tiles) but as one
 program right after itself, so the second walk of a row (<= 300 KB at V = 151 936 in bf16)
 is served from L2 rather than HBM; dlogits is written once. The gradient is written for an
-upstream gradient of 1; `scale_rows` rescales it in the backward if that is not 1.
+upstream gradient of 1; the backward rescales it if that is not 1 (`scale_rows` in place when
+the caller asked for an in-place backward).
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ from ._tokenmath import kl_and_grad, surrogate
 from ._vocab import load_token, lse_entropy, write_grad, write_zero
 
 
-@triton.jit(do_not_specialize=["T", "kl_est", "has_old", "has_ref", "has_c"])
+@triton.jit(do_not_specialize=["kl_est", "has_old", "has_ref", "has_c"])
 def vocab_fused_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, old_ptr, ref_ptr, adv_ptr, c_ptr,
-                       roww_ptr, norm_ptr, logp_ptr, ent_ptr,
-                       stride_in, stride_out, V, T, inv_temp,
-                       eps_low, eps_high, dual_clip, adv_min, beta, ent_coef,
+                       w_ptr, logp_ptr, ent_ptr,
+                       stride_in, stride_out, V, inv_temp,
+                       eps_low, eps_high, dual_clip, beta, ent_coef,
                        kl_est, has_old, has_ref, has_c,
                        BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -54,44 +55,39 @@ def vocab_fused_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, old_ptr, r
         use_ref = (tl.zeros([], tl.int32) + has_ref) != 0
         use_c = (tl.zeros([], tl.int32) + has_c) != 0
         # per-token coefficient (same math as the row kernel's no-trace branch)
-        old = tl.load(old_ptr + pid, mask=use_old, other=0.0)
-        x = tl.where(use_old, logp - old, 0.0)
-        A = tl.maximum(tl.load(adv_ptr + pid), adv_min)
+        old = tl.where(use_old, tl.load(old_ptr + pid, mask=use_old, other=0.0), logp)
+        x = logp - old  # on-policy logp - logp: 0, or NaN for a non-finite logp
+        A = tl.load(adv_ptr + pid)
         s, ds, rho = surrogate(x, A, eps_low, eps_high, dual_clip)
         c = tl.load(c_ptr + pid, mask=use_c, other=1.0)
         ref = tl.load(ref_ptr + pid, mask=use_ref, other=0.0)
         kl, dkl = kl_and_grad(logp, ref, kl_est)
         dkl = tl.where(use_ref, dkl, 0.0)
-        wn = tl.load(roww_ptr + pid // T) * tl.load(norm_ptr)
-        g = wn * (beta * dkl - c * ds)
-        gh = -wn * ent_coef
+        w = tl.load(w_ptr + pid)
+        g = w * (beta * dkl - c * ds)
+        gh = -w * ent_coef
         write_grad(row_in, row_out, V, inv_temp, lse, tok, g, gh, ent, BLOCK_V, WITH_ENTROPY)
     else:
         write_zero(row_out, V, BLOCK_V)
 
 
-def vocab_fused(logits, tokens, mask, advantages, row_weight, norm, temperature, *, old_logp=None,
-                ref_logp=None, trace_coef=None, eps_low=0.2, eps_high=0.2, dual_clip=None,
-                adv_clamp_min=None, beta=0.0, kl_estimator="k3", entropy_coef=0.0, with_entropy=False,
-                out=None):
+def vocab_fused(logits, tokens, mask, advantages, weight, temperature, *, old_logp, ref_logp, trace_coef,
+                eps_low, eps_high, dual_clip, beta, kl_estimator, entropy_coef, with_entropy, out=None):
     """One kernel: logp, entropy and dlogits (for an upstream gradient of 1).
 
-    logits (B*T, V) fp32/bf16/fp16 (row n is token (n // T, n % T)); tokens (B*T,) int64;
-    mask (B*T,) bool; advantages, old_logp, ref_logp, trace_coef (B*T,) fp32 (None: absent;
-    trace_coef = c_t of weight mode); row_weight (B,) fp32 = w_i; norm: 0-d fp32 device tensor.
-    Returns (logp (B*T,), entropy (B*T,) or None, dlogits (B*T, V) = `out` if given).
+    logits (N, V) fp32/bf16/fp16; tokens (N,) int64; mask (N,) bool; advantages (clamped),
+    weight (W_{i,t}: the aggregation weight with the normaliser), old_logp, ref_logp,
+    trace_coef (N,) fp32 (None: absent; trace_coef = c_t of weight mode). Every
+    hyper-parameter is required (the defaults live in LossConfig).
+    Returns (logp (N,), entropy (N,) or None, dlogits (N, V) = `out` if given).
     """
     check_rows(logits)
     N, V = logits.shape
     dev = logits.device
-    B = row_weight.shape[0]
-    if B == 0 or N % B != 0:
-        raise ValueError(f"row_weight: expected (B,) with B dividing N = {N}, got shape {tuple(row_weight.shape)}")
-    T = N // B
     check_vec(tokens, "tokens", N, torch.int64, dev)
     check_vec(mask, "mask", N, torch.bool, dev)
-    check_vec(row_weight, "row_weight", B, torch.float32, dev)
-    for name, v in (("advantages", advantages), ("old_logp", old_logp), ("ref_logp", ref_logp), ("trace_coef", trace_coef)):
+    for name, v in (("advantages", advantages), ("weight", weight), ("old_logp", old_logp), ("ref_logp", ref_logp),
+                    ("trace_coef", trace_coef)):
         if v is not None:
             check_vec(v, name, N, torch.float32, dev)
     if kl_estimator not in KL_CODES:
@@ -105,10 +101,10 @@ def vocab_fused(logits, tokens, mask, advantages, row_weight, norm, temperature,
         vocab_fused_kernel[(N,)](
             logits, out, tokens, as_u8(mask), logp if old_logp is None else old_logp,
             logp if ref_logp is None else ref_logp, advantages, logp if trace_coef is None else trace_coef,
-            row_weight, norm, logp, logp if ent is None else ent,
-            logits.stride(0), out.stride(0), V, T, 1.0 / temperature,
+            weight, logp, logp if ent is None else ent,
+            logits.stride(0), out.stride(0), V, 1.0 / temperature,
             float(eps_low), float(eps_high), float("inf") if dual_clip is None else float(dual_clip),
-            float("-inf") if adv_clamp_min is None else float(adv_clamp_min), float(beta), float(entropy_coef),
+            float(beta), float(entropy_coef),
             KL_CODES[kl_estimator], int(old_logp is not None), int(ref_logp is not None), int(trace_coef is not None),
             **cfg.kwargs())
     return logp, ent, out

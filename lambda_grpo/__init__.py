@@ -5,7 +5,6 @@ Public API (SPEC §7): LossConfig, grpo_loss, GRPOLoss, token_logprobs, group_ad
 
 from .api import GRPOLoss, group_advantages, grpo_loss, token_logprobs
 from .config import LossConfig
-from . import _ops  # noqa: F401  (registers the torch.library ops used under torch.compile)
 from .output import LossOutput
 
 __all__ = ["LossConfig", "LossOutput", "GRPOLoss", "grpo_loss", "token_logprobs", "group_advantages"]

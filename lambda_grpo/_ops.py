@@ -1,20 +1,37 @@
-"""torch.library custom ops, so that torch.compile(fullgraph=True) traces `grpo_loss` without breaks.
+"""The one autograd path of the fast backends: torch.library custom ops over an engine.
 
-The vocab pass walks data-dependent runs of valid tokens with a Python loop, which Dynamo
-cannot trace. Under torch.compile the torch backend is therefore called through two opaque
-custom ops with fake (meta) implementations:
+Eager calls and torch.compile go through the same two ops (quack's shape: its
+CrossEntropyFunction always calls its custom op), so there is one forward, one backward and
+one way for metrics to leave:
 
-    lambda_grpo::loss_fwd(...) -> (loss, metrics (K,), seq_weight (B,), dlam, state)
-    lambda_grpo::loss_bwd(logits, tokens, mask, state, grad_loss, config) -> dlogits
+    lambda_grpo::loss_fwd(logits, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens,
+        num_sequences, group_size, config, engine, need_grad, inplace, per_token)
+        -> (loss, metrics (K,), seq_weight (B,), dlam, grad, rows, per_token)
+    lambda_grpo::loss_bwd(logits, tokens, mask, rows, grad_loss, config, engine) -> dlogits
 
-`state` is what backward needs: the gradient itself (B, T, V) when the schedule is fused, or
-(4, B*T) rows [lse, dL/dlogp, dL/dH, H] for the two-pass schedule. The config travels as a JSON
-string (hashable, part of the schema), so changing a hyper-parameter does not need new code,
-only a new constant in the graph.
+`engine` names the module that computes ("torch": lambda_grpo/_vocab_torch.py, "triton":
+lambda_grpo/_vocab_triton.py); both have the same interface. The config travels as a JSON
+string (hashable, part of the graph), so a new hyper-parameter value is a new constant, never
+new code; lambda, the advantages and the normalisers are runtime tensors (no recompilation).
+
+Schedules. fused (no ratio-mode trace, logits need a gradient): the forward writes
+`grad` = dL/dlogits for an upstream gradient of 1 while the softmax is in cache; the backward
+only applies the upstream gradient g. two-pass: the forward keeps `rows` = [lse, dL/dlogp,
+dL/dH, H] (4, B*T) and the backward recomputes the softmax once (`loss_bwd`).
+
+Memory contract of the fused backward (what the default, inplace=False, guarantees):
+- eager, g == 1 (loss.backward()): the saved buffer itself is the gradient, no copy; it is never
+  written by backward, so backward may run again (retain_graph=True) and gives the same result.
+- eager, g != 1: a new buffer g * grad (the saved one stays intact).
+- compiled: g * grad; AOTAutograd donates the saved buffer to the backward, so inductor writes
+  the product over it (same peak memory as eager; a second backward is refused by torch).
+inplace=True (eager only): dlogits are written over the logits (fused: in the forward), g is
+applied in place; the logits are destroyed and backward can run once.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from functools import lru_cache
 from typing import Optional, Tuple
@@ -23,8 +40,17 @@ import torch
 from torch import Tensor
 
 from .config import LossConfig
-from .output import metric_names
-from ._validate import Batch, compute_dtype
+from .output import LossOutput, metric_names
+from ._batch import Batch, compute_dtype
+from ._rowmath import PER_TOKEN_KEYS, fused_inputs, token_constants
+
+ENGINES = {"torch": "lambda_grpo._vocab_torch", "triton": "lambda_grpo._vocab_triton"}
+
+
+def engine_module(name: str):
+    """The engine's module, imported on first use (the Triton one must import after
+    TRITON_INTERPRET is set, so nothing imports it at package import time)."""
+    return importlib.import_module(ENGINES[name])
 
 
 @lru_cache(maxsize=64)
@@ -32,106 +58,234 @@ def config_from_str(s: str) -> LossConfig:
     return LossConfig(**json.loads(s))
 
 
-def _batch(logits, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num_sequences, group_size):
-    return Batch(logits, tokens, mask, advantages, old_logp, ref_logp, lam, group_size, num_tokens, num_sequences)
+def _empty(like: Tensor, dtype=None) -> Tensor:
+    return like.new_empty(0, dtype=like.dtype if dtype is None else dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The computation (shared by the op implementation for every engine)
+# --------------------------------------------------------------------------------------------
+def _loss_forward(batch: Batch, cfg: LossConfig, eng, need_grad: bool, inplace: bool, per_token: bool):
+    logits = batch.logits
+    B, T, V = logits.shape
+    dtype = compute_dtype(logits.dtype)
+    consts = token_constants(batch, cfg, dtype)
+    x2 = logits.view(B * T, V) if logits.is_contiguous() else logits.reshape(B * T, V)
+    tokens = batch.tokens.reshape(-1)
+    mask = batch.mask.reshape(-1)
+    tau = float(cfg.temperature)
+    fused = need_grad and not cfg.ratio_trace
+    grad, rows = _empty(logits), _empty(logits, dtype)  # two tensors: op outputs may not alias
+    if fused:
+        # a (B, T, V) base tensor, not a view, so that autograd can hand it on as .grad uncopied
+        grad = _empty(logits) if inplace else torch.empty(B, T, V, dtype=logits.dtype, device=logits.device)
+        out = x2 if inplace else grad.view(B * T, V)
+        logp, ent, _ = eng.vocab_fused(x2, tokens, mask, tau, cfg.needs_entropy, fused_inputs(consts, batch, dtype),
+                                       cfg, out=out)
+        lse = None
+    else:
+        logp, ent, lse = eng.vocab_forward(x2, tokens, mask, tau, cfg.needs_entropy, want_lse=need_grad)
+    ent_bt = None if ent is None else ent.view(B, T)
+    rp = eng.row_pass(logp.view(B, T), ent_bt, batch, cfg, consts, per_token=per_token,
+                      want_coef=need_grad and not fused)
+    if need_grad and not fused:
+        z = torch.zeros(B * T, dtype=dtype, device=logits.device)
+        gh = z if rp.dentropy is None else rp.dentropy.reshape(-1).to(dtype)
+        H = z if (rp.dentropy is None or ent is None) else ent.to(dtype)
+        rows = torch.stack([lse.to(dtype), rp.dlogp.reshape(-1).to(dtype), gh, H])
+    return rp, grad, rows
 
 
 @torch.library.custom_op("lambda_grpo::loss_fwd", mutates_args=())
 def loss_fwd(logits: Tensor, tokens: Tensor, mask: Tensor, advantages: Tensor, old_logp: Optional[Tensor],
              ref_logp: Optional[Tensor], lam: Optional[Tensor], num_tokens: Optional[Tensor],
-             num_sequences: Optional[Tensor], group_size: int, config: str, need_grad: bool
-             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from .torch_backend import _forward
-
+             num_sequences: Optional[Tensor], group_size: int, config: str, engine: str, need_grad: bool,
+             inplace: bool, per_token: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     cfg = config_from_str(config)
-    batch = _batch(logits, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num_sequences, group_size)
-    rp, fused, saved = _forward(logits, batch, cfg, need_grad)
+    batch = Batch(logits, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num_sequences, group_size)
+    rp, grad, rows = _loss_forward(batch, cfg, engine_module(engine), need_grad, inplace, per_token)
     dtype = compute_dtype(logits.dtype)
-    metrics = torch.stack([rp.metrics[k].to(dtype) for k in metric_names(cfg, ref_logp is not None)])
-    dlam = rp.dlam if rp.dlam is not None else torch.zeros((), dtype=dtype, device=logits.device)
-    if not need_grad:
-        state = torch.empty(0, dtype=dtype, device=logits.device)
-    elif fused:
-        state = saved[0].view(logits.shape)
-    else:
-        _, lse, gl, gh, ent = saved
-        n = lse.numel()
-        state = torch.stack([lse, gl, gh if gh.numel() else torch.zeros(n, dtype=dtype, device=lse.device),
-                             ent if ent.numel() else torch.zeros(n, dtype=dtype, device=lse.device)])
-    return rp.loss.clone(), metrics, rp.metrics["seq_weight"].clone(), dlam.clone(), state
+    metrics = torch.stack([rp.metrics[k].to(dtype).reshape(()) for k in metric_names(cfg, ref_logp is not None)])
+    dlam = rp.dlam.to(dtype) if rp.dlam is not None else torch.zeros((), dtype=dtype, device=logits.device)
+    toks = (torch.stack([rp.per_token[k].to(dtype) for k in PER_TOKEN_KEYS]) if per_token
+            else _empty(logits, dtype))
+    return (rp.loss.to(dtype).clone(), metrics, rp.metrics["seq_weight"].to(dtype).clone(), dlam.clone(), grad, rows,
+            toks)
 
 
 @loss_fwd.register_fake
-def _(logits, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num_sequences, group_size, config, need_grad):
+def _(logits, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num_sequences, group_size, config,
+      engine, need_grad, inplace, per_token):
     cfg = config_from_str(config)
     B, T, V = logits.shape
     dtype = compute_dtype(logits.dtype)
     k = len(metric_names(cfg, ref_logp is not None))
-    if not need_grad:
-        state = logits.new_empty(0, dtype=dtype)
-    elif not cfg.ratio_trace:
-        state = logits.new_empty(B, T, V)
-    else:
-        state = logits.new_empty(4, B * T, dtype=dtype)
+    fused = need_grad and not cfg.ratio_trace
+    grad = logits.new_empty(B, T, V) if (fused and not inplace) else logits.new_empty(0)
+    rows = logits.new_empty(4, B * T, dtype=dtype) if (need_grad and not fused) else logits.new_empty(0, dtype=dtype)
+    toks = logits.new_empty(len(PER_TOKEN_KEYS), B, T, dtype=dtype) if per_token else logits.new_empty(0, dtype=dtype)
     return (logits.new_empty((), dtype=dtype), logits.new_empty(k, dtype=dtype), logits.new_empty(B, dtype=dtype),
-            logits.new_empty((), dtype=dtype), state)
+            logits.new_empty((), dtype=dtype), grad, rows, toks)
+
+
+def _two_pass_grad(logits, tokens, mask, rows, grad_loss, config, engine, out):
+    cfg = config_from_str(config)
+    B, T, V = logits.shape
+    lse, gl, gh, H = rows.unbind(0)
+    has_h = cfg.entropy_coef != 0 and cfg.needs_entropy
+    x2 = logits.view(B * T, V) if logits.is_contiguous() else logits.reshape(B * T, V)
+    d = engine_module(engine).vocab_backward(x2, tokens.reshape(-1), mask.reshape(-1), lse, gl,
+                                             gh if has_h else None, H if has_h else None, float(cfg.temperature),
+                                             grad_loss, out=out)
+    return d.view(B, T, V)
 
 
 @torch.library.custom_op("lambda_grpo::loss_bwd", mutates_args=())
-def loss_bwd(logits: Tensor, tokens: Tensor, mask: Tensor, state: Tensor, grad_loss: Tensor, config: str) -> Tensor:
-    from .torch_backend import two_pass_backward
-
-    cfg = config_from_str(config)
-    lse, gl, gh, ent = state.unbind(0)
-    has_ent = cfg.needs_entropy and cfg.entropy_coef != 0
-    return two_pass_backward(logits, tokens, mask, lse, gl, gh if has_ent else None, ent if has_ent else None,
-                             grad_loss, cfg.temperature)
+def loss_bwd(logits: Tensor, tokens: Tensor, mask: Tensor, rows: Tensor, grad_loss: Tensor, config: str,
+             engine: str) -> Tensor:
+    """The two-pass backward: dL/dlogits (B, T, V) = g * (softmax VJP of the saved coefficients)."""
+    return _two_pass_grad(logits, tokens, mask, rows, grad_loss, config, engine, None)
 
 
 @loss_bwd.register_fake
-def _(logits, tokens, mask, state, grad_loss, config):
+def _(logits, tokens, mask, rows, grad_loss, config, engine):
     return torch.empty_like(logits)
+
+
+@torch.library.custom_op("lambda_grpo::loss_bwd_inplace", mutates_args=("logits",))
+def loss_bwd_inplace(logits: Tensor, tokens: Tensor, mask: Tensor, rows: Tensor, grad_loss: Tensor, config: str,
+                     engine: str) -> None:
+    """loss_bwd written over the logits (inplace_backward=True, eager only)."""
+    B, T, V = logits.shape
+    if not logits.is_contiguous():
+        raise ValueError("logits: expected a contiguous tensor for inplace_backward=True")
+    _two_pass_grad(logits, tokens, mask, rows, grad_loss, config, engine, logits.view(B * T, V))
 
 
 def _setup_context(ctx, inputs, output):
     logits, tokens, mask = inputs[0], inputs[1], inputs[2]
-    lam = inputs[6]
-    config = inputs[10]
-    ctx.config = config
-    ctx.fused = not config_from_str(config).ratio_trace
-    ctx.lam_dtype = None if lam is None else lam.dtype
-    ctx.save_for_backward(logits, tokens, mask, output[3], output[4])
+    lam, config, engine, need_grad, inplace = inputs[6], inputs[10], inputs[11], inputs[12], inputs[13]
+    cfg = config_from_str(config)
+    ctx.config, ctx.engine, ctx.inplace = config, engine, inplace
+    ctx.fused = need_grad and not cfg.ratio_trace
+    ctx.lam_meta = None if lam is None else (lam.dtype, lam.device)
+    ctx.used = False
+    # the fused schedule keeps only its gradient: the logits may be freed after the forward
+    # (unless they hold the gradient, inplace=True)
+    keep_logits = need_grad and (inplace or not ctx.fused)
+    ctx.save_for_backward(logits if keep_logits else None, tokens, mask, output[3], output[4], output[5])
 
 
-def _backward(ctx, g_loss, g_metrics, g_seq_weight, g_dlam, g_state):
-    # VJP: loss = L(logits, lam); the forward already holds dL/dlogits (fused) or the per-token
-    # coefficients (two-pass), and dL/dlam; both scale linearly with the incoming g_loss.
-    logits, tokens, mask, dlam, state = ctx.saved_tensors
+def _fused_grad(ctx, d: Tensor, mask: Tensor, g: Tensor) -> Tensor:
+    """Apply the upstream gradient g to the fused schedule's saved dL/dlogits (see the module
+    docstring for the memory contract)."""
+    if ctx.inplace:
+        B, T, V = d.shape
+        engine_module(ctx.engine).scale_(d.view(B * T, V), mask.reshape(-1), g)
+        return d
+    if torch.compiler.is_compiling():
+        return d * g.to(d.dtype)
+    return d if bool(g == 1) else d * g.to(d.dtype)
+
+
+def _backward(ctx, g_loss, g_metrics, g_seq_weight, g_dlam, g_grad, g_rows, g_tokens):
+    # VJP: loss = L(logits, lam) is linear in the per-token terms given the forward's state, so
+    #   dL/dlogits = g * (saved dL/dlogits) (fused) or g * softmax-VJP(saved coefficients);
+    #   dL/dlam = g * sum_i S_i df_i/dlam / max(1, N_tok) (f enters only through the weights).
+    logits, tokens, mask, dlam, grad, rows = ctx.saved_tensors
+    if ctx.inplace:
+        if ctx.used:
+            raise RuntimeError("grpo_loss(inplace_backward=True): backward can run once (the gradient was "
+                               "written over the logits); use inplace_backward=False to backward twice")
+        ctx.used = True
     dlogits = None
     if ctx.needs_input_grad[0]:
+        g = g_loss.detach()
         if ctx.fused:
-            dlogits = state * g_loss.to(state.dtype)
+            dlogits = _fused_grad(ctx, logits if ctx.inplace else grad, mask, g)
+        elif ctx.inplace:
+            torch.ops.lambda_grpo.loss_bwd_inplace(logits, tokens, mask, rows, g, ctx.config, ctx.engine)
+            dlogits = logits
         else:
-            dlogits = loss_bwd(logits, tokens, mask, state, g_loss, ctx.config)
+            dlogits = torch.ops.lambda_grpo.loss_bwd(logits, tokens, mask, rows, g, ctx.config, ctx.engine)
     dlam_out = None
-    if ctx.lam_dtype is not None and ctx.needs_input_grad[6]:
-        dlam_out = (g_loss * dlam).to(ctx.lam_dtype)
-    return dlogits, None, None, None, None, None, dlam_out, None, None, None, None, None
+    if ctx.lam_meta is not None and ctx.needs_input_grad[6]:
+        dtype, device = ctx.lam_meta
+        dlam_out = (g_loss * dlam).to(device=device, dtype=dtype)
+    return (dlogits,) + (None,) * 5 + (dlam_out,) + (None,) * 8
 
 
 torch.library.register_autograd("lambda_grpo::loss_fwd", _backward, setup_context=_setup_context)
 
 
-def compiled_torch_loss(batch: Batch, cfg: LossConfig):
-    """The torch backend through the custom ops (used while torch.compile traces)."""
-    from .output import LossOutput
-
+def fast_loss(batch: Batch, cfg: LossConfig, engine: str, inplace: bool = False, per_token: bool = False) -> LossOutput:
+    """The loss of a validated batch on a fast engine ("torch" or "triton"), eager or compiled."""
     need_grad = torch.is_grad_enabled() and batch.logits.requires_grad
-    lam = batch.lam
-    loss, metrics, seq_weight, _, _ = loss_fwd(
+    lam = batch.lam if cfg.aggregation == "lambda_grpo" else None
+    loss, metrics, seq_weight, _, _, _, toks = torch.ops.lambda_grpo.loss_fwd(
         batch.logits, batch.tokens, batch.mask, batch.advantages, batch.old_logp, batch.ref_logp, lam,
-        batch.num_tokens, batch.num_sequences, batch.group_size, cfg.to_json(), bool(need_grad))
+        batch.num_tokens, batch.num_sequences, batch.group_size, cfg.to_json(), engine, bool(need_grad),
+        bool(inplace and need_grad), bool(per_token))
     names = metric_names(cfg, batch.ref_logp is not None)
     out = {k: metrics[i].detach() for i, k in enumerate(names)}
     out["seq_weight"] = seq_weight.detach()
-    return LossOutput(loss, out)
+    tokens = {k: toks[i].detach() for i, k in enumerate(PER_TOKEN_KEYS)} if per_token else None
+    return LossOutput(loss, out, tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# token_logprobs: log_softmax(logits / tau)[tokens], the same engines
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("lambda_grpo::logprobs_fwd", mutates_args=())
+def logprobs_fwd(logits: Tensor, tokens: Tensor, temperature: float, engine: str) -> Tuple[Tensor, Tensor]:
+    B, T, V = logits.shape
+    x2 = logits.reshape(B * T, V)
+    mask = torch.ones(B * T, dtype=torch.bool, device=logits.device)
+    logp, _, lse = engine_module(engine).vocab_forward(x2, tokens.reshape(-1).clamp(0, max(V - 1, 0)), mask,
+                                                       float(temperature), False, want_lse=True)
+    return logp.view(B, T), lse
+
+
+@logprobs_fwd.register_fake
+def _(logits, tokens, temperature, engine):
+    B, T, V = logits.shape
+    dtype = compute_dtype(logits.dtype)
+    return logits.new_empty(B, T, dtype=dtype), logits.new_empty(B * T, dtype=dtype)
+
+
+@torch.library.custom_op("lambda_grpo::logprobs_bwd", mutates_args=())
+def logprobs_bwd(logits: Tensor, tokens: Tensor, lse: Tensor, grad: Tensor, temperature: float,
+                 engine: str) -> Tensor:
+    # d logp_t / d logits_tj = (1[j = y_t] - p_tj) / tau, p recomputed from the saved lse
+    B, T, V = logits.shape
+    mask = torch.ones(B * T, dtype=torch.bool, device=logits.device)
+    one = torch.ones((), dtype=lse.dtype, device=lse.device)
+    d = engine_module(engine).vocab_backward(logits.reshape(B * T, V), tokens.reshape(-1).clamp(0, max(V - 1, 0)),
+                                             mask, lse, grad.reshape(-1).to(lse.dtype).contiguous(), None, None,
+                                             float(temperature), one)
+    return d.view(B, T, V)
+
+
+@logprobs_bwd.register_fake
+def _(logits, tokens, lse, grad, temperature, engine):
+    return torch.empty_like(logits)
+
+
+def _lp_setup(ctx, inputs, output):
+    ctx.temperature, ctx.engine = inputs[2], inputs[3]
+    ctx.save_for_backward(inputs[0], inputs[1], output[1])
+
+
+def _lp_backward(ctx, g_logp, g_lse):
+    logits, tokens, lse = ctx.saved_tensors
+    d = None
+    if ctx.needs_input_grad[0]:
+        d = torch.ops.lambda_grpo.logprobs_bwd(logits, tokens, lse, g_logp, ctx.temperature, ctx.engine)
+    return d, None, None, None
+
+
+torch.library.register_autograd("lambda_grpo::logprobs_fwd", _lp_backward, setup_context=_lp_setup)
+
+
+def fast_token_logprobs(logits: Tensor, tokens: Tensor, temperature: float, engine: str) -> Tensor:
+    return torch.ops.lambda_grpo.logprobs_fwd(logits, tokens.long(), float(temperature), engine)[0]

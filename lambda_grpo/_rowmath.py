@@ -14,12 +14,12 @@ scanned, and scattered back.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 
 from .config import LENGTH_H_MIN, LENGTH_SIGMA_MIN, LOG_RATIO_CLAMP, LossConfig
-from ._validate import Batch
+from ._batch import Batch
 
 SCAN_BLOCK = 128  # block length of the blocked linear scan (an L x L matrix per block)
 
@@ -29,13 +29,17 @@ SCAN_BLOCK = 128  # block length of the blocked linear scan (an L x L matrix per
 # --------------------------------------------------------------------------------------------
 @dataclass
 class TokenConstants:
-    """Per-token constants; all (B, T) in the compute dtype unless noted."""
+    """What the loss needs besides the log-probs: it depends only on the mask, the advantages,
+    lambda, the normalisers and the config, so it is known before the vocabulary pass (which is
+    what lets the fused schedules write dlogits in the forward). (B, T) tensors are in the
+    compute dtype and zero where masked unless noted."""
 
-    mask: torch.Tensor  # bool
+    mask: torch.Tensor  # (B, T) bool
+    lengths: torch.Tensor  # (B,) int32, n_i
     A: torch.Tensor  # advantages after adv_clamp_min
-    W: torch.Tensor  # aggregation weight W_{i,t} (0 where masked)
+    w_row: torch.Tensor  # (B,) W_{i,t} of every valid token of row i (0 for an empty row)
+    W: torch.Tensor  # (B, T) w_row broadcast over the valid tokens
     coef: Optional[torch.Tensor]  # weight-mode trace coefficient c_t, or None
-    n_tok: torch.Tensor  # 0-d, N_tok (global or local)
     count: torch.Tensor  # 0-d, local number of valid tokens
     seq_weight: torch.Tensor  # (B,) f_i (ones unless lambda_grpo)
     dseq_weight: Optional[torch.Tensor]  # (B,) d f_i / d lambda / max(1, N_tok), lambda_grpo only
@@ -44,8 +48,16 @@ class TokenConstants:
 def lambda_grpo_weights_and_grad(lengths: torch.Tensor, group_size: int, lam: torch.Tensor, r: float):
     """f = G softmax(h^lam) per group and df/dlam in closed form, all in float64 (SPEC §5).
 
-    df_i/dlam = f_i (h_i^lam ln h_i - sum_j p_j h_j^lam ln h_j), p = softmax(h^lam).
+    df_i/dlam = f_i (v_i ln h_i - sum_j p_j v_j ln h_j), v = h^lam, p = softmax(v).
     lengths: (B,) float64; lam: 0-d float64. Returns two (B,) float64 tensors.
+
+    Any finite lam gives finite f and df: v_i = exp(u_i), u_i = lam ln h_i, overflows float64
+    once u_i > 709 (lam = 1e4, or lam = -60 with h = 1e-6), so the softmax is taken of the
+    shifted values v_i - v* = -exp(u* + ln(-expm1(u_i - u*))) (u* = max_j u_j, 0 at the
+    maximum), which never overflow; and v_i ln h_i - sum_j p_j v_j ln h_j is evaluated as
+    exp(u*) sum_j p_j (e_i - e_j) with e_i = exp(u_i - u*) ln h_i. The sum is bounded, and once
+    exp(u*) overflows (u* > 709) every p_j off the maximum is exactly 0 and the sum is exactly
+    0 (rows tied at the maximum have equal e), so df is then 0, as it is to float64 precision.
     """
     n = lengths.view(-1, group_size)
     mu = n.mean(dim=1, keepdim=True)
@@ -53,12 +65,54 @@ def lambda_grpo_weights_and_grad(lengths: torch.Tensor, group_size: int, lam: to
     z = torch.where(sigma < LENGTH_SIGMA_MIN, torch.zeros_like(n), (n - mu) / sigma.clamp(min=LENGTH_SIGMA_MIN))
     h = torch.clamp(1 + r * z, min=LENGTH_H_MIN)
     log_h = torch.log(h)
-    v = torch.exp(lam * log_h)  # h^lam
-    p = torch.softmax(v, dim=1)
+    u = lam * log_h  # ln(h^lam)
+    u_max = u.amax(dim=1, keepdim=True)
+    delta = u - u_max  # <= 0
+    at_max = delta == 0
+    shifted = torch.where(at_max, torch.zeros_like(u),
+                          -torch.exp(u_max + torch.log(-torch.expm1(torch.where(at_max, -torch.ones_like(u), delta)))))
+    p = torch.softmax(shifted, dim=1)
     f = group_size * p
-    dv = v * log_h  # d(h^lam)/dlam
-    df = f * (dv - (p * dv).sum(dim=1, keepdim=True))
+    e = torch.exp(delta) * log_h
+    # e_i - sum_j p_j e_j written as sum_j p_j (e_i - e_j): exactly 0 for rows tied at the maximum
+    bracket = f * (p[:, None, :] * (e[:, :, None] - e[:, None, :])).sum(dim=2)
+    df = torch.where(bracket == 0, torch.zeros_like(bracket), bracket * torch.exp(u_max))
     return f.reshape(-1), df.reshape(-1)
+
+
+def aggregation_weights(cfg: LossConfig, lengths: torch.Tensor, count: torch.Tensor, n_tok: torch.Tensor,
+                        n_seq: torch.Tensor, T: int, lam: Optional[torch.Tensor], group_size: int, dtype):
+    """SPEC §5, the one copy every fast backend uses: the weight W_{i,t} = w_i of each valid
+    token of row i, f_i and df_i/dlambda / max(1, N_tok).
+
+    lengths (B,) n_i; count: 0-d local number of valid tokens; n_tok, n_seq: 0-d normalisers
+    (global, or the local counts); T the padded length (dr_grpo's default L). Returns
+    (w (B,), f (B,), df (B,) or None) in `dtype` (f, df computed in float64). A row with no
+    valid token gets w = 0: it contributes nothing, and 0 * inf cannot arise (dr_grpo at T = 0).
+    """
+    B = lengths.shape[0]
+    lengths = lengths.to(dtype)
+    f = torch.ones(B, dtype=dtype, device=lengths.device)
+    df = None
+    agg = cfg.aggregation
+    if agg == "grpo":
+        w = 1 / (n_seq * torch.clamp(lengths, min=1))
+    elif agg == "bnpo":
+        w = (1 / torch.clamp(count, min=1)).expand(B)
+    elif agg == "dapo":
+        w = (1 / torch.clamp(n_tok, min=1)).expand(B)
+    elif agg == "dr_grpo":
+        L = cfg.max_completion_length if cfg.max_completion_length is not None else max(T, 1)
+        w = (1 / (n_seq * L)).expand(B)
+    elif agg == "lambda_grpo":
+        lam64 = lam.detach().to(device=lengths.device, dtype=torch.float64)
+        f64, df64 = lambda_grpo_weights_and_grad(lengths.to(torch.float64), group_size, lam64, cfg.length_r)
+        inv = 1 / torch.clamp(n_tok.to(torch.float64), min=1)
+        f, df, w = f64.to(dtype), (df64 * inv).to(dtype), (f64 * inv).to(dtype)
+    else:  # LossConfig validates the name; this is a guard for a new aggregation added in one place only
+        raise ValueError(f"aggregation: no weights for {agg!r}")
+    w = torch.where(lengths > 0, w, torch.zeros((), dtype=dtype, device=lengths.device))
+    return w, f, df
 
 
 def geometric_sum(m: torch.Tensor, a: float) -> torch.Tensor:
@@ -85,37 +139,40 @@ def weight_trace_coefficients(mask: torch.Tensor, cfg: LossConfig, dtype) -> tor
 
 
 def token_constants(batch: Batch, cfg: LossConfig, dtype) -> TokenConstants:
+    """TokenConstants of a validated batch (see the class); no host sync."""
     mask = batch.mask
     B, T = mask.shape
-    maskf = mask.to(dtype)
-    lengths = maskf.sum(dim=1)
-    count = maskf.sum()
+    dev = mask.device
+    zero = torch.zeros((), dtype=dtype, device=dev)
+    lengths = mask.sum(dim=1, dtype=torch.int32)
+    count = lengths.sum().to(dtype)
     n_tok = count if batch.num_tokens is None else batch.num_tokens.to(dtype)
-    n_seq = torch.full((), float(B), dtype=dtype, device=mask.device) if batch.num_sequences is None else batch.num_sequences.to(dtype)
-    A = torch.where(mask, batch.advantages.to(dtype), torch.zeros((), dtype=dtype, device=mask.device))
+    n_seq = torch.full((), float(B), dtype=dtype, device=dev) if batch.num_sequences is None else batch.num_sequences.to(dtype)
+    A = torch.where(mask, batch.advantages.to(dtype), zero)
     if cfg.adv_clamp_min is not None:
-        A = torch.clamp(A, min=cfg.adv_clamp_min)
-    seq_weight = torch.ones(B, dtype=dtype, device=mask.device)
-    dseq = None
-    agg = cfg.aggregation
-    if agg == "grpo":
-        w_row = 1 / (n_seq * torch.clamp(lengths, min=1))
-    elif agg == "bnpo":
-        w_row = (1 / torch.clamp(count, min=1)).expand(B)
-    elif agg == "dapo":
-        w_row = (1 / torch.clamp(n_tok, min=1)).expand(B)
-    elif agg == "dr_grpo":
-        L = cfg.max_completion_length if cfg.max_completion_length is not None else T
-        w_row = (1 / (n_seq * L)).expand(B)
-    else:
-        lam = batch.lam.detach().to(device=mask.device, dtype=torch.float64)
-        f, df = lambda_grpo_weights_and_grad(lengths.to(torch.float64), batch.group_size, lam, cfg.length_r)
-        inv = 1 / torch.clamp(n_tok.to(torch.float64), min=1)
-        seq_weight, dseq = f.to(dtype), (df * inv).to(dtype)
-        w_row = (f * inv).to(dtype)
-    W = w_row[:, None] * maskf
+        A = torch.where(mask, torch.clamp(A, min=cfg.adv_clamp_min), zero)
+    w_row, seq_weight, dseq = aggregation_weights(cfg, lengths, count, n_tok, n_seq, T, batch.lam, batch.group_size, dtype)
+    W = torch.where(mask, w_row[:, None], zero)
     coef = weight_trace_coefficients(mask, cfg, dtype) if cfg.weight_trace else None
-    return TokenConstants(mask, A, W, coef, n_tok, count, seq_weight, dseq)
+    return TokenConstants(mask, lengths, A, w_row, W, coef, count, seq_weight, dseq)
+
+
+class FusedInputs(NamedTuple):
+    """Flat (B*T,) per-token inputs of a fused vocab pass, in the compute dtype: what a token's
+    d(loss)/d(logp) needs besides its own logp and entropy when there is no ratio-mode trace."""
+
+    A: torch.Tensor
+    W: torch.Tensor
+    coef: Optional[torch.Tensor]
+    old_logp: Optional[torch.Tensor]
+    ref_logp: Optional[torch.Tensor]
+
+
+def fused_inputs(consts: TokenConstants, batch: Batch, dtype) -> FusedInputs:
+    def flat(x):
+        return None if x is None else x.to(dtype).contiguous().view(-1)
+
+    return FusedInputs(flat(consts.A), flat(consts.W), flat(consts.coef), flat(batch.old_logp), flat(batch.ref_logp))
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,11 +345,18 @@ class RowPass:
     dentropy: Optional[torch.Tensor]  # (B, T) d loss / d H, or None
     dlam: Optional[torch.Tensor]  # 0-d d loss / d lambda (lambda_grpo), or None
     metrics: Dict[str, torch.Tensor]
+    per_token: Optional[Dict[str, torch.Tensor]] = None  # PER_TOKEN_KEYS -> (B, T), when asked
+
+
+PER_TOKEN_KEYS = ("loss", "ratio", "kl", "entropy")  # l_t, rho_t, kl_t, H_t; zeros where masked or absent
 
 
 def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, cfg: LossConfig,
-             consts: Optional[TokenConstants] = None) -> RowPass:
-    """Loss, metrics and closed-form partials from per-token logp (B, T) (and H (B, T))."""
+             consts: Optional[TokenConstants] = None, per_token: bool = False) -> RowPass:
+    """Loss, metrics and closed-form partials from per-token logp (B, T) (and H (B, T)).
+
+    Non-finite log-probs of a valid token give a non-finite loss: on-policy x = logp - logp is
+    NaN for a NaN or infinite logp, and the +-20 clamp passes NaN through."""
     dtype = logp.dtype
     k = token_constants(batch, cfg, dtype) if consts is None else consts
     mask = k.mask
@@ -314,8 +378,11 @@ def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, 
 
     cnt = torch.clamp(k.count, min=1)
 
+    def masked(v):
+        return torch.where(mask, v.to(dtype), zero)
+
     def mean(v):
-        return torch.where(mask, v.to(dtype), zero).sum() / cnt
+        return masked(v).sum() / cnt
 
     rho = terms.rho
     low = mean((k.A < 0) & (rho < 1 - cfg.eps_low))
@@ -328,4 +395,9 @@ def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, 
     if cfg.aggregation == "lambda_grpo":
         metrics["lambda"] = batch.lam.detach().to(device=logp.device, dtype=dtype)
     metrics["seq_weight"] = k.seq_weight
-    return RowPass(loss, dlogp, dent, dlam, metrics)
+    tokens = None
+    if per_token:
+        tokens = {"loss": token_loss, "ratio": masked(rho),
+                  "kl": masked(terms.kl) if terms.kl is not None else torch.zeros_like(token_loss),
+                  "entropy": masked(entropy) if entropy is not None else torch.zeros_like(token_loss)}
+    return RowPass(loss, dlogp, dent, dlam, metrics, tokens)

@@ -8,12 +8,12 @@ they are skipped while torch.compile traces (shapes and dtypes are still checked
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
 from .config import LossConfig
+from ._batch import Batch, compute_dtype  # noqa: F401  (re-exported)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 BACKENDS = ("auto", "reference", "torch", "triton")
@@ -27,27 +27,6 @@ def fail(name: str, expected: str, actual) -> None:
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
-
-
-def compute_dtype(logits_dtype: torch.dtype) -> torch.dtype:
-    """Per-token math runs in fp32, or float64 for float64 logits (SPEC §4)."""
-    return torch.float64 if logits_dtype == torch.float64 else torch.float32
-
-
-@dataclass
-class Batch:
-    """Validated, normalised inputs. Shapes: logits (B, T, V); everything per token (B, T)."""
-
-    logits: torch.Tensor
-    tokens: torch.Tensor  # (B, T) int64
-    mask: torch.Tensor  # (B, T) bool
-    advantages: torch.Tensor  # (B, T) compute dtype (per-sequence values broadcast)
-    old_logp: Optional[torch.Tensor]  # (B, T) compute dtype or None
-    ref_logp: Optional[torch.Tensor]
-    lam: Optional[torch.Tensor]  # 0-d, as given (keeps its autograd graph)
-    group_size: int
-    num_tokens: Optional[torch.Tensor]  # 0-d compute dtype or None (= local count)
-    num_sequences: Optional[torch.Tensor]
 
 
 def check_backend(backend: str) -> None:
@@ -173,4 +152,4 @@ def validate(
         lam = lam.reshape(())
     n_tok = _normaliser(num_tokens, "num_tokens", dev, cdt)
     n_seq = _normaliser(num_sequences, "num_sequences", dev, cdt)
-    return Batch(logits, tokens.long(), mask, adv, old, ref, lam, int(group_size), n_tok, n_seq)
+    return Batch(logits, tokens.long(), mask, adv, old, ref, lam, n_tok, n_seq, int(group_size))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Union
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from .config import LossConfig
 from .output import LossOutput
+from ._ops import fast_loss, fast_token_logprobs
 from ._validate import check_backend, check_logits_tokens, fail, validate
 
 Number = Union[int, float, torch.Tensor, None]
@@ -36,6 +38,8 @@ def grpo_loss(
     num_tokens: Number = None,
     num_sequences: Number = None,
     backend: str = "auto",
+    inplace_backward: bool = False,
+    return_per_token: bool = False,
 ) -> LossOutput:
     """The GRPO-family loss from policy logits (SPEC §3-§6).
 
@@ -52,55 +56,79 @@ def grpo_loss(
       config: LossConfig (default: LossConfig()).
       num_tokens, num_sequences: global normalisers for data parallel / accumulation.
       backend: "auto" | "reference" | "torch" | "triton".
+      inplace_backward: write dlogits over the logits buffer instead of a new (B, T, V) tensor
+        ("torch" and "triton" backends, contiguous logits, eager only: refused while
+        torch.compile traces). **The logits are destroyed** (with no ratio-mode trace already by
+        the forward), and backward can run once. Use it when nothing reads the logits again.
+      return_per_token: also return per-token loss, ratio, KL and entropy (B, T) in
+        ``out.per_token`` (see LossOutput).
 
-    Returns: LossOutput(loss 0-d, metrics dict). No gradient flows to advantages, old_logp,
-    ref_logp or the normalisers.
+    Returns: LossOutput(loss 0-d, metrics dict, per_token). No gradient flows to advantages,
+    old_logp, ref_logp or the normalisers.
     """
     cfg = LossConfig() if config is None else config
     batch = validate(logits, tokens, mask, advantages, group_size, old_logp, ref_logp, lam, cfg, num_tokens, num_sequences)
     name = resolve_backend(backend, logits.device)
+    _check_flags(name, logits, inplace_backward, return_per_token)
     if name == "reference":
         from .reference import reference_loss
 
-        return reference_loss(batch, cfg)
-    if name == "torch" or torch.compiler.is_compiling():
-        # Under torch.compile every fast backend runs the torch backend's computation behind
-        # torch.library custom ops (lambda_grpo/_ops.py), on whatever device the logits are.
-        from .torch_backend import torch_loss
+        return reference_loss(batch, cfg, per_token=return_per_token)
+    if name == "triton":
+        from ._vocab_triton import check_runnable
 
-        return torch_loss(batch, cfg)
-    from .triton_backend import triton_loss
+        check_runnable(logits)
+    # eager and torch.compile alike: the custom ops of lambda_grpo/_ops.py
+    return fast_loss(batch, cfg, name, inplace=inplace_backward, per_token=return_per_token)
 
-    return triton_loss(batch, cfg)
+
+def _check_flags(backend: str, logits: torch.Tensor, inplace_backward, return_per_token) -> None:
+    for flag, v in (("inplace_backward", inplace_backward), ("return_per_token", return_per_token)):
+        if not isinstance(v, bool):
+            fail(flag, "a bool", repr(v))
+    if inplace_backward:
+        if backend == "reference":
+            fail("inplace_backward", "False with backend='reference' (autograd makes its own gradient)", True)
+        if torch.compiler.is_compiling():
+            fail("inplace_backward", "False while torch.compile traces (it would mutate a graph input)", True)
+        if not logits.is_contiguous():
+            fail("inplace_backward", "True only with contiguous logits (the gradient is written over them)",
+                 f"logits with strides {logits.stride()}")
 
 
 class GRPOLoss(nn.Module):
     """nn.Module wrapper of :func:`grpo_loss`; owns ``lam`` (an nn.Parameter, initial 0) for lambda_grpo.
 
     ``lam`` is a scalar parameter; give it its own optimiser group (e.g. ``loss_fn.lam``) if it
-    should learn at another rate than the model.
+    should learn at another rate than the model. ``inplace_backward`` (see :func:`grpo_loss`) is
+    a constructor option.
     """
 
-    def __init__(self, config: Optional[LossConfig] = None, backend: str = "auto", lam_init: float = 0.0):
+    def __init__(self, config: Optional[LossConfig] = None, backend: str = "auto", lam_init: float = 0.0,
+                 inplace_backward: bool = False):
         super().__init__()
         self.config = LossConfig() if config is None else config
         if not isinstance(self.config, LossConfig):
             fail("config", "a lambda_grpo.LossConfig", type(self.config).__name__)
         check_backend(backend)
+        if not isinstance(inplace_backward, bool):
+            fail("inplace_backward", "a bool", repr(inplace_backward))
         self.backend = backend
+        self.inplace_backward = inplace_backward
         if self.config.aggregation == "lambda_grpo":
             self.lam = nn.Parameter(torch.tensor(float(lam_init)))
         else:
             self.lam = None
 
     def forward(self, logits, tokens, mask, advantages, group_size, old_logp=None, ref_logp=None,
-                num_tokens=None, num_sequences=None) -> LossOutput:
+                num_tokens=None, num_sequences=None, return_per_token: bool = False) -> LossOutput:
         return grpo_loss(logits, tokens, mask, advantages, group_size=group_size, old_logp=old_logp,
                          ref_logp=ref_logp, lam=self.lam, config=self.config, num_tokens=num_tokens,
-                         num_sequences=num_sequences, backend=self.backend)
+                         num_sequences=num_sequences, backend=self.backend,
+                         inplace_backward=self.inplace_backward, return_per_token=return_per_token)
 
     def extra_repr(self) -> str:
-        return f"config={self.config}, backend={self.backend!r}"
+        return f"config={self.config}, backend={self.backend!r}, inplace_backward={self.inplace_backward}"
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
@@ -111,20 +139,19 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     give float64. Memory: no (B*T, V) intermediate on the torch/triton backends.
     """
     check_logits_tokens(logits, tokens)
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
-        fail("temperature", "a number > 0", repr(temperature))
+    if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+            or not math.isfinite(temperature) or not temperature > 0):
+        fail("temperature", "a finite number > 0", repr(temperature))
     name = resolve_backend(backend, logits.device)
     if name == "reference":
         from .reference import reference_token_logprobs
 
         return reference_token_logprobs(logits, tokens, float(temperature))
-    if name == "torch":
-        from .torch_backend import torch_token_logprobs
+    if name == "triton":
+        from ._vocab_triton import check_runnable
 
-        return torch_token_logprobs(logits, tokens, float(temperature))
-    from .triton_backend import triton_token_logprobs
-
-    return triton_token_logprobs(logits, tokens, float(temperature))
+        check_runnable(logits)
+    return fast_token_logprobs(logits, tokens, float(temperature), name)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "std", eps: float = 1e-4) -> torch.Tensor:

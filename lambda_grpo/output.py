@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -32,10 +32,16 @@ class LossOutput:
     valid tokens of the local batch (`clip_frac_low`, `clip_frac_high`, `clip_frac`,
     `ratio_mean`, `kl_mean` when ref_logp is given, `entropy_mean` when entropy is computed,
     `lambda` for lambda_grpo) and `seq_weight` of shape (B,).
+
+    `per_token`: with `return_per_token=True`, detached (B, T) tensors in the compute dtype,
+    zero where masked: `loss` (l_t, unweighted), `ratio` (rho_t, the ratio that enters the
+    clip: traced in ratio mode), `kl` (kl_t; zeros without ref_logp) and `entropy` (H_t; zeros
+    unless entropy is computed). Otherwise None.
     """
 
     loss: torch.Tensor
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+    per_token: Optional[Dict[str, torch.Tensor]] = None
 
     def __iter__(self):  # allows `loss, metrics = out`
         yield self.loss

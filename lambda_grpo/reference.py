@@ -13,7 +13,7 @@ import torch
 
 from .config import LENGTH_H_MIN, LENGTH_SIGMA_MIN, LOG_RATIO_CLAMP, LossConfig
 from .output import LossOutput
-from ._validate import Batch, compute_dtype
+from ._batch import Batch, compute_dtype
 
 
 def trace_weight_matrix(n: int, a: float, style: str, dtype, device) -> torch.Tensor:
@@ -54,13 +54,24 @@ def lambda_grpo_weights(lengths: torch.Tensor, group_size: int, lam: torch.Tenso
     """f_i = G * softmax_{j in group}(h_j ** lam)_i with h from standardised lengths (SPEC §5).
 
     lengths: (B,) float64 counts n_i. lam: 0-d float64 (differentiable). Returns (B,) float64.
+
+    h ** lam overflows float64 once u = lam ln h exceeds 709 (lam = 1e4; lam = -60 at h = 1e-6).
+    The softmax is shift-invariant, so it is taken of h^lam - e^c = e^c expm1(u - c) with the
+    constant c = max_j u_j (detached: any constant shift gives the same softmax and the same
+    gradient). Where c > 700 the factor e^c is capped at e^700 and f is detached: there every
+    entry below the maximum already has softmax weight exactly 0 in float64 (its shifted value
+    is below -745 once c > 14 for any two distinct lengths), so f is the even split over the
+    tied maxima and df/dlam is 0 to float64 precision.
     """
     n = lengths.view(-1, group_size)
     mu = n.mean(dim=1, keepdim=True)
     sigma = n.std(dim=1, correction=0, keepdim=True)
     z = torch.where(sigma < LENGTH_SIGMA_MIN, torch.zeros_like(n), (n - mu) / sigma)
     h = torch.clamp(1 + r * z, min=LENGTH_H_MIN)
-    f = group_size * torch.softmax(h**lam, dim=1)
+    u = lam * torch.log(h)  # ln(h ** lam)
+    c = u.detach().amax(dim=1, keepdim=True)
+    f = group_size * torch.softmax(torch.exp(torch.clamp(c, max=700.0)) * torch.expm1(u - c), dim=1)
+    f = torch.where(c > 700.0, f.detach(), f)
     return f.reshape(-1)
 
 
@@ -73,14 +84,16 @@ def kl_divergence(logp: torch.Tensor, ref: torch.Tensor, estimator: str) -> torc
     return d * d / 2
 
 
-def reference_loss(batch: Batch, cfg: LossConfig, dtype=torch.float64) -> LossOutput:
+def reference_loss(batch: Batch, cfg: LossConfig, dtype=torch.float64, per_token: bool = False) -> LossOutput:
     """SPEC §4-§6 for a validated batch; `dtype` is the dtype of all the math."""
     mask = batch.mask
     B, T, V = batch.logits.shape
     zero = torch.zeros((), dtype=dtype, device=mask.device)
 
-    # §4 per-token math
-    scaled = batch.logits.to(dtype) / cfg.temperature
+    # §4 per-token math. Masked positions' logits are replaced by zeros first, so that whatever
+    # they hold (nan, inf) neither reaches the loss nor gives them a non-zero gradient.
+    logits = torch.where(mask[..., None], batch.logits.to(dtype), zero)
+    scaled = logits / cfg.temperature
     logprobs = torch.log_softmax(scaled, dim=-1)
     # Masked positions take no part in anything: their token ids, old/ref log-probs and
     # advantages may hold anything (nan, -inf, out-of-range ids), so they are replaced by
@@ -156,7 +169,15 @@ def reference_loss(batch: Batch, cfg: LossConfig, dtype=torch.float64) -> LossOu
             metrics["lambda"] = batch.lam.detach().to(dtype)
         metrics["seq_weight"] = seq_weight.detach()
     out_dtype = compute_dtype(batch.logits.dtype)
-    return LossOutput(loss.to(out_dtype), {k: v.to(out_dtype) for k, v in metrics.items()})
+    tokens = None
+    if per_token:
+        with torch.no_grad():
+            none = torch.zeros_like(token_loss)
+            tokens = {"loss": token_loss, "ratio": torch.where(mask, rho, zero),
+                      "kl": none if kl is None else torch.where(mask, kl, zero),
+                      "entropy": none if entropy is None else torch.where(mask, entropy, zero)}
+            tokens = {k: v.detach().to(out_dtype) for k, v in tokens.items()}
+    return LossOutput(loss.to(out_dtype), {k: v.to(out_dtype) for k, v in metrics.items()}, tokens)
 
 
 def reference_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, dtype=torch.float64):

@@ -39,20 +39,14 @@ def small_blocks(monkeypatch):
 
     monkeypatch.setattr(_config, "VOCAB_BLOCK", 16)
     monkeypatch.setattr(_config, "ROW_BLOCK_T", 16)
-    monkeypatch.setattr(_config, "GROUP_TILE", 128)
 
 
-def _triton_run(inputs, cfg, lam, **kw):
-    """Like tests._compare.run for triton_loss with explicit path options (fused / in place)."""
-    from lambda_grpo.triton_backend import triton_loss
-
-    leaf = inputs["logits"].detach().clone().requires_grad_(True)
-    logits = leaf.detach().clone().requires_grad_(True) if kw.get("inplace_grad") else leaf
+def _triton_run(inputs, cfg, lam, inplace_backward=False):
+    """Like tests._compare.run for backend="triton", optionally with inplace_backward."""
+    logits = inputs["logits"].detach().clone().requires_grad_(True)
     lam_t = torch.tensor(float(lam), requires_grad=True) if cfg.aggregation == "lambda_grpo" else None
-    batch = validate(logits, inputs["tokens"], inputs["mask"], inputs["advantages"], inputs["group_size"],
-                     inputs.get("old_logp"), inputs.get("ref_logp"), lam_t, cfg, inputs.get("num_tokens"),
-                     inputs.get("num_sequences"))
-    out = triton_loss(batch, cfg, **kw)
+    out = lg.grpo_loss(**dict(inputs, logits=logits), lam=lam_t, config=cfg, backend="triton",
+                       inplace_backward=inplace_backward)
     out.loss.backward()
     return dict(loss=out.loss.detach(), metrics={k: v.detach() for k, v in out.metrics.items()},
                 dlogits=logits.grad.detach().clone(), dlam=None if lam_t is None else lam_t.grad)
@@ -156,24 +150,14 @@ def test_hypothesis_against_reference(case):
 
 # --- paths: fused vs two-pass, in place, upstream gradient ---------------------------------
 
-@pytest.mark.parametrize("fused,inplace", [(False, False), (True, False), (False, True), (True, True)])
+# weight mode runs the fused schedule (dlogits in the forward), ratio mode the two-pass one
+@pytest.mark.parametrize("mode,inplace", [("ratio", False), ("weight", False), ("ratio", True), ("weight", True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paths(fused, inplace, dtype):
-    cfg = lg.LossConfig(aggregation="lambda_grpo", beta=0.1, entropy_coef=0.02, trace="both", trace_mode="weight")
+def test_paths(mode, inplace, dtype):
+    cfg = lg.LossConfig(aggregation="lambda_grpo", beta=0.1, entropy_coef=0.02, trace="both", trace_mode=mode)
     inputs = make_batch(B=4, T=6, V=29, G=2, dtype=dtype, mask="empty_rows", seed=5)
-    got = _triton_run(inputs, cfg, 0.6, fused=fused, inplace_grad=inplace)
+    got = _triton_run(inputs, cfg, 0.6, inplace_backward=inplace)
     _assert_run_matches(got, inputs, cfg, 0.6)
-
-
-def test_fused_refused_for_ratio_trace():
-    from lambda_grpo.triton_backend import triton_loss
-
-    cfg = lg.LossConfig(aggregation="dapo", trace="recent")
-    inp = make_batch(B=2, T=3, V=5)
-    batch = validate(inp["logits"].requires_grad_(), inp["tokens"], inp["mask"], inp["advantages"], 2,
-                     inp["old_logp"], inp["ref_logp"], None, cfg, None, None)
-    with pytest.raises(ValueError, match="fused"):
-        triton_loss(batch, cfg, fused=True)
 
 
 @pytest.mark.parametrize("trace", [None, "recent"])
@@ -253,6 +237,10 @@ def test_bad_inputs_raise_value_error():
     inputs = make_batch(B=2, T=3, V=5, G=2, dtype=torch.float64)
     with pytest.raises(ValueError, match="logits"):
         lg.grpo_loss(**inputs, config=lg.LossConfig(aggregation="dapo"), backend="triton")
-    inputs = make_batch(B=300, T=1, V=2, G=300)
-    with pytest.raises(ValueError, match="group_size"):
-        lg.grpo_loss(**inputs, config=lg.LossConfig(aggregation="dapo"), backend="triton")
+
+
+def test_large_groups():
+    """Groups are formed in torch (lambda_grpo._rowmath), so any G works (the old group kernel
+    stopped at 256)."""
+    inputs = make_batch(B=300, T=2, V=3, G=300, seed=7)
+    assert_backend_matches("triton", inputs, lg.LossConfig(aggregation="lambda_grpo"), lam=0.5)

@@ -1,0 +1,32 @@
+"""`Batch`: the validated inputs every backend computes on (a leaf module: it imports nothing of ours)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+def compute_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    """Per-token math runs in fp32, or float64 for float64 logits (SPEC §4)."""
+    return torch.float64 if logits_dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class Batch:
+    """Validated, normalised inputs. Shapes: logits (B, T, V); everything per token (B, T).
+
+    The field order is the order of the custom ops' schema (lambda_grpo/_ops.py).
+    """
+
+    logits: torch.Tensor
+    tokens: torch.Tensor  # (B, T) int64
+    mask: torch.Tensor  # (B, T) bool
+    advantages: torch.Tensor  # (B, T) compute dtype (per-sequence values broadcast)
+    old_logp: Optional[torch.Tensor]  # (B, T) compute dtype or None
+    ref_logp: Optional[torch.Tensor]
+    lam: Optional[torch.Tensor]  # 0-d, as given (keeps its autograd graph)
+    num_tokens: Optional[torch.Tensor]  # 0-d compute dtype or None (= local count)
+    num_sequences: Optional[torch.Tensor]
+    group_size: int

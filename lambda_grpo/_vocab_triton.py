@@ -1,0 +1,104 @@
+"""The Triton engine: the vocabulary passes and the row pass of backend="triton" as fused kernels.
+
+The same interface as the torch engine (lambda_grpo/_vocab_torch.py), so that one autograd
+path (lambda_grpo/_ops.py) drives both. Layers: @triton.jit kernels (kernels/*.py) ->
+launchers (same files: check, allocate, pick the config from kernels/_config.py, launch) ->
+this engine (adapts Batch / TokenConstants to the launchers) -> the custom ops.
+
+Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before the first
+kernel import; tests/conftest.py does it).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .config import LossConfig
+from ._batch import Batch
+from ._rowmath import FusedInputs, RowPass, TokenConstants
+from ._validate import fail
+from .kernels._config import LOGITS_DTYPES
+from .kernels.rows import PART, launch_rows
+from .kernels.vocab_bwd import scale_rows, vocab_backward as _vocab_backward
+from .kernels.vocab_fused import vocab_fused as _vocab_fused
+from .kernels.vocab_fwd import vocab_forward as _vocab_forward
+
+
+def check_runnable(logits: torch.Tensor) -> None:
+    """backend="triton" needs fp32/bf16/fp16 logits on CUDA, or the interpreter."""
+    if logits.dtype not in LOGITS_DTYPES:
+        fail("logits", f"dtype in {LOGITS_DTYPES} for backend='triton' (use 'reference' or 'torch' for float64)",
+             logits.dtype)
+    if logits.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        fail("logits", "a CUDA tensor for backend='triton' (on a CPU use backend='torch'; the Triton interpreter "
+             "needs TRITON_INTERPRET=1 in the environment before the process imports triton)",
+             f"device {logits.device}")
+
+
+def _f32(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if x is None else x.detach().to(torch.float32).contiguous().view(-1)
+
+
+def vocab_forward(logits2d, tokens, mask, tau: float, want_entropy: bool, want_lse: bool):
+    logp, lse, ent = _vocab_forward(logits2d, tokens, mask, tau, want_entropy)
+    return logp, ent, lse if want_lse else None
+
+
+def vocab_fused(logits2d, tokens, mask, tau: float, want_entropy: bool, inputs: FusedInputs, cfg: LossConfig,
+                out: Optional[torch.Tensor] = None):
+    return _vocab_fused(logits2d, tokens, mask, _f32(inputs.A), _f32(inputs.W), tau, old_logp=_f32(inputs.old_logp),
+                        ref_logp=_f32(inputs.ref_logp), trace_coef=_f32(inputs.coef), eps_low=cfg.eps_low,
+                        eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
+                        entropy_coef=cfg.entropy_coef, with_entropy=want_entropy, out=out)
+
+
+def vocab_backward(logits2d, tokens, mask, lse, gl, gh, H, tau: float, scale: torch.Tensor,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    s = scale.detach().reshape(1).to(device=logits2d.device, dtype=torch.float32)
+    return _vocab_backward(logits2d, tokens, mask, lse, _f32(gl), s, tau, entropy=_f32(H) if gh is not None else None,
+                           coef_entropy=_f32(gh), out=out)
+
+
+def scale_(d2d: torch.Tensor, mask: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """In place d *= g on the valid rows; the kernel skips the work when g == 1 (no host sync)."""
+    return scale_rows(d2d, mask, g.detach().reshape(1).to(device=d2d.device, dtype=torch.float32))
+
+
+def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, cfg: LossConfig,
+             consts: TokenConstants, per_token: bool = False, want_coef: bool = True) -> RowPass:
+    """`_rowmath.row_pass` computed by the row kernel (fp32)."""
+    B, T = batch.mask.shape
+    coef_lp, coef_h, parts, toks = launch_rows(
+        logp.contiguous(), batch.mask.contiguous(), _f32(consts.A).view(B, T), consts.lengths.contiguous(),
+        _f32(consts.w_row), entropy=None if entropy is None else entropy.contiguous(),
+        old_logp=None if batch.old_logp is None else _f32(batch.old_logp).view(B, T),
+        ref_logp=None if batch.ref_logp is None else _f32(batch.ref_logp).view(B, T),
+        trace_coef=None if consts.coef is None else _f32(consts.coef).view(B, T),
+        ratio_trace=cfg.trace if cfg.ratio_trace else None, trace_decay=cfg.trace_decay, eps_low=cfg.eps_low,
+        eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
+        entropy_coef=cfg.entropy_coef, write_coef=want_coef, write_tokens=per_token)
+    sums = parts.sum(0)
+    loss = sums[PART["wS"]]
+    dlam = None
+    if consts.dseq_weight is not None:
+        dlam = (parts[:, PART["S"]].double() * consts.dseq_weight.double()).sum().to(torch.float32)
+    count = consts.count.clamp(min=1)
+    metrics = {"clip_frac_low": sums[PART["clip_low"]] / count, "clip_frac_high": sums[PART["clip_high"]] / count}
+    metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
+    metrics["ratio_mean"] = sums[PART["ratio"]] / count
+    if batch.ref_logp is not None:
+        metrics["kl_mean"] = sums[PART["kl"]] / count
+    if entropy is not None:
+        metrics["entropy_mean"] = sums[PART["entropy"]] / count
+    if cfg.aggregation == "lambda_grpo":
+        metrics["lambda"] = batch.lam.detach().to(device=logp.device, dtype=torch.float32).reshape(())
+    metrics["seq_weight"] = consts.seq_weight
+    tokens = None
+    if per_token:
+        tokens = {"loss": toks[0], "ratio": toks[1], "kl": toks[2],
+                  "entropy": entropy if entropy is not None else torch.zeros_like(toks[0])}
+    has_h = cfg.entropy_coef != 0 and entropy is not None
+    return RowPass(loss, coef_lp, coef_h if has_h else None, dlam, metrics, tokens)
