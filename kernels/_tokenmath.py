@@ -30,7 +30,7 @@ def surrogate(z, A, eps_low, eps_high, dual_clip):
     clipped = tl.minimum(tl.maximum(rho, 1.0 - eps_low), 1.0 + eps_high)
     s1 = rho * A
     s2 = clipped * A
-    s = tl.minimum(s1, s2)
+    s = tl.where(s2 < s1, s2, s1)  # min(s1, s2) that keeps a NaN s1 (tl.minimum would drop it)
     ds = tl.where(s1 <= s2, s1, 0.0)
     ds = tl.where(tl.abs(z) <= LOG_RATIO_CLAMP, ds, 0.0)
     dual = tl.where(A < 0, dual_clip * A, float("-inf"))

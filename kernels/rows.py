@@ -145,7 +145,8 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
         kl = tl.where(use_ref, kl, 0.0)
         dkl = tl.where(use_ref, dkl, 0.0)
         H = tl.load(ent_ptr + base + cols, mask=mk & use_ent, other=0.0)
-        loss = beta * kl - c * s - ent_coef * H
+        # a term whose coefficient is 0 is absent (as in the reference), so 0 * inf cannot arise
+        loss = tl.where(beta != 0.0, beta * kl, 0.0) - c * s - tl.where(ent_coef != 0.0, ent_coef * H, 0.0)
         acc_s += tl.where(mk, loss, 0.0)
         acc_lo += tl.where(mk & (A < 0) & (rho < 1.0 - eps_low), 1.0, 0.0)
         acc_hi += tl.where(mk & (A > 0) & (rho > 1.0 + eps_high), 1.0, 0.0)

@@ -166,6 +166,10 @@ def _setup_context(ctx, inputs, output):
     logits, tokens, mask = inputs[0], inputs[1], inputs[2]
     lam, config, engine, need_grad, inplace = inputs[6], inputs[10], inputs[11], inputs[12], inputs[13]
     cfg = config_from_str(config)
+    # Only the loss carries a gradient. Without this, autograd would materialise zeros for the
+    # other outputs' gradients in eager mode, a (B, T, V) buffer for `grad` among them.
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
     ctx.config, ctx.engine, ctx.inplace = config, engine, inplace
     ctx.fused = need_grad and not cfg.ratio_trace
     ctx.lam_meta = None if lam is None else (lam.dtype, lam.device)
@@ -192,12 +196,12 @@ def _backward(ctx, g_loss, g_metrics, g_seq_weight, g_dlam, g_grad, g_rows, g_to
     # VJP: loss = L(logits, lam) is linear in the per-token terms given the forward's state, so
     #   dL/dlogits = g * (saved dL/dlogits) (fused) or g * softmax-VJP(saved coefficients);
     #   dL/dlam = g * sum_i S_i df_i/dlam / max(1, N_tok) (f enters only through the weights).
-    logits, tokens, mask, dlam, grad, rows = ctx.saved_tensors
     if ctx.inplace:
         if ctx.used:
             raise RuntimeError("grpo_loss(inplace_backward=True): backward can run once (the gradient was "
                                "written over the logits); use inplace_backward=False to backward twice")
         ctx.used = True
+    logits, tokens, mask, dlam, grad, rows = ctx.saved_tensors
     dlogits = None
     if ctx.needs_input_grad[0]:
         g = g_loss.detach()
@@ -221,7 +225,7 @@ torch.library.register_autograd("lambda_grpo::loss_fwd", _backward, setup_contex
 def fast_loss(batch: Batch, cfg: LossConfig, engine: str, inplace: bool = False, per_token: bool = False) -> LossOutput:
     """The loss of a validated batch on a fast engine ("torch" or "triton"), eager or compiled."""
     need_grad = torch.is_grad_enabled() and batch.logits.requires_grad
-    lam = batch.lam if cfg.aggregation == "lambda_grpo" else None
+    lam = batch.lam if cfg.uses_lambda else None
     loss, metrics, seq_weight, _, _, _, toks = torch.ops.lambda_grpo.loss_fwd(
         batch.logits, batch.tokens, batch.mask, batch.advantages, batch.old_logp, batch.ref_logp, lam,
         batch.num_tokens, batch.num_sequences, batch.group_size, cfg.to_json(), engine, bool(need_grad),
@@ -272,6 +276,8 @@ def _(logits, tokens, lse, grad, temperature, engine):
 
 
 def _lp_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
     ctx.temperature, ctx.engine = inputs[2], inputs[3]
     ctx.save_for_backward(inputs[0], inputs[1], output[1])
 
@@ -279,7 +285,7 @@ def _lp_setup(ctx, inputs, output):
 def _lp_backward(ctx, g_logp, g_lse):
     logits, tokens, lse = ctx.saved_tensors
     d = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and g_logp is not None:
         d = torch.ops.lambda_grpo.logprobs_bwd(logits, tokens, lse, g_logp, ctx.temperature, ctx.engine)
     return d, None, None, None
 

@@ -392,7 +392,7 @@ def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, 
         metrics["kl_mean"] = mean(terms.kl)
     if entropy is not None:
         metrics["entropy_mean"] = mean(entropy)
-    if cfg.aggregation == "lambda_grpo":
+    if cfg.uses_lambda:
         metrics["lambda"] = batch.lam.detach().to(device=logp.device, dtype=dtype)
     metrics["seq_weight"] = k.seq_weight
     tokens = None

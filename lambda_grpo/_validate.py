@@ -135,7 +135,7 @@ def validate(
     ref = _per_token(ref_logp, "ref_logp", B, T, dev, cdt)
     if config.beta > 0 and ref is None:
         fail("ref_logp", f"a ({B}, {T}) tensor because config.beta = {config.beta} > 0", None)
-    if config.aggregation == "lambda_grpo":
+    if config.uses_lambda:
         if lam is None:
             fail("lam", "a 0-d tensor (aggregation='lambda_grpo' needs it)", None)
     if lam is not None:

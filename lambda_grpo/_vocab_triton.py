@@ -93,7 +93,7 @@ def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, 
         metrics["kl_mean"] = sums[PART["kl"]] / count
     if entropy is not None:
         metrics["entropy_mean"] = sums[PART["entropy"]] / count
-    if cfg.aggregation == "lambda_grpo":
+    if cfg.uses_lambda:
         metrics["lambda"] = batch.lam.detach().to(device=logp.device, dtype=torch.float32).reshape(())
     metrics["seq_weight"] = consts.seq_weight
     tokens = None

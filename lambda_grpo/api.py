@@ -115,7 +115,7 @@ class GRPOLoss(nn.Module):
             fail("inplace_backward", "a bool", repr(inplace_backward))
         self.backend = backend
         self.inplace_backward = inplace_backward
-        if self.config.aggregation == "lambda_grpo":
+        if self.config.uses_lambda:
             self.lam = nn.Parameter(torch.tensor(float(lam_init)))
         else:
             self.lam = None

@@ -111,6 +111,11 @@ class LossConfig:
         return self.trace is not None and self.trace_mode == "weight"
 
     @property
+    def uses_lambda(self) -> bool:
+        """The loss has a learnable lambda (lambda-GRPO's length weighting)."""
+        return self.aggregation == "lambda_grpo"
+
+    @property
     def needs_entropy(self) -> bool:
         return self.entropy_coef != 0 or self.compute_entropy
 

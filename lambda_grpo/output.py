@@ -17,7 +17,7 @@ def metric_names(cfg, has_ref: bool, with_seq_weight: bool = False) -> List[str]
         names.append("kl_mean")
     if cfg.needs_entropy:
         names.append("entropy_mean")
-    if cfg.aggregation == "lambda_grpo":
+    if cfg.uses_lambda:
         names.append("lambda")
     if with_seq_weight:
         names.append("seq_weight")

@@ -165,7 +165,7 @@ def reference_loss(batch: Batch, cfg: LossConfig, dtype=torch.float64, per_token
             metrics["kl_mean"] = mean(kl)
         if entropy is not None:
             metrics["entropy_mean"] = mean(entropy)
-        if cfg.aggregation == "lambda_grpo":
+        if cfg.uses_lambda:
             metrics["lambda"] = batch.lam.detach().to(dtype)
         metrics["seq_weight"] = seq_weight.detach()
     out_dtype = compute_dtype(batch.logits.dtype)
