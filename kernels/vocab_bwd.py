@@ -5,7 +5,7 @@ VJP (x = logits / tau, p = softmax(x), per token with g = dL/dlogp, gh = dL/dH):
     H = -sum_j p_j log p_j          => d H / d x_j    = -p_j (log p_j + H)
     dL/dlogits_j = (g (1[j = tok] - p_j) - gh p_j (log p_j + H)) / tau
 p_j = exp(x_j - lse) is recomputed from the saved lse: the backward reads the logits once and
-writes dlogits once. `scale` (a device scalar: upstream gradient times the loss normaliser)
+writes dlogits once. `scale` (a device scalar: the upstream gradient; the coefficients already hold the loss weights)
 is loaded in the kernel, so no host sync is needed.
 """
 

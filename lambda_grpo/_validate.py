@@ -1,7 +1,7 @@
 """Input validation shared by every public entry point (SPEC §8).
 
 Every rule raises ``ValueError`` naming the argument with the expected and the actual value.
-Value checks that need the data (token range, 0/1 mask) synchronise with the device once;
+Value checks that need the data (token range, 0/1 mask) read values back from the device;
 they are skipped while torch.compile traces (shapes and dtypes are still checked).
 """
 

@@ -3,7 +3,7 @@ sm_80 and sm_90, with `ptxas -v` register/spill counts (SPEC §9).
 
 Runs `python -m lambda_grpo.kernels._aot` in a subprocess WITHOUT TRITON_INTERPRET: under the
 interpreter `@triton.jit` yields interpreted functions that cannot be compiled. Slow on a
-cold Triton cache (~2 min for 140 compilations on this machine), seconds on a warm one.
+cold Triton cache (~1-2 min for its 132 compilations on this machine), seconds on a warm one.
 """
 
 from __future__ import annotations
