@@ -162,7 +162,7 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
                 tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * (beta * dkl - c * ds), 0.0), mask=cm)
         else:
             tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * beta * dkl, 0.0), mask=cm)
-            tl.store(s3 + o, -ds, mask=mk)
+            tl.store(s3 + o, -c * ds, mask=mk)  # g = dl/dz (c: token weights in ratio mode)
         if write_coef != 0:
             tl.store(coef_h_ptr + base + cols, tl.where(mk, -w * ent_coef, 0.0), mask=cm)
     S = tl.sum(acc_s, 0)

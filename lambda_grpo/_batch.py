@@ -17,10 +17,11 @@ def compute_dtype(logits_dtype: torch.dtype) -> torch.dtype:
 class Batch:
     """Validated, normalised inputs. Shapes: logits (B, T, V); everything per token (B, T).
 
-    The field order is the order of the custom ops' schema (lambda_grpo/_ops.py).
+    The field order is the order of the custom ops' schema (lambda_grpo/_ops.py). `logits` is
+    None for the entry point from log-probs (the row math never reads it).
     """
 
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]
     tokens: torch.Tensor  # (B, T) int64
     mask: torch.Tensor  # (B, T) bool
     advantages: torch.Tensor  # (B, T) compute dtype (per-sequence values broadcast)
@@ -30,3 +31,13 @@ class Batch:
     num_tokens: Optional[torch.Tensor]  # 0-d compute dtype or None (= local count)
     num_sequences: Optional[torch.Tensor]
     group_size: int
+    # lambda-GRPO groups that are not contiguous rows: row i's group has the G lengths
+    # group_lengths[i] (B, G) int64, and row i is member group_index[i] (B,) int64 of it
+    group_lengths: Optional[torch.Tensor] = None
+    group_index: Optional[torch.Tensor] = None
+    token_weights: Optional[torch.Tensor] = None  # (B, T) compute dtype, multiplies the surrogate
+
+    @property
+    def shape(self):
+        """(B, T) of the batch."""
+        return tuple(self.mask.shape)

@@ -42,7 +42,7 @@ from torch import Tensor
 from .config import LossConfig
 from .output import LossOutput, metric_names
 from ._batch import Batch, compute_dtype
-from ._rowmath import PER_TOKEN_KEYS, fused_inputs, token_constants
+from ._rowmath import PER_TOKEN_KEYS, fused_inputs, row_pass, token_constants
 
 ENGINES = {"torch": "lambda_grpo._vocab_torch", "triton": "lambda_grpo._vocab_triton"}
 
@@ -96,36 +96,49 @@ def _loss_forward(batch: Batch, cfg: LossConfig, eng, need_grad: bool, inplace: 
     return rp, grad, rows
 
 
+def _row_outputs(rp, cfg: LossConfig, has_ref: bool, per_token: bool, like: Tensor, dtype):
+    """(loss, metrics (K,), seq_weight (B,), dlam, per-token (4, B, T) or empty) of a RowPass."""
+    metrics = torch.stack([rp.metrics[k].to(dtype).reshape(()) for k in metric_names(cfg, has_ref)])
+    dlam = rp.dlam.to(dtype) if rp.dlam is not None else torch.zeros((), dtype=dtype, device=like.device)
+    toks = (torch.stack([rp.per_token[k].to(dtype) for k in PER_TOKEN_KEYS]) if per_token
+            else _empty(like, dtype))
+    return rp.loss.to(dtype).clone(), metrics, rp.metrics["seq_weight"].to(dtype).clone(), dlam.clone(), toks
+
+
+def _fake_row_outputs(cfg: LossConfig, has_ref: bool, per_token: bool, like: Tensor, B: int, T: int, dtype):
+    k = len(metric_names(cfg, has_ref))
+    toks = like.new_empty(len(PER_TOKEN_KEYS), B, T, dtype=dtype) if per_token else like.new_empty(0, dtype=dtype)
+    return (like.new_empty((), dtype=dtype), like.new_empty(k, dtype=dtype), like.new_empty(B, dtype=dtype),
+            like.new_empty((), dtype=dtype), toks)
+
+
 @torch.library.custom_op("lambda_grpo::loss_fwd", mutates_args=())
 def loss_fwd(logits: Tensor, tokens: Tensor, mask: Tensor, advantages: Tensor, old_logp: Optional[Tensor],
              ref_logp: Optional[Tensor], lam: Optional[Tensor], num_tokens: Optional[Tensor],
-             num_sequences: Optional[Tensor], group_size: int, config: str, engine: str, need_grad: bool,
-             inplace: bool, per_token: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+             num_sequences: Optional[Tensor], group_size: int, group_lengths: Optional[Tensor],
+             group_index: Optional[Tensor], token_weights: Optional[Tensor], config: str, engine: str,
+             need_grad: bool, inplace: bool, per_token: bool
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     cfg = config_from_str(config)
-    batch = Batch(logits, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num_sequences, group_size)
+    batch = Batch(logits, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num_sequences, group_size,
+                  group_lengths, group_index, token_weights)
     rp, grad, rows = _loss_forward(batch, cfg, engine_module(engine), need_grad, inplace, per_token)
-    dtype = compute_dtype(logits.dtype)
-    metrics = torch.stack([rp.metrics[k].to(dtype).reshape(()) for k in metric_names(cfg, ref_logp is not None)])
-    dlam = rp.dlam.to(dtype) if rp.dlam is not None else torch.zeros((), dtype=dtype, device=logits.device)
-    toks = (torch.stack([rp.per_token[k].to(dtype) for k in PER_TOKEN_KEYS]) if per_token
-            else _empty(logits, dtype))
-    return (rp.loss.to(dtype).clone(), metrics, rp.metrics["seq_weight"].to(dtype).clone(), dlam.clone(), grad, rows,
-            toks)
+    loss, metrics, seq_weight, dlam, toks = _row_outputs(rp, cfg, ref_logp is not None, per_token, logits,
+                                                         compute_dtype(logits.dtype))
+    return loss, metrics, seq_weight, dlam, grad, rows, toks
 
 
 @loss_fwd.register_fake
-def _(logits, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num_sequences, group_size, config,
-      engine, need_grad, inplace, per_token):
+def _(logits, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num_sequences, group_size,
+      group_lengths, group_index, token_weights, config, engine, need_grad, inplace, per_token):
     cfg = config_from_str(config)
     B, T, V = logits.shape
     dtype = compute_dtype(logits.dtype)
-    k = len(metric_names(cfg, ref_logp is not None))
     fused = need_grad and not cfg.ratio_trace
     grad = logits.new_empty(B, T, V) if (fused and not inplace) else logits.new_empty(0)
     rows = logits.new_empty(4, B * T, dtype=dtype) if (need_grad and not fused) else logits.new_empty(0, dtype=dtype)
-    toks = logits.new_empty(len(PER_TOKEN_KEYS), B, T, dtype=dtype) if per_token else logits.new_empty(0, dtype=dtype)
-    return (logits.new_empty((), dtype=dtype), logits.new_empty(k, dtype=dtype), logits.new_empty(B, dtype=dtype),
-            logits.new_empty((), dtype=dtype), grad, rows, toks)
+    loss, metrics, seq_weight, dlam, toks = _fake_row_outputs(cfg, ref_logp is not None, per_token, logits, B, T, dtype)
+    return loss, metrics, seq_weight, dlam, grad, rows, toks
 
 
 def _two_pass_grad(logits, tokens, mask, rows, grad_loss, config, engine, out):
@@ -164,7 +177,7 @@ def loss_bwd_inplace(logits: Tensor, tokens: Tensor, mask: Tensor, rows: Tensor,
 
 def _setup_context(ctx, inputs, output):
     logits, tokens, mask = inputs[0], inputs[1], inputs[2]
-    lam, config, engine, need_grad, inplace = inputs[6], inputs[10], inputs[11], inputs[12], inputs[13]
+    lam, config, engine, need_grad, inplace = inputs[6], inputs[13], inputs[14], inputs[15], inputs[16]
     cfg = config_from_str(config)
     # Only the loss carries a gradient. Without this, autograd would materialise zeros for the
     # other outputs' gradients in eager mode, a (B, T, V) buffer for `grad` among them.
@@ -216,7 +229,7 @@ def _backward(ctx, g_loss, g_metrics, g_seq_weight, g_dlam, g_grad, g_rows, g_to
     if ctx.lam_meta is not None and ctx.needs_input_grad[6]:
         dtype, device = ctx.lam_meta
         dlam_out = (g_loss * dlam).to(device=device, dtype=dtype)
-    return (dlogits,) + (None,) * 5 + (dlam_out,) + (None,) * 8
+    return (dlogits,) + (None,) * 5 + (dlam_out,) + (None,) * 11
 
 
 torch.library.register_autograd("lambda_grpo::loss_fwd", _backward, setup_context=_setup_context)
@@ -228,13 +241,91 @@ def fast_loss(batch: Batch, cfg: LossConfig, engine: str, inplace: bool = False,
     lam = batch.lam if cfg.uses_lambda else None
     loss, metrics, seq_weight, _, _, _, toks = torch.ops.lambda_grpo.loss_fwd(
         batch.logits, batch.tokens, batch.mask, batch.advantages, batch.old_logp, batch.ref_logp, lam,
-        batch.num_tokens, batch.num_sequences, batch.group_size, cfg.to_json(), engine, bool(need_grad),
-        bool(inplace and need_grad), bool(per_token))
-    names = metric_names(cfg, batch.ref_logp is not None)
-    out = {k: metrics[i].detach() for i, k in enumerate(names)}
+        batch.num_tokens, batch.num_sequences, batch.group_size, batch.group_lengths, batch.group_index,
+        batch.token_weights, cfg.to_json(), engine, bool(need_grad), bool(inplace and need_grad), bool(per_token))
+    return _loss_output(loss, metrics, seq_weight, toks, cfg, batch.ref_logp is not None, per_token)
+
+
+def _loss_output(loss, metrics, seq_weight, toks, cfg: LossConfig, has_ref: bool, per_token: bool) -> LossOutput:
+    out = {k: metrics[i].detach() for i, k in enumerate(metric_names(cfg, has_ref))}
     out["seq_weight"] = seq_weight.detach()
     tokens = {k: toks[i].detach() for i, k in enumerate(PER_TOKEN_KEYS)} if per_token else None
     return LossOutput(loss, out, tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# The loss from per-token log-probs: the row math alone (the caller's logp carry the gradient)
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("lambda_grpo::rows_fwd", mutates_args=())
+def rows_fwd(logp: Tensor, entropy: Optional[Tensor], mask: Tensor, advantages: Tensor, old_logp: Optional[Tensor],
+             ref_logp: Optional[Tensor], lam: Optional[Tensor], num_tokens: Optional[Tensor],
+             num_sequences: Optional[Tensor], group_size: int, group_lengths: Optional[Tensor],
+             group_index: Optional[Tensor], token_weights: Optional[Tensor], config: str, per_token: bool
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, metrics, seq_weight, dlam, dL/dlogp (B, T), dL/dH (B, T) or empty, per-token)."""
+    cfg = config_from_str(config)
+    dtype = compute_dtype(logp.dtype)
+    tokens = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)
+    batch = Batch(None, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num_sequences, group_size,
+                  group_lengths, group_index, token_weights)
+    consts = token_constants(batch, cfg, dtype)
+    ent = None if entropy is None else entropy.detach().to(dtype)
+    rp = row_pass(logp.detach().to(dtype), ent, batch, cfg, consts, per_token)
+    loss, metrics, seq_weight, dlam, toks = _row_outputs(rp, cfg, ref_logp is not None, per_token, logp, dtype)
+    dH = _empty(logp, dtype) if rp.dentropy is None else rp.dentropy.to(dtype)
+    return loss, metrics, seq_weight, dlam, rp.dlogp.to(dtype), dH, toks
+
+
+@rows_fwd.register_fake
+def _(logp, entropy, mask, advantages, old_logp, ref_logp, lam, num_tokens, num_sequences, group_size,
+      group_lengths, group_index, token_weights, config, per_token):
+    cfg = config_from_str(config)
+    B, T = logp.shape
+    dtype = compute_dtype(logp.dtype)
+    loss, metrics, seq_weight, dlam, toks = _fake_row_outputs(cfg, ref_logp is not None, per_token, logp, B, T, dtype)
+    has_h = entropy is not None and cfg.entropy_coef != 0
+    dH = logp.new_empty(B, T, dtype=dtype) if has_h else logp.new_empty(0, dtype=dtype)
+    return loss, metrics, seq_weight, dlam, logp.new_empty(B, T, dtype=dtype), dH, toks
+
+
+def _rows_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    logp, entropy, lam = inputs[0], inputs[1], inputs[6]
+    ctx.meta = [(x.dtype, x.device) if x is not None else None for x in (logp, entropy, lam)]
+    ctx.save_for_backward(output[3], output[4], output[5])
+
+
+def _rows_backward(ctx, g_loss, *unused):
+    # VJP: the forward holds dL/dlogp, dL/dH and dL/dlam in closed form (lambda_grpo/_rowmath.py);
+    # each scales linearly with the upstream gradient g.
+    dlam, dlogp, dH = ctx.saved_tensors
+    grads = [None] * 15
+    if g_loss is None:
+        return tuple(grads)
+    (lp_dt, lp_dev), ent_meta, lam_meta = ctx.meta
+    g = g_loss.detach()
+    if ctx.needs_input_grad[0]:
+        grads[0] = (g.to(dlogp.dtype) * dlogp).to(lp_dt)
+    if ent_meta is not None and ctx.needs_input_grad[1]:
+        grads[1] = (g.to(dlogp.dtype) * dH).to(ent_meta[0]) if dH.numel() else torch.zeros_like(dlogp, dtype=ent_meta[0])
+    if lam_meta is not None and ctx.needs_input_grad[6]:
+        grads[6] = (g * dlam).to(device=lam_meta[1], dtype=lam_meta[0])
+    return tuple(grads)
+
+
+torch.library.register_autograd("lambda_grpo::rows_fwd", _rows_backward, setup_context=_rows_setup)
+
+
+def rows_loss(logp: Tensor, entropy: Optional[Tensor], batch: Batch, cfg: LossConfig, per_token: bool = False
+              ) -> LossOutput:
+    """The loss of a validated batch from per-token log-probs (and entropies), eager or compiled."""
+    lam = batch.lam if cfg.uses_lambda else None
+    loss, metrics, seq_weight, _, _, _, toks = torch.ops.lambda_grpo.rows_fwd(
+        logp, entropy, batch.mask, batch.advantages, batch.old_logp, batch.ref_logp, lam, batch.num_tokens,
+        batch.num_sequences, batch.group_size, batch.group_lengths, batch.group_index, batch.token_weights,
+        cfg.to_json(), bool(per_token))
+    return _loss_output(loss, metrics, seq_weight, toks, cfg, batch.ref_logp is not None, per_token)
 
 
 # --------------------------------------------------------------------------------------------

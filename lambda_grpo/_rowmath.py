@@ -39,7 +39,7 @@ class TokenConstants:
     A: torch.Tensor  # advantages after adv_clamp_min
     w_row: torch.Tensor  # (B,) W_{i,t} of every valid token of row i (0 for an empty row)
     W: torch.Tensor  # (B, T) w_row broadcast over the valid tokens
-    coef: Optional[torch.Tensor]  # weight-mode trace coefficient c_t, or None
+    coef: Optional[torch.Tensor]  # c_t multiplying the surrogate (weight-mode trace x token weights), or None
     count: torch.Tensor  # 0-d, local number of valid tokens
     seq_weight: torch.Tensor  # (B,) f_i (ones unless lambda_grpo)
     dseq_weight: Optional[torch.Tensor]  # (B,) d f_i / d lambda / max(1, N_tok), lambda_grpo only
@@ -81,14 +81,19 @@ def lambda_grpo_weights_and_grad(lengths: torch.Tensor, group_size: int, lam: to
 
 
 def aggregation_weights(cfg: LossConfig, lengths: torch.Tensor, count: torch.Tensor, n_tok: torch.Tensor,
-                        n_seq: torch.Tensor, T: int, lam: Optional[torch.Tensor], group_size: int, dtype):
+                        n_seq: torch.Tensor, T: int, lam: Optional[torch.Tensor], group_size: int, dtype,
+                        group_lengths: Optional[torch.Tensor] = None, group_index: Optional[torch.Tensor] = None):
     """SPEC §5, the one copy every fast backend uses: the weight W_{i,t} = w_i of each valid
     token of row i, f_i and df_i/dlambda / max(1, N_tok).
 
     lengths (B,) n_i; count: 0-d local number of valid tokens; n_tok, n_seq: 0-d normalisers
-    (global, or the local counts); T the padded length (dr_grpo's default L). Returns
-    (w (B,), f (B,), df (B,) or None) in `dtype` (f, df computed in float64). A row with no
-    valid token gets w = 0: it contributes nothing, and 0 * inf cannot arise (dr_grpo at T = 0).
+    (global, or the local counts); T the padded length (dr_grpo's default L). lambda-GRPO's
+    groups are contiguous runs of group_size rows, or, when group_lengths (B, G) and
+    group_index (B,) are given, row i's group has the lengths group_lengths[i] and row i is
+    its member group_index[i] (rows of one group may then sit in other micro-batches or on
+    other ranks). Returns (w (B,), f (B,), df (B,) or None) in `dtype` (f, df computed in
+    float64). A row with no valid token gets w = 0: it contributes nothing, and 0 * inf cannot
+    arise (dr_grpo at T = 0).
     """
     B = lengths.shape[0]
     lengths = lengths.to(dtype)
@@ -106,7 +111,14 @@ def aggregation_weights(cfg: LossConfig, lengths: torch.Tensor, count: torch.Ten
         w = (1 / (n_seq * L)).expand(B)
     elif agg == "lambda_grpo":
         lam64 = lam.detach().to(device=lengths.device, dtype=torch.float64)
-        f64, df64 = lambda_grpo_weights_and_grad(lengths.to(torch.float64), group_size, lam64, cfg.length_r)
+        if group_lengths is None:
+            f64, df64 = lambda_grpo_weights_and_grad(lengths.to(torch.float64), group_size, lam64, cfg.length_r)
+        else:
+            G = group_lengths.shape[1]
+            f_all, df_all = lambda_grpo_weights_and_grad(group_lengths.reshape(-1).to(torch.float64), G, lam64,
+                                                         cfg.length_r)
+            pick = group_index.reshape(B, 1)
+            f64, df64 = f_all.view(B, G).gather(1, pick).squeeze(1), df_all.view(B, G).gather(1, pick).squeeze(1)
         inv = 1 / torch.clamp(n_tok.to(torch.float64), min=1)
         f, df, w = f64.to(dtype), (df64 * inv).to(dtype), (f64 * inv).to(dtype)
     else:  # LossConfig validates the name; this is a guard for a new aggregation added in one place only
@@ -151,9 +163,15 @@ def token_constants(batch: Batch, cfg: LossConfig, dtype) -> TokenConstants:
     A = torch.where(mask, batch.advantages.to(dtype), zero)
     if cfg.adv_clamp_min is not None:
         A = torch.where(mask, torch.clamp(A, min=cfg.adv_clamp_min), zero)
-    w_row, seq_weight, dseq = aggregation_weights(cfg, lengths, count, n_tok, n_seq, T, batch.lam, batch.group_size, dtype)
+    w_row, seq_weight, dseq = aggregation_weights(cfg, lengths, count, n_tok, n_seq, T, batch.lam, batch.group_size,
+                                                  dtype, batch.group_lengths, batch.group_index)
     W = torch.where(mask, w_row[:, None], zero)
+    # c_t multiplies the surrogate of token t: the weight-mode trace coefficient times the
+    # per-token importance weight, whichever are present (None: both absent, c = 1)
     coef = weight_trace_coefficients(mask, cfg, dtype) if cfg.weight_trace else None
+    if batch.token_weights is not None:
+        tw = torch.where(mask, batch.token_weights.to(dtype), zero)
+        coef = tw if coef is None else coef * tw
     return TokenConstants(mask, lengths, A, w_row, W, coef, count, seq_weight, dseq)
 
 

@@ -60,7 +60,7 @@ def check_logits_tokens(logits, tokens, name_logits="logits", name_tokens="token
                 fail(name_tokens, f"ids in [0, {V}) where counted", f"ids in [{lo}, {hi}]")
 
 
-def _per_token(x, name: str, B: int, T: int, device, dtype, allow_seq: bool = False):
+def _per_token(x, name: str, B: int, T: int, device, dtype, allow_seq: bool = False, what: str = "logits"):
     if x is None:
         return None
     if not isinstance(x, torch.Tensor):
@@ -72,7 +72,7 @@ def _per_token(x, name: str, B: int, T: int, device, dtype, allow_seq: bool = Fa
     if not x.dtype.is_floating_point:
         fail(name, "a floating dtype", x.dtype)
     if x.device != device:
-        fail(name, f"device {device} (that of logits)", x.device)
+        fail(name, f"device {device} (that of {what})", x.device)
     x = x.detach().to(dtype)
     if x.dim() == 1:
         x = x[:, None].expand(B, T)
@@ -105,8 +105,11 @@ def validate(
     config,
     num_tokens,
     num_sequences,
+    group_lengths=None,
+    group_index=None,
+    token_weights=None,
 ) -> Batch:
-    """Check every SPEC §8 rule and return normalised inputs."""
+    """Check every SPEC §8 rule for the entry points from logits and return normalised inputs."""
     if not isinstance(config, LossConfig):
         fail("config", "a lambda_grpo.LossConfig", type(config).__name__)
     if not isinstance(mask, torch.Tensor):
@@ -115,24 +118,76 @@ def validate(
         fail("mask", f"shape {tuple(logits.shape[:2])} (B, T of logits)", f"shape {tuple(mask.shape)}")
     if isinstance(logits, torch.Tensor) and mask.device != logits.device:
         fail("mask", f"device {logits.device} (that of logits)", mask.device)
+    mask = _bool_mask(mask)
+    check_logits_tokens(logits, tokens, mask=mask)
+    B, T, V = logits.shape
+    return _validate_rows(logits, tokens.long(), mask, advantages, group_size, old_logp, ref_logp, lam, config,
+                          num_tokens, num_sequences, group_lengths, group_index, token_weights, B, T, logits.device,
+                          compute_dtype(logits.dtype), "logits")
+
+
+def validate_logprobs(logp, entropy, mask, advantages, group_size, old_logp, ref_logp, lam, config, num_tokens,
+                      num_sequences, group_lengths=None, group_index=None, token_weights=None) -> Batch:
+    """The same rules for the entry point from per-token log-probs (B, T); returns a Batch
+    without logits. `entropy` (B, T) is required iff the config uses entropy."""
+    if not isinstance(config, LossConfig):
+        fail("config", "a lambda_grpo.LossConfig", type(config).__name__)
+    if not isinstance(logp, torch.Tensor):
+        fail("logp", "a torch.Tensor", type(logp).__name__)
+    if logp.dim() != 2:
+        fail("logp", "shape (B, T) with 2 dims", f"shape {tuple(logp.shape)}")
+    if logp.dtype not in FLOAT_DTYPES:
+        fail("logp", "dtype float32, bfloat16, float16 or float64", logp.dtype)
+    B, T = logp.shape
+    if not isinstance(mask, torch.Tensor):
+        fail("mask", "a torch.Tensor", type(mask).__name__)
+    if tuple(mask.shape) != (B, T):
+        fail("mask", f"shape {(B, T)} (that of logp)", f"shape {tuple(mask.shape)}")
+    if mask.device != logp.device:
+        fail("mask", f"device {logp.device} (that of logp)", mask.device)
+    mask = _bool_mask(mask)
+    if config.needs_entropy and entropy is None:
+        fail("entropy", f"a ({B}, {T}) tensor because the config uses entropy (entropy_coef = "
+             f"{config.entropy_coef}, compute_entropy = {config.compute_entropy})", None)
+    if entropy is not None:
+        if not isinstance(entropy, torch.Tensor):
+            fail("entropy", "a torch.Tensor", type(entropy).__name__)
+        if tuple(entropy.shape) != (B, T):
+            fail("entropy", f"shape {(B, T)} (that of logp)", f"shape {tuple(entropy.shape)}")
+        if not entropy.dtype.is_floating_point:
+            fail("entropy", "a floating dtype", entropy.dtype)
+        if entropy.device != logp.device:
+            fail("entropy", f"device {logp.device} (that of logp)", entropy.device)
+    dummy_tokens = torch.zeros((B, T), dtype=torch.long, device=logp.device)
+    return _validate_rows(None, dummy_tokens, mask, advantages, group_size, old_logp, ref_logp, lam, config,
+                          num_tokens, num_sequences, group_lengths, group_index, token_weights, B, T, logp.device,
+                          compute_dtype(logp.dtype), "logp")
+
+
+def _bool_mask(mask: torch.Tensor) -> torch.Tensor:
     if mask.dtype != torch.bool:
         if mask.dtype.is_complex:
             fail("mask", "bool or 0/1 values", mask.dtype)
         if not _compiling() and mask.numel() > 0 and not bool(((mask == 0) | (mask == 1)).all()):
             fail("mask", "bool or 0/1 values", "other values")
         mask = mask != 0
-    check_logits_tokens(logits, tokens, mask=mask)
-    B, T, V = logits.shape
-    dev, cdt = logits.device, compute_dtype(logits.dtype)
+    return mask
+
+
+def _validate_rows(logits, tokens, mask, advantages, group_size, old_logp, ref_logp, lam, config, num_tokens,
+                   num_sequences, group_lengths, group_index, token_weights, B, T, dev, cdt, what) -> Batch:
+    """The rules shared by every entry point, for a batch of shape (B, T) on `dev`."""
     if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
         fail("group_size", "a positive int", repr(group_size))
-    if B % group_size != 0:
-        fail("group_size", f"a divisor of B = {B}", group_size)
+    gl, gi = _group_lengths(group_lengths, group_index, group_size, mask, B, T, dev)
+    if gl is None and B % group_size != 0:
+        fail("group_size", f"a divisor of B = {B} (or pass group_lengths and group_index)", group_size)
     if advantages is None:
         fail("advantages", f"a tensor of shape ({B},) or ({B}, {T})", None)
-    adv = _per_token(advantages, "advantages", B, T, dev, cdt, allow_seq=True)
-    old = _per_token(old_logp, "old_logp", B, T, dev, cdt)
-    ref = _per_token(ref_logp, "ref_logp", B, T, dev, cdt)
+    adv = _per_token(advantages, "advantages", B, T, dev, cdt, allow_seq=True, what=what)
+    old = _per_token(old_logp, "old_logp", B, T, dev, cdt, what=what)
+    ref = _per_token(ref_logp, "ref_logp", B, T, dev, cdt, what=what)
+    tw = _per_token(token_weights, "token_weights", B, T, dev, cdt, what=what)
     if config.beta > 0 and ref is None:
         fail("ref_logp", f"a ({B}, {T}) tensor because config.beta = {config.beta} > 0", None)
     if config.uses_lambda:
@@ -152,4 +207,40 @@ def validate(
         lam = lam.reshape(())
     n_tok = _normaliser(num_tokens, "num_tokens", dev, cdt)
     n_seq = _normaliser(num_sequences, "num_sequences", dev, cdt)
-    return Batch(logits, tokens.long(), mask, adv, old, ref, lam, n_tok, n_seq, int(group_size))
+    return Batch(logits, tokens, mask, adv, old, ref, lam, n_tok, n_seq, int(group_size), gl, gi, tw)
+
+
+def _group_lengths(group_lengths, group_index, group_size, mask, B, T, dev):
+    """group_lengths (B, G) and group_index (B,): both or neither; G = group_size; integer
+    lengths in [0, T]; index in [0, G); and group_lengths[i, group_index[i]] = n_i, the row's
+    own number of valid tokens (one host read)."""
+    if group_lengths is None and group_index is None:
+        return None, None
+    if group_lengths is None or group_index is None:
+        missing = "group_index" if group_index is None else "group_lengths"
+        fail(missing, "a tensor when " + ("group_lengths" if missing == "group_index" else "group_index")
+             + " is given (they come together)", None)
+    for name, x, shape in (("group_lengths", group_lengths, (B, group_size)), ("group_index", group_index, (B,))):
+        if not isinstance(x, torch.Tensor):
+            fail(name, "a torch.Tensor", type(x).__name__)
+        if tuple(x.shape) != shape:
+            fail(name, f"shape {shape} (B, and G = group_size)" if name == "group_lengths" else f"shape {shape}",
+                 f"shape {tuple(x.shape)}")
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            fail(name, "an integer dtype", x.dtype)
+        if x.device != dev:
+            fail(name, f"device {dev}", x.device)
+    gl, gi = group_lengths.long(), group_index.long()
+    if not _compiling() and B > 0:
+        if bool((gl < 0).any()) or bool((gl > T).any()):
+            fail("group_lengths", f"lengths in [0, {T}]", f"values in [{int(gl.min())}, {int(gl.max())}]")
+        if bool((gi < 0).any()) or bool((gi >= group_size).any()):
+            fail("group_index", f"indices in [0, {group_size})", f"values in [{int(gi.min())}, {int(gi.max())}]")
+        own = gl.gather(1, gi[:, None]).squeeze(1)
+        n = mask.sum(dim=1)
+        bad = (own != n).nonzero()
+        if bad.numel():
+            i = int(bad[0, 0])
+            fail("group_lengths", f"group_lengths[i, group_index[i]] = n_i, the row's number of valid tokens "
+                 f"(row {i}: n_i = {int(n[i])})", int(own[i]))
+    return gl, gi

@@ -11,8 +11,8 @@ from torch import nn
 
 from .config import LossConfig
 from .output import LossOutput
-from ._ops import fast_loss, fast_token_logprobs
-from ._validate import check_backend, check_logits_tokens, fail, validate
+from ._ops import fast_loss, fast_token_logprobs, rows_loss
+from ._validate import check_backend, check_logits_tokens, fail, validate, validate_logprobs
 
 Number = Union[int, float, torch.Tensor, None]
 
@@ -40,6 +40,10 @@ def grpo_loss(
     backend: str = "auto",
     inplace_backward: bool = False,
     return_per_token: bool = False,
+    *,
+    group_lengths: Optional[torch.Tensor] = None,
+    group_index: Optional[torch.Tensor] = None,
+    token_weights: Optional[torch.Tensor] = None,
 ) -> LossOutput:
     """The GRPO-family loss from policy logits (SPEC §3-§6).
 
@@ -62,12 +66,21 @@ def grpo_loss(
         the forward), and backward can run once. Use it when nothing reads the logits again.
       return_per_token: also return per-token loss, ratio, KL and entropy (B, T) in
         ``out.per_token`` (see LossOutput).
+      group_lengths, group_index: lambda-GRPO groups that are not contiguous rows (rows of a
+        prompt spread over ranks or micro-batches, shuffled): group_lengths (B, G) int holds the G
+        completion lengths of row i's group and group_index (B,) which of them row i is;
+        group_lengths[i, group_index[i]] must equal row i's number of valid tokens. B % G is then
+        not required. Other aggregations ignore them.
+      token_weights: (B, T) per-token importance weights w_t, no gradient, multiplying the
+        surrogate term: l_t = -w_t s_t + beta kl_t - entropy_coef H_t (TRL's vLLM importance
+        sampling correction, verl's rollout_is_weights).
 
     Returns: LossOutput(loss 0-d, metrics dict, per_token). No gradient flows to advantages,
     old_logp, ref_logp or the normalisers.
     """
     cfg = LossConfig() if config is None else config
-    batch = validate(logits, tokens, mask, advantages, group_size, old_logp, ref_logp, lam, cfg, num_tokens, num_sequences)
+    batch = validate(logits, tokens, mask, advantages, group_size, old_logp, ref_logp, lam, cfg, num_tokens,
+                     num_sequences, group_lengths, group_index, token_weights)
     name = resolve_backend(backend, logits.device)
     _check_flags(name, logits, inplace_backward, return_per_token)
     if name == "reference":
@@ -80,6 +93,46 @@ def grpo_loss(
         check_runnable(logits)
     # eager and torch.compile alike: the custom ops of lambda_grpo/_ops.py
     return fast_loss(batch, cfg, name, inplace=inplace_backward, per_token=return_per_token)
+
+
+def grpo_loss_from_logprobs(
+    logp: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    group_size: int,
+    *,
+    old_logp: Optional[torch.Tensor] = None,
+    ref_logp: Optional[torch.Tensor] = None,
+    entropy: Optional[torch.Tensor] = None,
+    lam: Optional[torch.Tensor] = None,
+    config: Optional[LossConfig] = None,
+    num_tokens: Number = None,
+    num_sequences: Number = None,
+    group_lengths: Optional[torch.Tensor] = None,
+    group_index: Optional[torch.Tensor] = None,
+    token_weights: Optional[torch.Tensor] = None,
+    return_per_token: bool = False,
+) -> LossOutput:
+    """The same loss from per-token log-probs: for engines that never hand the loss logits (TRL
+    1.16's fused LM head, verl's actor), with the same config, metrics and rules.
+
+    Args:
+      logp: (B, T) log-probs of the sampled tokens under the policy, any float dtype (math in
+        fp32, float64 for float64), differentiable: the gradient flows on to whatever produced
+        them. They are taken at the caller's temperature: ``config.temperature`` is not applied.
+      entropy: (B, T) per-token entropies (differentiable), required iff the config uses entropy
+        (entropy_coef != 0 or compute_entropy).
+      mask, advantages, group_size, old_logp, ref_logp, lam, config, num_tokens, num_sequences,
+      group_lengths, group_index, token_weights, return_per_token: as in :func:`grpo_loss`.
+
+    Computed by the closed-form row math (lambda_grpo/_rowmath.py) behind the custom op
+    lambda_grpo::rows_fwd, on any device, eager or compiled. Gradients reach logp, entropy and lam.
+    """
+    cfg = LossConfig() if config is None else config
+    batch = validate_logprobs(logp, entropy, mask, advantages, group_size, old_logp, ref_logp, lam, cfg, num_tokens,
+                              num_sequences, group_lengths, group_index, token_weights)
+    _check_flags("rows", logp, False, return_per_token)
+    return rows_loss(logp, entropy if cfg.needs_entropy else None, batch, cfg, per_token=return_per_token)
 
 
 def _check_flags(backend: str, logits: torch.Tensor, inplace_backward, return_per_token) -> None:
@@ -121,11 +174,21 @@ class GRPOLoss(nn.Module):
             self.lam = None
 
     def forward(self, logits, tokens, mask, advantages, group_size, old_logp=None, ref_logp=None,
-                num_tokens=None, num_sequences=None, return_per_token: bool = False) -> LossOutput:
+                num_tokens=None, num_sequences=None, return_per_token: bool = False, *, group_lengths=None,
+                group_index=None, token_weights=None) -> LossOutput:
+        """:func:`grpo_loss` with this module's config, backend and lam."""
         return grpo_loss(logits, tokens, mask, advantages, group_size=group_size, old_logp=old_logp,
                          ref_logp=ref_logp, lam=self.lam, config=self.config, num_tokens=num_tokens,
                          num_sequences=num_sequences, backend=self.backend,
-                         inplace_backward=self.inplace_backward, return_per_token=return_per_token)
+                         inplace_backward=self.inplace_backward, return_per_token=return_per_token,
+                         group_lengths=group_lengths, group_index=group_index, token_weights=token_weights)
+
+    def forward_logprobs(self, logp, mask, advantages, group_size, **kwargs) -> LossOutput:
+        """:func:`grpo_loss_from_logprobs` with this module's config and lam (same keywords)."""
+        for k in ("lam", "config"):
+            if k in kwargs:
+                fail(k, "not given (GRPOLoss owns it)", "a value")
+        return grpo_loss_from_logprobs(logp, mask, advantages, group_size, lam=self.lam, config=self.config, **kwargs)
 
     def extra_repr(self) -> str:
         return f"config={self.config}, backend={self.backend!r}, inplace_backward={self.inplace_backward}"

@@ -84,22 +84,42 @@ def kl_divergence(logp: torch.Tensor, ref: torch.Tensor, estimator: str) -> torc
     return d * d / 2
 
 
+def reference_vocab(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, temperature: float,
+                    need_entropy: bool, dtype=torch.float64):
+    """Per-token logp = log_softmax(logits / tau)[token] and entropy H (or None), (B, T) in `dtype`.
+
+    Masked positions' logits are replaced by zeros first, so that whatever they hold (nan, inf)
+    neither reaches the loss nor gives them a non-zero gradient; their token ids may be anything.
+    """
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    scaled = torch.where(mask[..., None], logits.to(dtype), zero) / temperature
+    logprobs = torch.log_softmax(scaled, dim=-1)
+    safe_tokens = torch.where(mask, tokens, torch.zeros_like(tokens))
+    logp = torch.where(mask, logprobs.gather(-1, safe_tokens[..., None]).squeeze(-1), zero)
+    entropy = -(torch.softmax(scaled, dim=-1) * logprobs).sum(-1) if need_entropy else None
+    return logp, entropy
+
+
 def reference_loss(batch: Batch, cfg: LossConfig, dtype=torch.float64, per_token: bool = False) -> LossOutput:
-    """SPEC §4-§6 for a validated batch; `dtype` is the dtype of all the math."""
+    """SPEC §4-§6 for a validated batch from logits; `dtype` is the dtype of all the math."""
+    logp, entropy = reference_vocab(batch.logits, batch.tokens, batch.mask, cfg.temperature, cfg.needs_entropy, dtype)
+    return reference_rows(logp, entropy, batch, cfg, compute_dtype(batch.logits.dtype), dtype, per_token)
+
+
+def reference_rows(logp: torch.Tensor, entropy, batch: Batch, cfg: LossConfig, out_dtype, dtype=torch.float64,
+                   per_token: bool = False) -> LossOutput:
+    """SPEC §4-§6 from per-token logp (B, T) (and entropy H (B, T) or None), differentiable in
+    both: everything after the vocabulary. Results in `out_dtype`, math in `dtype`."""
     mask = batch.mask
-    B, T, V = batch.logits.shape
+    B, T = mask.shape
     zero = torch.zeros((), dtype=dtype, device=mask.device)
 
-    # §4 per-token math. Masked positions' logits are replaced by zeros first, so that whatever
-    # they hold (nan, inf) neither reaches the loss nor gives them a non-zero gradient.
-    logits = torch.where(mask[..., None], batch.logits.to(dtype), zero)
-    scaled = logits / cfg.temperature
-    logprobs = torch.log_softmax(scaled, dim=-1)
-    # Masked positions take no part in anything: their token ids, old/ref log-probs and
-    # advantages may hold anything (nan, -inf, out-of-range ids), so they are replaced by
-    # zeros before any math, and the where() also stops any gradient from reaching them.
-    safe_tokens = torch.where(mask, batch.tokens, torch.zeros_like(batch.tokens))
-    logp = torch.where(mask, logprobs.gather(-1, safe_tokens[..., None]).squeeze(-1), zero)
+    # §4 per-token math. Masked positions take no part in anything: their old/ref log-probs,
+    # advantages and token weights may hold anything (nan, -inf), so they are replaced by zeros
+    # before any math, and the where() also stops any gradient from reaching them.
+    logp = torch.where(mask, logp.to(dtype), zero)
+    if entropy is not None:
+        entropy = torch.where(mask, entropy.to(dtype), zero)
     old = logp.detach() if batch.old_logp is None else torch.where(mask, batch.old_logp.to(dtype), zero)
     x = logp - old
 
@@ -114,6 +134,8 @@ def reference_loss(batch: Batch, cfg: LossConfig, dtype=torch.float64, per_token
         surrogate = torch.where(A < 0, torch.maximum(surrogate, cfg.dual_clip * A), surrogate)
     if cfg.weight_trace:
         surrogate = trace_coefficients(mask, cfg, dtype) * surrogate
+    if batch.token_weights is not None:
+        surrogate = torch.where(mask, batch.token_weights.to(dtype), zero) * surrogate
 
     token_loss = -surrogate
     kl = None
@@ -121,11 +143,8 @@ def reference_loss(batch: Batch, cfg: LossConfig, dtype=torch.float64, per_token
         kl = kl_divergence(logp, torch.where(mask, batch.ref_logp.to(dtype), zero), cfg.kl_estimator)
         if cfg.beta != 0:
             token_loss = token_loss + cfg.beta * kl
-    entropy = None
-    if cfg.needs_entropy:
-        entropy = -(torch.softmax(scaled, dim=-1) * logprobs).sum(-1)
-        if cfg.entropy_coef != 0:
-            token_loss = token_loss - cfg.entropy_coef * entropy
+    if entropy is not None and cfg.entropy_coef != 0:
+        token_loss = token_loss - cfg.entropy_coef * entropy
     token_loss = torch.where(mask, token_loss, zero)
 
     # §5 aggregation
@@ -146,7 +165,12 @@ def reference_loss(batch: Batch, cfg: LossConfig, dtype=torch.float64, per_token
         W = 1 / (n_seq * L)
     else:  # lambda_grpo
         lam = batch.lam.to(device=mask.device, dtype=torch.float64)
-        f = lambda_grpo_weights(lengths.to(torch.float64), batch.group_size, lam, cfg.length_r)
+        if batch.group_lengths is None:  # contiguous groups of group_size rows
+            f = lambda_grpo_weights(lengths.to(torch.float64), batch.group_size, lam, cfg.length_r)
+        else:  # row i's group is group_lengths[i]; it is member group_index[i]
+            G = batch.group_lengths.shape[1]
+            f_all = lambda_grpo_weights(batch.group_lengths.reshape(-1).to(torch.float64), G, lam, cfg.length_r)
+            f = f_all.view(B, G).gather(1, batch.group_index[:, None]).squeeze(1)
         seq_weight = f.to(dtype)
         W = seq_weight[:, None] / torch.clamp(n_tok, min=1)
     loss = (W * token_loss).sum()
@@ -168,14 +192,13 @@ def reference_loss(batch: Batch, cfg: LossConfig, dtype=torch.float64, per_token
         if cfg.uses_lambda:
             metrics["lambda"] = batch.lam.detach().to(dtype)
         metrics["seq_weight"] = seq_weight.detach()
-    out_dtype = compute_dtype(batch.logits.dtype)
     tokens = None
     if per_token:
         with torch.no_grad():
             none = torch.zeros_like(token_loss)
             tokens = {"loss": token_loss, "ratio": torch.where(mask, rho, zero),
                       "kl": none if kl is None else torch.where(mask, kl, zero),
-                      "entropy": none if entropy is None else torch.where(mask, entropy, zero)}
+                      "entropy": none if entropy is None else entropy}
             tokens = {k: v.detach().to(out_dtype) for k, v in tokens.items()}
     return LossOutput(loss.to(out_dtype), {k: v.to(out_dtype) for k, v in metrics.items()}, tokens)
 

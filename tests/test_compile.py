@@ -78,7 +78,7 @@ def test_compiled_graph_calls_the_engine_op(backend):
     ops = (torch.ops.lambda_grpo.loss_fwd, torch.ops.lambda_grpo.loss_fwd.default)
     calls = [n for g in graphs for n in g.graph.nodes if n.target in ops]
     assert len(calls) == 1
-    assert calls[0].args[11] == backend, calls[0].args
+    assert backend in calls[0].args, calls[0].args  # the engine argument
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
