@@ -53,7 +53,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from collections import Counter
@@ -442,8 +441,9 @@ def check_agreement(R: Results, inp: dict, cfg_name: str, lam: float) -> None:
     shp = _shape(inp)
     a = run("triton", inp, cfg, lam)
     b = run("torch", inp, cfg, lam)
-    # one logits-dtype rounding each: two units in the last place at the largest gradient
-    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-22
+    # each rounds its fp32 gradient to the logits' dtype once: allow two units in the last place
+    # of the largest gradient (a bf16 ulp is at most 2^-7 of the value, an fp32 one 2^-23)
+    ulp = 2.0**-6 if dtype == torch.bfloat16 else 2.0**-21
     name = f"{cfg_name} triton vs torch backend (no float64 truth at this N)"
     finite = all(bool(torch.isfinite(a[q]).all()) for q in ("loss", "dlogits"))
     R.add(S, f"{name}: finite", "PASS" if finite else "FAIL", provider="triton", dtype=dtn, **shp)
@@ -470,12 +470,15 @@ def start_pytest(P: Plan, R: Results) -> Optional[Tuple[subprocess.Popen, str, f
     env["LG_TEST_DEVICE"] = P.device
     if P.device == "cuda":
         env.pop("TRITON_INTERPRET", None)
-    log = tempfile.NamedTemporaryFile(prefix="gpu_check_pytest_", suffix=".log", delete=False)
+    path = os.path.join(R.out, "pytest.log")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *P.pytest_args]
     R.note("correct", f"started `{' '.join(cmd[1:])}` with LG_TEST_DEVICE={P.device}"
-                      f"{'' if P.device == 'cuda' else ' (interpreter)'}; output in log.txt when it ends")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return proc, log.name, time.monotonic()
+                      f"{'' if P.device == 'cuda' else ' (interpreter)'}; full output in pytest.log")
+    with open(path, "w") as log:
+        # its own session: a timeout ends the whole group (test_triton_int64 starts a child python)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return proc, path, time.monotonic()
 
 
 def finish_pytest(P: Plan, R: Results, handle, timeout: float) -> None:
@@ -484,20 +487,23 @@ def finish_pytest(P: Plan, R: Results, handle, timeout: float) -> None:
     try:
         rc = proc.wait(timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:
-        proc.kill()
+        try:
+            os.killpg(proc.pid, 9)
+        except OSError:
+            proc.kill()
         proc.wait()
         rc = None
     with open(path, errors="replace") as f:
         text = f.read()
-    os.unlink(path)
     lines = text.strip().splitlines()
-    print("----- pytest output (tail) -----\n" + "\n".join(lines[-40:]) + "\n--------------------------------",
-          flush=True)
+    print("----- pytest output (tail; all of it in pytest.log) -----\n" + "\n".join(lines[-60:]) +
+          "\n--------------------------------", flush=True)
     summary = next((ln for ln in reversed(lines) if (" passed" in ln or " failed" in ln or " error" in ln)), "")
     name = "pytest " + " ".join(P.pytest_args)
     if rc is None:
         R.add(S, name, "FAIL", value=f"{time.monotonic() - t0:.0f}", unit="s",
-              detail=f"killed after {timeout:.0f} s (section budget); last line: {lines[-1] if lines else ''}")
+              detail=f"killed, still running {time.monotonic() - t0:.0f} s after it started (budget "
+                     f"{P.budgets['pytest']:.0f} s); last line: {lines[-1] if lines else ''}")
     else:
         R.add(S, name, "PASS" if rc == 0 else "FAIL", value=f"{time.monotonic() - t0:.0f}", unit="s",
               detail=f"exit {rc}: {summary.strip('= ')}")
@@ -570,9 +576,21 @@ def counting_engine():
             setattr(vt, name, f)
 
 
+class Peak(MemProbe):
+    """bench.worker's probe without its gc.collect() on CUDA (tens of ms per call in a process this
+    large; the tensors of a step are freed by reference counting)."""
+
+    def start(self) -> None:
+        if self.device != "cuda":
+            return super().start()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated()
+
+
 def _peak_step(P: Plan, fn, x0: torch.Tensor) -> int:
     x = x0.detach().clone().requires_grad_(True)
-    probe = MemProbe(P.device)
+    probe = Peak(P.device)
     probe.start()
     fn(x).backward()
     peak = probe.peak()
@@ -677,6 +695,10 @@ def section_compile(P: Plan, R: Results, budget: Budget) -> None:
 
             tol = 2.0**-8 if dtype == torch.bfloat16 else 1e-5
             for q, a, b in (("loss", lc, le), ("dlogits", xc.grad, xe.grad), ("dlam", dlam_c, dlam_e)):
+                if a is None or b is None:
+                    R.add(S, f"{name}: compiled vs eager {q}", "FAIL", dtype=dtn,
+                          detail=f"no {q}: compiled {a is not None}, eager {b is not None}", **shp)
+                    continue
                 err = max_err(a.detach(), b.detach())
                 allowed = 1e-5 * max(float(b.detach().double().abs().max()), 1e-30) if q != "dlogits" else \
                     tol * float(b.double().abs().max())
@@ -832,7 +854,7 @@ def time_one(P: Plan, R: Results, tp: Timed, inputs: dict, pristine: Optional[to
     common = dict(provider=tp.name, dtype="bf16" if inputs["logits"].dtype == torch.bfloat16 else "fp32",
                   B=B, T=T, V=V, N=N, bytes_min=bytes_min)
     runner = tp.make(inputs, tp.cfg)
-    clock, probe = Clock(P.device), MemProbe(P.device)
+    clock, probe = Clock(P.device), Peak(P.device)
     times, fwd, peaks = [], [], []
 
     def call(record: bool):
