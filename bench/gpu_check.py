@@ -1000,7 +1000,7 @@ def section_rows(P: Plan, R: Results, budget: Budget) -> None:
                         fn()
                         ts.append(clock.between(a, clock.mark()))
                     med[which] = statistics.median(ts)
-                    vocab = _vocab_step(R, N, 151936)
+                    vocab = _vocab_step(R, N, max(v for _, _, v in P.timing))
                     R.add(S, f"{name}: {which}", "OK", provider=f"row_pass[{which}]", median_ms=med[which] * 1e3,
                           min_ms=min(ts) * 1e3, max_ms=max(ts) * 1e3, repeats=len(ts),
                           value=f"{med[which] / vocab[0]:.4f}" if vocab else None,
