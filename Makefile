@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-quick kernels-report compare clean
+.PHONY: install demo test bench bench-quick kernels-report compare gpu-check gpu-check-dry clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,17 @@ bench-quick: $(STAMP)
 
 kernels-report: $(STAMP)
 	$(BIN)/python -m bench.kernels
+
+# NEEDS CUDA: the GPU acceptance run (docs/gpu.md), ~7 min on an H100/H200. It runs with the
+# machine's own CUDA build of torch + triton ($(GPU_PY)), not the CPU virtual environment above;
+# outputs go to bench/results/gpu-<time>/ unless GPU_CHECK_ARGS="--out DIR".
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) -m bench.gpu_check $(GPU_CHECK_ARGS)
+
+# The same code path on the CPU under the Triton interpreter, at tiny sizes (also a test).
+gpu-check-dry: $(STAMP)
+	$(BIN)/python -m bench.gpu_check --dry-run
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -159,15 +159,19 @@ def _skip_trl(case: Case, device: str) -> Optional[str]:
     return None
 
 
-def trl_style_loss(logits, tokens, mask, advantages, old_logp, ref_logp, cfg: lg.LossConfig):
+def trl_style_loss(logits, tokens, mask, advantages, old_logp, ref_logp, cfg: lg.LossConfig,
+                   selective_log_softmax=None):
     """GRPO-family loss written the way TRL 1.16's GRPOTrainer computes it (token-level IS).
 
     logits (B, T, V) aligned with tokens (B, T); advantages (B,); old/ref (B, T). Per-token log-probs
     come from TRL's own `selective_log_softmax` (on CPU: gather minus a row-by-row logsumexp for
-    fp32, a row-by-row log_softmax in the logits' dtype for bf16). One process, no gradient
+    fp32, a row-by-row log_softmax in the logits' dtype for bf16; on CUDA its Triton kernel), or
+    from `selective_log_softmax(logits, tokens, temperature=...)` when given (bench/gpu_check.py
+    passes TRL's kernel where trl.trainer.utils cannot be imported). One process, no gradient
     accumulation: TRL's dapo normaliser `num_items_in_batch` is then the batch's token count.
     """
-    from trl.trainer.utils import selective_log_softmax
+    if selective_log_softmax is None:
+        from trl.trainer.utils import selective_log_softmax
 
     logp = selective_log_softmax(logits, tokens, temperature=cfg.temperature)
     adv = advantages[:, None]

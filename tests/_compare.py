@@ -9,6 +9,7 @@ dtype exactly as the backend's do. The truth is the reference in float64 on the 
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -22,11 +23,17 @@ ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-6, torch.f
 # A few units of roundoff of the compute dtype times the size of the value: a reduction of many
 # fp32 terms can land 2-4 ulp from the truth while plain torch lands 0 ulp away by luck.
 RTOL = {torch.float64: 8 * 2.0**-52, torch.float32: 4 * 2.0**-23, torch.bfloat16: 4 * 2.0**-23, torch.float16: 4 * 2.0**-23}
+# Where make_batch puts its tensors by default: "cpu" (the Triton tests then run under
+# TRITON_INTERPRET=1), or "cuda" to run the same tests natively on a GPU (bench/gpu_check.py sets it).
+DEVICE = os.environ.get("LG_TEST_DEVICE", "cpu")
 
 
 def make_batch(B=4, T=7, V=13, G=2, dtype=torch.float32, seed=0, mask="holes", per_token_adv=False,
-               off_policy=True, with_ref=True, logit_scale=2.0, equal_rewards=False, device="cpu"):
+               off_policy=True, with_ref=True, logit_scale=2.0, equal_rewards=False, device=None):
     """Random inputs for grpo_loss as a dict of keyword arguments (without config/backend).
+
+    The values are drawn on the CPU (the same numbers on any machine), then moved to `device`
+    (default: DEVICE, i.e. $LG_TEST_DEVICE or "cpu").
 
     mask: "full" | "holes" (random holes) | "empty_rows" (holes plus rows with no valid token)
           | "len1" (exactly one valid token per row) | "prefix" (right-padded, varied lengths).
@@ -60,6 +67,7 @@ def make_batch(B=4, T=7, V=13, G=2, dtype=torch.float32, seed=0, mask="holes", p
         base = torch.log_softmax(logits.double(), -1).gather(-1, tokens[..., None]).squeeze(-1)
     old = (base + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).float() if off_policy else None
     ref = (base + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).float() if with_ref else None
+    device = DEVICE if device is None else device
     return dict(logits=logits.to(device), tokens=tokens.to(device), mask=m.to(device), advantages=adv.to(device),
                 group_size=G, old_logp=None if old is None else old.to(device),
                 ref_logp=None if ref is None else ref.to(device))
@@ -104,7 +112,7 @@ def one_ulp_perturbed(inputs: dict, seed: int = 0) -> dict:
         if v is None:
             continue
         v = v.double()  # old/ref may be fp32: the reference reads them as float64
-        up = torch.rand(v.shape, generator=g) < 0.5
+        up = (torch.rand(v.shape, generator=g) < 0.5).to(v.device)
         out[k] = torch.where(up, torch.nextafter(v, torch.full_like(v, float("inf"))),
                              torch.nextafter(v, torch.full_like(v, float("-inf"))))
     return out

@@ -20,7 +20,7 @@ import lambda_grpo as lg
 from lambda_grpo._validate import validate
 from lambda_grpo.config import AGGREGATIONS
 from lambda_grpo.reference import reference_token_logprobs
-from tests._compare import (assert_backend_matches, assert_close_to_truth, make_batch, max_err, run)
+from tests._compare import (DEVICE, assert_backend_matches, assert_close_to_truth, make_batch, max_err, run)
 
 pytestmark = [
     pytest.mark.triton,
@@ -190,9 +190,9 @@ def test_explicit_normalisers():
 @pytest.mark.parametrize("V,temperature", [(1, 1.0), (7, 0.6), (1000, 1.0), (4099, 1.4)])
 def test_token_logprobs(dtype, V, temperature):
     g = torch.Generator().manual_seed(V)
-    logits = (torch.randn(2, 3, V, generator=g, dtype=torch.float64) * 3).to(dtype)
-    tokens = torch.randint(0, V, (2, 3), generator=g)
-    w = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    logits = (torch.randn(2, 3, V, generator=g, dtype=torch.float64) * 3).to(dtype).to(DEVICE)
+    tokens = torch.randint(0, V, (2, 3), generator=g).to(DEVICE)
+    w = torch.randn(2, 3, generator=g, dtype=torch.float64).to(DEVICE)
     res = {}
     for name, dt in (("truth", torch.float64), ("base", torch.float32), ("got", None)):
         x = logits.clone().double().requires_grad_(True) if dt == torch.float64 else logits.clone().requires_grad_(True)
@@ -217,7 +217,7 @@ def test_masked_tokens_never_read(trace):
     clean = run("triton", inputs, cfg)
     hostile = dict(inputs, tokens=inputs["tokens"].clone())
     hostile["tokens"][~inputs["mask"]] = torch.tensor([10**12, -7, 2**40 + 3])[
-        torch.arange(int((~inputs["mask"]).sum())) % 3]
+        torch.arange(int((~inputs["mask"]).sum())) % 3].to(DEVICE)
     got = run("triton", hostile, cfg)
     assert torch.equal(got["loss"], clean["loss"])
     assert torch.equal(got["dlogits"], clean["dlogits"])
