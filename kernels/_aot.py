@@ -39,7 +39,7 @@ KERNELS = {
     "rows": row_kernel,
 }
 _TORCH_TO_TT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_PTR_TYPES = {"tokens_ptr": "i64", "mask_ptr": "u8", "len_ptr": "i32", "pos_ptr": "i32"}
+_PTR_TYPES = {"tokens_ptr": "i64", "mask_ptr": "u8", "len_ptr": "i32", "pos_ptr": "i32", "scr_ptr": "fp64"}
 _LOGITS_PTRS = ("logits_ptr", "dlogits_ptr", "d_ptr")
 STRIDE_CLASSES = ("D", "plain", "one")
 

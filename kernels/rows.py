@@ -46,7 +46,7 @@ def _lin(a1, v1, a2, v2):
 @triton.jit(do_not_specialize=["T", "kl_est", "has_old", "has_ref", "has_ent", "has_c", "write_coef", "write_tok"])
 def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, len_ptr, roww_ptr,
                coef_lp_ptr, coef_h_ptr, part_ptr, scr_ptr, pos_ptr, tok_loss_ptr, tok_rho_ptr, tok_kl_ptr,
-               T, a, ln_a, eps_low, eps_high, dual_clip, beta, ent_coef,
+               T, a: tl.float64, ln_a: tl.float64, eps_low, eps_high, dual_clip, beta, ent_coef,
                kl_est, has_old, has_ref, has_ent, has_c, write_coef, write_tok,
                BLOCK_T: tl.constexpr, TRACE: tl.constexpr):
     """One row. Inputs (B, T) fp32 unless noted: logp, entropy, old/ref log-probs, A (clamped),
@@ -56,7 +56,10 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
     (B, T) when write_tok. A disabled dual clip is +inf; absent inputs are flagged by has_*."""
     row = tl.program_id(0).to(tl.int64)
     base = row * T
-    # scratch: 4 planes of (B, T) fp32, indexed by valid-token ordinal within the row
+    # scratch: 4 planes of (B, T) float64, indexed by valid-token ordinal within the row. The
+    # trace scans run in float64: an fp32 recurrence over thousands of tokens carries an error of
+    # about eps |z| / (1 - a), ten times that of plain torch's fp32 matrix form (seen on an H200
+    # at T = 8192); the rest of the row math is fp32 (SPEC §4).
     plane = tl.num_programs(0).to(tl.int64) * T
     s0 = scr_ptr + base            # x, then z (both)
     s1 = scr_ptr + plane + base    # R (z for recent), then U (both)
@@ -81,23 +84,23 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
             old = tl.where(use_old, tl.load(old_ptr + base + cols, mask=mk & use_old, other=0.0), lp)
             x = tl.where(mk, lp - old, 0.0)  # on-policy lp - lp: 0, or NaN for a non-finite lp
             o = tl.cumsum(mk.to(tl.int32), 0) + carry - 1
-            tl.store(s0 + o, x, mask=mk)
+            tl.store(s0 + o, x.to(tl.float64), mask=mk)
             tl.store(pos + o, cols, mask=mk)
             carry += tl.sum(mk.to(tl.int32), 0)
         tl.debug_barrier()
         # phase B: R_k = x_k + a R_{k-1} (linear scan), P_k = P_{k-1} + a^k x_k, over k < n
-        Rc = tl.zeros([], tl.float32)
-        Pc = tl.zeros([], tl.float32)
+        Rc = tl.zeros([], tl.float64)
+        Pc = tl.zeros([], tl.float64)
         for k0 in range(0, n, BLOCK_T):
             k = k0 + ar
             km = k < n
             x = tl.load(s0 + k, mask=km, other=0.0, volatile=True)
             xin = tl.where(k == k0, x + a * Rc, x)
-            _, R = tl.associative_scan((tl.full([BLOCK_T], 1.0, tl.float32) * a, xin), 0, _lin)
+            _, R = tl.associative_scan((tl.full([BLOCK_T], 1.0, tl.float64) * a, xin), 0, _lin)
             tl.store(s1 + k, R, mask=km)
             Rc = tl.sum(tl.where(k == k0 + BLOCK_T - 1, R, 0.0), 0)
             if TRACE == 2:
-                P = tl.cumsum(tl.exp(k.to(tl.float32) * ln_a) * x, 0) + Pc
+                P = tl.cumsum(tl.exp(k.to(tl.float64) * ln_a) * x, 0) + Pc
                 tl.store(s2 + k, P, mask=km)
                 Pc = tl.sum(tl.where(k == k0 + BLOCK_T - 1, P, 0.0), 0)
         tl.debug_barrier()
@@ -111,7 +114,7 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
                 Rm = tl.load(s1 + (m - 1), mask=has, other=0.0, volatile=True)
                 Pm = tl.load(s2 + (m - 1), mask=has, other=0.0, volatile=True)
                 Rk = tl.load(s1 + k, mask=km, other=0.0, volatile=True)
-                z = Pm + Rk - tl.exp((k - m + 1).to(tl.float32) * ln_a) * Rm
+                z = Pm + Rk - tl.exp((k - m + 1).to(tl.float64) * ln_a) * Rm
                 tl.store(s0 + k, z, mask=km)
             tl.debug_barrier()
     # phase D: per-token loss, sums, direct coefficients
@@ -135,9 +138,9 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
             o = tl.cumsum(mk.to(tl.int32), 0) + carry - 1
             carry += tl.sum(mk.to(tl.int32), 0)
             if TRACE == 1:
-                z = tl.load(s1 + o, mask=mk, other=0.0, volatile=True)
+                z = tl.load(s1 + o, mask=mk, other=0.0, volatile=True).to(tl.float32)
             else:
-                z = tl.load(s0 + o, mask=mk, other=0.0, volatile=True)
+                z = tl.load(s0 + o, mask=mk, other=0.0, volatile=True).to(tl.float32)
         s, ds, rho = surrogate(z, A, eps_low, eps_high, dual_clip)
         c = tl.load(c_ptr + base + cols, mask=mk & use_c, other=1.0)
         ref = tl.load(ref_ptr + base + cols, mask=mk & use_ref, other=0.0)
@@ -162,7 +165,7 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
                 tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * (beta * dkl - c * ds), 0.0), mask=cm)
         else:
             tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * beta * dkl, 0.0), mask=cm)
-            tl.store(s3 + o, -c * ds, mask=mk)  # g = dl/dz (c: token weights in ratio mode)
+            tl.store(s3 + o, (-c * ds).to(tl.float64), mask=mk)  # g = dl/dz (c: token weights in ratio mode)
         if write_coef != 0:
             tl.store(coef_h_ptr + base + cols, tl.where(mk, -w * ent_coef, 0.0), mask=cm)
     S = tl.sum(acc_s, 0)
@@ -184,8 +187,8 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
         # coefficient next to its direct KL term.
         tl.debug_barrier()
         # phase E: reverse scans U_k = g_k + a U_{k+1}, Q_k = g_k + Q_{k+1} over k < n
-        Uc = tl.zeros([], tl.float32)
-        Qc = tl.zeros([], tl.float32)
+        Uc = tl.zeros([], tl.float64)
+        Qc = tl.zeros([], tl.float64)
         nchunks = tl.cdiv(n, BLOCK_T)
         for j in range(0, nchunks):
             k0 = (nchunks - 1 - j) * BLOCK_T
@@ -193,13 +196,13 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
             km = k < n
             g = tl.load(s3 + k, mask=km, other=0.0, volatile=True)
             gin = tl.where(k == k0 + BLOCK_T - 1, g + a * Uc, g)
-            _, U = tl.associative_scan((tl.full([BLOCK_T], 1.0, tl.float32) * a, gin), 0, _lin, reverse=True)
+            _, U = tl.associative_scan((tl.full([BLOCK_T], 1.0, tl.float64) * a, gin), 0, _lin, reverse=True)
             Uc = tl.sum(tl.where(k == k0, U, 0.0), 0)
             if TRACE == 1:
                 # recent: dL/dx_k = U_k, added to the token's direct (KL) coefficient
                 p = tl.load(pos + k, mask=km, other=0, volatile=True)
                 cur = tl.load(coef_lp_ptr + base + p, mask=km, other=0.0, volatile=True)
-                tl.store(coef_lp_ptr + base + p, cur + w * U, mask=km)
+                tl.store(coef_lp_ptr + base + p, cur + (w * U).to(tl.float32), mask=km)
             else:
                 Q = tl.cumsum(g, 0, reverse=True) + Qc
                 Qc = tl.sum(tl.where(k == k0, Q, 0.0), 0)
@@ -215,11 +218,11 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
                 U = tl.load(s1 + k, mask=km, other=0.0, volatile=True)
                 Ue = tl.load(s1 + (e + 1), mask=km & (e + 1 < n), other=0.0, volatile=True)
                 Q2 = tl.load(s2 + (2 * k + 1), mask=km & (2 * k + 1 < n), other=0.0, volatile=True)
-                kf = k.to(tl.float32)
-                dx = U - tl.exp((e - k + 1).to(tl.float32) * ln_a) * Ue + tl.exp(kf * ln_a) * Q2
+                kf = k.to(tl.float64)
+                dx = U - tl.exp((e - k + 1).to(tl.float64) * ln_a) * Ue + tl.exp(kf * ln_a) * Q2
                 p = tl.load(pos + k, mask=km, other=0, volatile=True)
                 cur = tl.load(coef_lp_ptr + base + p, mask=km, other=0.0, volatile=True)
-                tl.store(coef_lp_ptr + base + p, cur + w * dx, mask=km)
+                tl.store(coef_lp_ptr + base + p, cur + (w * dx).to(tl.float32), mask=km)
 
 
 def launch_rows(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, lengths: torch.Tensor,
@@ -243,7 +246,7 @@ def launch_rows(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor
     parts = torch.zeros(B, NPARTS, device=dev, dtype=torch.float32)
     toks = torch.zeros(3, B, T, device=dev, dtype=torch.float32) if write_tokens else None
     tok_arg = coef_lp.view(1, B, T).expand(3, B, T) if toks is None else toks
-    scratch = torch.empty((4, B, T) if ratio_trace else (1,), device=dev, dtype=torch.float32)
+    scratch = torch.empty((4, B, T) if ratio_trace else (1,), device=dev, dtype=torch.float64)
     pos = torch.empty((B, T) if ratio_trace else (1,), device=dev, dtype=torch.int32)
     if B > 0 and T > 0:
         cfg = row_launch(ratio_trace)

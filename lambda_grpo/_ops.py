@@ -200,7 +200,10 @@ def _fused_grad(ctx, d: Tensor, mask: Tensor, g: Tensor) -> Tensor:
         B, T, V = d.shape
         engine_module(ctx.engine).scale_(d.view(B * T, V), mask.reshape(-1), g)
         return d
-    if torch.compiler.is_compiling():
+    # While AOTAutograd traces the backward, g is a fake/functional tensor subclass: no value to
+    # read (torch.compiler.is_compiling() is not True there on every torch version), so the
+    # product is always taken, and inductor writes it over the donated saved buffer.
+    if torch.compiler.is_compiling() or type(g) is not torch.Tensor:
         return d * g.to(d.dtype)
     return d if bool(g == 1) else d * g.to(d.dtype)
 
