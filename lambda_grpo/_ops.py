@@ -42,6 +42,7 @@ from torch import Tensor
 from .config import LossConfig
 from .output import LossOutput, metric_names
 from ._batch import Batch, compute_dtype
+from ._linear import linear_forward, linear_logprobs, linear_logprobs_backward
 from ._rowmath import PER_TOKEN_KEYS, fused_inputs, row_pass, token_constants
 
 ENGINES = {"torch": "lambda_grpo._vocab_torch", "triton": "lambda_grpo._vocab_triton"}
@@ -200,12 +201,7 @@ def _fused_grad(ctx, d: Tensor, mask: Tensor, g: Tensor) -> Tensor:
         B, T, V = d.shape
         engine_module(ctx.engine).scale_(d.view(B * T, V), mask.reshape(-1), g)
         return d
-    # While AOTAutograd traces the backward, g is a fake/functional tensor subclass: no value to
-    # read (torch.compiler.is_compiling() is not True there on every torch version), so the
-    # product is always taken, and inductor writes it over the donated saved buffer.
-    if torch.compiler.is_compiling() or type(g) is not torch.Tensor:
-        return d * g.to(d.dtype)
-    return d if bool(g == 1) else d * g.to(d.dtype)
+    return _scaled_grad(d, g)
 
 
 def _backward(ctx, g_loss, g_metrics, g_seq_weight, g_dlam, g_grad, g_rows, g_tokens):
@@ -389,3 +385,159 @@ torch.library.register_autograd("lambda_grpo::logprobs_fwd", _lp_backward, setup
 
 def fast_token_logprobs(logits: Tensor, tokens: Tensor, temperature: float, engine: str) -> Tensor:
     return torch.ops.lambda_grpo.logprobs_fwd(logits, tokens.long(), float(temperature), engine)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# From hidden states and the LM head (fused linear, lambda_grpo/_linear.py): logits never exist
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("lambda_grpo::linear_fwd", mutates_args=())
+def linear_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor, mask: Tensor,
+               advantages: Tensor, old_logp: Optional[Tensor], ref_logp: Optional[Tensor], lam: Optional[Tensor],
+               num_tokens: Optional[Tensor], num_sequences: Optional[Tensor], group_size: int,
+               group_lengths: Optional[Tensor], group_index: Optional[Tensor], token_weights: Optional[Tensor],
+               config: str, engine: str, need_grad: bool, per_token: bool
+               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, metrics, seq_weight, dlam, dhidden, dweight, dbias, per-token); the three gradients
+    for an upstream gradient of 1 (empty when not needed)."""
+    cfg = config_from_str(config)
+    batch = Batch(None, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num_sequences, group_size,
+                  group_lengths, group_index, token_weights)
+    rp, grads = linear_forward(hidden, weight, bias, batch, cfg, engine_module(engine), need_grad, per_token)
+    dtype = compute_dtype(hidden.dtype)
+    loss, metrics, seq_weight, dlam, toks = _row_outputs(rp, cfg, ref_logp is not None, per_token, hidden, dtype)
+    if grads is None:
+        dh, dw, db = _empty(hidden), _empty(weight), _empty(weight)
+    else:
+        dh, dw = grads.dhidden, grads.dweight
+        db = _empty(weight) if grads.dbias is None else grads.dbias
+    return loss, metrics, seq_weight, dlam, dh, dw, db, toks
+
+
+@linear_fwd.register_fake
+def _(hidden, weight, bias, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num_sequences, group_size,
+      group_lengths, group_index, token_weights, config, engine, need_grad, per_token):
+    cfg = config_from_str(config)
+    B, T, _ = hidden.shape
+    dtype = compute_dtype(hidden.dtype)
+    loss, metrics, seq_weight, dlam, toks = _fake_row_outputs(cfg, ref_logp is not None, per_token, hidden, B, T, dtype)
+    dh = torch.empty_like(hidden) if need_grad else hidden.new_empty(0)
+    dw = torch.empty_like(weight) if need_grad else weight.new_empty(0)
+    db = torch.empty_like(bias) if (need_grad and bias is not None) else weight.new_empty(0)
+    return loss, metrics, seq_weight, dlam, dh, dw, db, toks
+
+
+def _linear_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    lam = inputs[8]
+    ctx.lam_meta = None if lam is None else (lam.dtype, lam.device)
+    ctx.save_for_backward(output[3], output[4], output[5], output[6])
+
+
+def _linear_backward(ctx, g_loss, *unused):
+    # VJP: the forward holds dL/dhidden, dL/dW, dL/db and dL/dlam for g = 1; all are linear in g.
+    dlam, dh, dw, db = ctx.saved_tensors
+    grads = [None] * 19
+    if g_loss is None:
+        return tuple(grads)
+    g = g_loss.detach()
+    if ctx.needs_input_grad[0]:
+        grads[0] = _scaled_grad(dh, g)
+    if ctx.needs_input_grad[1]:
+        grads[1] = _scaled_grad(dw, g)
+    if ctx.needs_input_grad[2] and db.numel():
+        grads[2] = _scaled_grad(db, g)
+    if ctx.lam_meta is not None and ctx.needs_input_grad[8]:
+        grads[8] = (g * dlam).to(device=ctx.lam_meta[1], dtype=ctx.lam_meta[0])
+    return tuple(grads)
+
+
+def _scaled_grad(d: Tensor, g: Tensor) -> Tensor:
+    """g * d for a gradient d computed for g = 1, never modifying d: d itself when g == 1 in eager
+    mode (no copy). While AOTAutograd traces the backward, g is a fake/functional tensor subclass
+    with no value to read (torch.compiler.is_compiling() is not True there on every torch
+    version: torch 2.11 traced bool(g == 1)), so the product is always taken, and inductor writes
+    it over the donated saved buffer."""
+    if torch.compiler.is_compiling() or type(g) is not torch.Tensor:
+        return d * g.to(d.dtype)
+    return d if bool(g == 1) else d * g.to(d.dtype)
+
+
+torch.library.register_autograd("lambda_grpo::linear_fwd", _linear_backward, setup_context=_linear_setup)
+
+
+def linear_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], batch: Batch, cfg: LossConfig, engine: str,
+                per_token: bool = False) -> LossOutput:
+    """The loss of a validated batch from hidden states (B, T, H) and the LM head (V, H)."""
+    need_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    lam = batch.lam if cfg.uses_lambda else None
+    loss, metrics, seq_weight, _, _, _, _, toks = torch.ops.lambda_grpo.linear_fwd(
+        hidden, weight, bias, batch.tokens, batch.mask, batch.advantages, batch.old_logp, batch.ref_logp, lam,
+        batch.num_tokens, batch.num_sequences, batch.group_size, batch.group_lengths, batch.group_index,
+        batch.token_weights, cfg.to_json(), engine, bool(need_grad), bool(per_token))
+    return _loss_output(loss, metrics, seq_weight, toks, cfg, batch.ref_logp is not None, per_token)
+
+
+@torch.library.custom_op("lambda_grpo::linear_logprobs_fwd", mutates_args=())
+def linear_logprobs_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor, temperature: float,
+                        want_entropy: bool, engine: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(logp (B, T), entropy (B, T) or empty, lse (B*T,))."""
+    logp, ent, lse = linear_logprobs(hidden, weight, bias, tokens, float(temperature), want_entropy,
+                                     engine_module(engine))
+    return logp, (ent if ent is not None else _empty(logp)), lse
+
+
+@linear_logprobs_fwd.register_fake
+def _(hidden, weight, bias, tokens, temperature, want_entropy, engine):
+    B, T, _ = hidden.shape
+    dtype = compute_dtype(hidden.dtype)
+    ent = hidden.new_empty(B, T, dtype=dtype) if want_entropy else hidden.new_empty(0, dtype=dtype)
+    return hidden.new_empty(B, T, dtype=dtype), ent, hidden.new_empty(B * T, dtype=dtype)
+
+
+@torch.library.custom_op("lambda_grpo::linear_logprobs_bwd", mutates_args=())
+def linear_logprobs_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor, lse: Tensor,
+                        ent: Tensor, g_logp: Tensor, g_ent: Optional[Tensor], temperature: float, engine: str
+                        ) -> Tuple[Tensor, Tensor, Tensor]:
+    dh, dw, db = linear_logprobs_backward(hidden, weight, bias, tokens, lse, g_logp, g_ent,
+                                          ent if g_ent is not None else None, float(temperature),
+                                          engine_module(engine))
+    return dh, dw, (db if db is not None else _empty(weight))
+
+
+@linear_logprobs_bwd.register_fake
+def _(hidden, weight, bias, tokens, lse, ent, g_logp, g_ent, temperature, engine):
+    db = torch.empty_like(bias) if bias is not None else weight.new_empty(0)
+    return torch.empty_like(hidden), torch.empty_like(weight), db
+
+
+def _llp_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)
+    hidden, weight, bias, tokens, temperature, want_entropy, engine = inputs
+    ctx.temperature, ctx.engine, ctx.has_bias = temperature, engine, bias is not None
+    ctx.save_for_backward(hidden, weight, bias, tokens, output[2], output[1])
+
+
+def _llp_backward(ctx, g_logp, g_ent, g_lse):
+    hidden, weight, bias, tokens, lse, ent = ctx.saved_tensors
+    if g_logp is None and g_ent is None:
+        return (None,) * 7
+    if g_logp is None:
+        g_logp = torch.zeros(hidden.shape[:2], dtype=lse.dtype, device=lse.device)
+    dh, dw, db = torch.ops.lambda_grpo.linear_logprobs_bwd(hidden, weight, bias, tokens, lse, ent, g_logp,
+                                                           g_ent if ent.numel() else None, ctx.temperature,
+                                                           ctx.engine)
+    return (dh if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
+            db if (ctx.has_bias and ctx.needs_input_grad[2]) else None, None, None, None, None)
+
+
+torch.library.register_autograd("lambda_grpo::linear_logprobs_fwd", _llp_backward, setup_context=_llp_setup)
+
+
+def fast_linear_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor, temperature: float,
+                         want_entropy: bool, engine: str):
+    logp, ent, _ = torch.ops.lambda_grpo.linear_logprobs_fwd(hidden, weight, bias, tokens.long(), float(temperature),
+                                                            bool(want_entropy), engine)
+    return logp, (ent if want_entropy else None)

@@ -244,3 +244,62 @@ def _group_lengths(group_lengths, group_index, group_size, mask, B, T, dev):
             fail("group_lengths", f"group_lengths[i, group_index[i]] = n_i, the row's number of valid tokens "
                  f"(row {i}: n_i = {int(n[i])})", int(own[i]))
     return gl, gi
+
+
+def validate_linear(hidden, weight, bias, tokens, mask, advantages, group_size, old_logp, ref_logp, lam, config,
+                    num_tokens, num_sequences, group_lengths=None, group_index=None, token_weights=None) -> Batch:
+    """The same rules for the entry point from hidden states (B, T, H) and an LM head weight
+    (V, H) (and bias (V,)); returns a Batch without logits."""
+    if not isinstance(config, LossConfig):
+        fail("config", "a lambda_grpo.LossConfig", type(config).__name__)
+    if not isinstance(hidden, torch.Tensor):
+        fail("hidden", "a torch.Tensor", type(hidden).__name__)
+    if hidden.dim() != 3:
+        fail("hidden", "shape (B, T, H) with 3 dims", f"shape {tuple(hidden.shape)}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        fail("hidden", "dtype float32, bfloat16, float16 or float64", hidden.dtype)
+    B, T, Hd = hidden.shape
+    if not isinstance(weight, torch.Tensor):
+        fail("weight", "a torch.Tensor", type(weight).__name__)
+    if weight.dim() != 2 or weight.shape[1] != Hd or weight.shape[0] < 1:
+        fail("weight", f"shape (V, {Hd}) with V >= 1 (H of hidden)", f"shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        fail("weight", f"dtype {hidden.dtype} (that of hidden)", weight.dtype)
+    if weight.device != hidden.device:
+        fail("weight", f"device {hidden.device} (that of hidden)", weight.device)
+    V = weight.shape[0]
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            fail("bias", "None or a torch.Tensor", type(bias).__name__)
+        if tuple(bias.shape) != (V,) or bias.dtype != hidden.dtype or bias.device != hidden.device:
+            fail("bias", f"shape ({V},) {hidden.dtype} on {hidden.device}",
+                 f"shape {tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    if not isinstance(mask, torch.Tensor):
+        fail("mask", "a torch.Tensor", type(mask).__name__)
+    if tuple(mask.shape) != (B, T):
+        fail("mask", f"shape {(B, T)} (B, T of hidden)", f"shape {tuple(mask.shape)}")
+    if mask.device != hidden.device:
+        fail("mask", f"device {hidden.device} (that of hidden)", mask.device)
+    mask = _bool_mask(mask)
+    check_tokens(tokens, B, T, V, hidden.device, mask, "hidden")
+    return _validate_rows(None, tokens.long(), mask, advantages, group_size, old_logp, ref_logp, lam, config,
+                          num_tokens, num_sequences, group_lengths, group_index, token_weights, B, T, hidden.device,
+                          compute_dtype(hidden.dtype), "hidden")
+
+
+def check_tokens(tokens, B: int, T: int, V: int, device, mask, what: str) -> None:
+    """tokens: a (B, T) integer tensor on `device` with ids in [0, V) where mask is set."""
+    if not isinstance(tokens, torch.Tensor):
+        fail("tokens", "a torch.Tensor", type(tokens).__name__)
+    if tuple(tokens.shape) != (B, T):
+        fail("tokens", f"shape {(B, T)} (B, T of {what})", f"shape {tuple(tokens.shape)}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        fail("tokens", "an integer dtype (int64)", tokens.dtype)
+    if tokens.device != device:
+        fail("tokens", f"device {device} (that of {what})", tokens.device)
+    if not _compiling() and tokens.numel() > 0:
+        sel = tokens.long()[mask]
+        if sel.numel() > 0:
+            lo, hi = int(sel.min()), int(sel.max())
+            if lo < 0 or hi >= V:
+                fail("tokens", f"ids in [0, {V}) where counted", f"ids in [{lo}, {hi}]")

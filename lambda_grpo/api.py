@@ -11,8 +11,9 @@ from torch import nn
 
 from .config import LossConfig
 from .output import LossOutput
-from ._ops import fast_loss, fast_token_logprobs, rows_loss
-from ._validate import check_backend, check_logits_tokens, fail, validate, validate_logprobs
+from ._batch import compute_dtype
+from ._ops import fast_linear_logprobs, fast_loss, fast_token_logprobs, linear_loss, rows_loss
+from ._validate import check_backend, check_logits_tokens, fail, validate, validate_linear, validate_logprobs
 
 Number = Union[int, float, torch.Tensor, None]
 
@@ -135,6 +136,89 @@ def grpo_loss_from_logprobs(
     return rows_loss(logp, entropy if cfg.needs_entropy else None, batch, cfg, per_token=return_per_token)
 
 
+def fused_linear_grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    group_size: int,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    old_logp: Optional[torch.Tensor] = None,
+    ref_logp: Optional[torch.Tensor] = None,
+    lam: Optional[torch.Tensor] = None,
+    config: Optional[LossConfig] = None,
+    num_tokens: Number = None,
+    num_sequences: Number = None,
+    group_lengths: Optional[torch.Tensor] = None,
+    group_index: Optional[torch.Tensor] = None,
+    token_weights: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    return_per_token: bool = False,
+) -> LossOutput:
+    """The same loss from the last hidden states and the LM head: the (B, T, V) logits never exist.
+
+    Args:
+      hidden: (B, T, H) fp32/bf16/fp16/fp64, aligned like logits: hidden[b, t] is the state whose
+        projection scores tokens[b, t] (``model.model(ids).last_hidden_state[:, P-1:-1]``).
+      weight: (V, H) the LM head's weight (same dtype and device); bias: (V,) or None.
+      The rest as in :func:`grpo_loss`.
+
+    Tokens are processed in chunks (lambda_grpo/_linear.py: logits of a chunk = h @ W^T with fp32
+    accumulation, the engine's fused vocabulary pass, dh = dlogits W, dW += dlogits^T h), so the
+    peak extra memory is dhidden + dW + one chunk of logits. backend "reference" materialises the
+    logits in float64; "torch" and "triton" chunk (matmuls by torch, vocabulary passes by the
+    engine). Gradients reach hidden, weight, bias and lam.
+    """
+    cfg = LossConfig() if config is None else config
+    batch = validate_linear(hidden, weight, bias, tokens, mask, advantages, group_size, old_logp, ref_logp, lam, cfg,
+                            num_tokens, num_sequences, group_lengths, group_index, token_weights)
+    name = resolve_backend(backend, hidden.device)
+    _check_flags(name, hidden, False, return_per_token)
+    if name == "reference":
+        from .reference import reference_linear_loss
+
+        return reference_linear_loss(hidden, weight, bias, batch, cfg, per_token=return_per_token)
+    if name == "triton":
+        from ._vocab_triton import check_runnable
+
+        check_runnable(hidden)
+    return linear_loss(hidden, weight, bias, batch, cfg, name, per_token=return_per_token)
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, *,
+                          bias: Optional[torch.Tensor] = None, temperature: float = 1.0, return_entropy: bool = True,
+                          backend: str = "auto"):
+    """Per-token log-probs (and entropies) from hidden states and the LM head, chunk by chunk:
+    (logp (B, T), H (B, T) or None), fp32 (float64 for float64 inputs), differentiable w.r.t.
+    hidden, weight and bias. The logits never exist in full; the backward recomputes each
+    chunk's logits (one more matmul) instead of keeping them."""
+    mask = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device) if isinstance(tokens, torch.Tensor) \
+        else tokens
+    batch_cfg = LossConfig(aggregation="dapo")
+    if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+            or not math.isfinite(temperature) or not temperature > 0):
+        fail("temperature", "a finite number > 0", repr(temperature))
+    if not isinstance(return_entropy, bool):
+        fail("return_entropy", "a bool", repr(return_entropy))
+    validate_linear(hidden, weight, bias, tokens, mask, torch.zeros(mask.shape[0], device=mask.device), 1, None,
+                    None, None, batch_cfg, None, None)
+    name = resolve_backend(backend, hidden.device)
+    if name == "reference":
+        from .reference import reference_vocab
+
+        logits = hidden.double() @ weight.double().T + (0 if bias is None else bias.double())
+        lp, H = reference_vocab(logits, tokens.long(), mask, float(temperature), return_entropy)
+        out = compute_dtype(hidden.dtype)
+        return lp.to(out), (None if H is None else H.to(out))
+    if name == "triton":
+        from ._vocab_triton import check_runnable
+
+        check_runnable(hidden)
+    return fast_linear_logprobs(hidden, weight, bias, tokens, float(temperature), return_entropy, name)
+
+
 def _check_flags(backend: str, logits: torch.Tensor, inplace_backward, return_per_token) -> None:
     for flag, v in (("inplace_backward", inplace_backward), ("return_per_token", return_per_token)):
         if not isinstance(v, bool):
@@ -182,6 +266,14 @@ class GRPOLoss(nn.Module):
                          num_sequences=num_sequences, backend=self.backend,
                          inplace_backward=self.inplace_backward, return_per_token=return_per_token,
                          group_lengths=group_lengths, group_index=group_index, token_weights=token_weights)
+
+    def forward_hidden(self, hidden, weight, tokens, mask, advantages, group_size, bias=None, **kwargs) -> LossOutput:
+        """:func:`fused_linear_grpo_loss` with this module's config, backend and lam."""
+        for k in ("lam", "config", "backend"):
+            if k in kwargs:
+                fail(k, "not given (GRPOLoss owns it)", "a value")
+        return fused_linear_grpo_loss(hidden, weight, tokens, mask, advantages, group_size, bias=bias, lam=self.lam,
+                                      config=self.config, backend=self.backend, **kwargs)
 
     def forward_logprobs(self, logp, mask, advantages, group_size, **kwargs) -> LossOutput:
         """:func:`grpo_loss_from_logprobs` with this module's config and lam (same keywords)."""

@@ -106,6 +106,18 @@ def reference_loss(batch: Batch, cfg: LossConfig, dtype=torch.float64, per_token
     return reference_rows(logp, entropy, batch, cfg, compute_dtype(batch.logits.dtype), dtype, per_token)
 
 
+def reference_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias, batch: Batch, cfg: LossConfig,
+                          dtype=torch.float64, per_token: bool = False) -> LossOutput:
+    """The loss from hidden states (B, T, H) and the LM head weight (V, H) (and bias (V,)): the
+    logits hidden @ W^T + b materialised in `dtype`, then the reference loss. Autograd gives
+    dhidden, dW, db and dlam."""
+    logits = hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    logp, entropy = reference_vocab(logits, batch.tokens, batch.mask, cfg.temperature, cfg.needs_entropy, dtype)
+    return reference_rows(logp, entropy, batch, cfg, compute_dtype(hidden.dtype), dtype, per_token)
+
+
 def reference_rows(logp: torch.Tensor, entropy, batch: Batch, cfg: LossConfig, out_dtype, dtype=torch.float64,
                    per_token: bool = False) -> LossOutput:
     """SPEC §4-§6 from per-token logp (B, T) (and entropy H (B, T) or None), differentiable in

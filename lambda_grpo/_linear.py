@@ -1,0 +1,190 @@
+"""The loss from hidden states and the LM head (fused linear): logits never exist in full.
+
+A leaf computation module (the custom ops in lambda_grpo/_ops.py call it), engine-agnostic: the
+vocabulary passes of each chunk are the engine's (`_vocab_torch` or `_vocab_triton`), the matmuls
+are torch's (cuBLAS on CUDA). The valid tokens are gathered once (one host read of the mask) and
+walked in chunks of `chunk_rows(V, H)` tokens:
+
+    logits_c = h_c @ W^T (+ b)                (the hidden dtype, fp32 accumulation)
+    fused schedule (no ratio-mode trace):     dlogits_c written over logits_c by the engine
+    two-pass schedule (ratio-mode trace):     pass 1 logp, H, lse per chunk; the row pass over
+                                              the whole batch; pass 2 recomputes logits_c and
+                                              writes dlogits_c from the row coefficients
+    dh_c = dlogits_c @ W,   dW += dlogits_c^T @ h_c (fp32),   db += sum_c dlogits_c (fp32)
+
+Everything is computed in the forward for an upstream gradient of 1 (as Liger's chunked losses
+do); the backward multiplies the three gradients by g. Peak extra memory: dhidden + dW (+ db) +
+one chunk of logits and its fp32 scratch. The two-pass schedule does one more logits matmul.
+
+VJP per chunk (x = logits / tau, p = softmax(x)): dL/dlogits_c as in the vocab engines; then the
+matmul's VJP: dL/dh = dL/dlogits W, dL/dW = dL/dlogits^T h, dL/db = sum over tokens.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from .config import LossConfig
+from ._batch import Batch, compute_dtype
+from ._rowmath import FusedInputs, RowPass, fused_inputs, token_constants
+
+# Tokens per chunk: the chunk's logits hold about this many elements (CPU: 2^22 = 16 MiB in fp32,
+# a few times a core's cache, enough for the matmul to run near its peak; CUDA: 2^28 = 512 MiB in
+# bf16, enough to fill an H100/H200 and small next to dW at real vocabularies).
+CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}
+
+
+def chunk_rows(V: int, H: int, device: torch.device) -> int:
+    """Tokens per chunk for a vocabulary of V and hidden size H (H only bounds it from below:
+    a chunk narrower than the hidden size would make the dW matmul skinny)."""
+    elems = CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cuda"])
+    return max(1, min(elems // max(V, 1), 1 << 16), min(H, 256))
+
+
+class LinearGrads(NamedTuple):
+    dhidden: torch.Tensor  # (B, T, H) hidden dtype, for an upstream gradient of 1
+    dweight: torch.Tensor  # (V, H) weight dtype
+    dbias: Optional[torch.Tensor]  # (V,) bias dtype, or None
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    x = h @ weight.T
+    return x if bias is None else x.add_(bias)
+
+
+def _take(x: Optional[torch.Tensor], idx: torch.Tensor) -> Optional[torch.Tensor]:
+    return None if x is None else x.index_select(0, idx)
+
+
+def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], batch: Batch,
+                   cfg: LossConfig, eng, need_grad: bool, per_token: bool):
+    """(RowPass, LinearGrads or None) of the loss from hidden states; see the module docstring."""
+    B, T, Hd = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    dtype = compute_dtype(hidden.dtype)
+    tau = float(cfg.temperature)
+    consts = token_constants(batch, cfg, dtype)
+    N = B * T
+    h2 = hidden.reshape(N, Hd)
+    idx = batch.mask.reshape(-1).nonzero().squeeze(1)  # the valid tokens: one host read
+    n = int(idx.numel())
+    tokens = batch.tokens.reshape(-1).index_select(0, idx)
+    ones = torch.ones(n, dtype=torch.bool, device=dev)
+    logp = torch.zeros(N, dtype=dtype, device=dev)
+    ent = torch.zeros(N, dtype=dtype, device=dev) if cfg.needs_entropy else None
+    step = chunk_rows(V, Hd, dev)
+    fused = need_grad and not cfg.ratio_trace
+    grads = None
+    if need_grad:
+        dh = torch.zeros(N, Hd, dtype=hidden.dtype, device=dev)
+        dW = torch.zeros(V, Hd, dtype=torch.float32 if weight.dtype != torch.float64 else torch.float64, device=dev)
+        db = None if bias is None else torch.zeros(V, dtype=dW.dtype, device=dev)
+
+    def backprop(s, e, hc, dl):
+        dh.index_copy_(0, idx[s:e], (dl @ weight).to(hidden.dtype))
+        dW.addmm_(dl.T.to(dW.dtype), hc.to(dW.dtype))
+        if db is not None:
+            db.add_(dl.sum(0, dtype=db.dtype))
+
+    if fused:
+        fin = fused_inputs(consts, batch, dtype)
+        fin = FusedInputs(*(_take(v, idx) for v in fin))
+        for s in range(0, n, step):
+            e = min(s + step, n)
+            hc = h2.index_select(0, idx[s:e])
+            xc = _logits(hc, weight, bias)
+            chunk_in = FusedInputs(*(None if v is None else v[s:e] for v in fin))
+            lp, H, dl = eng.vocab_fused(xc, tokens[s:e], ones[: e - s], tau, cfg.needs_entropy, chunk_in, cfg, out=xc)
+            logp.index_copy_(0, idx[s:e], lp.to(dtype))
+            if ent is not None:
+                ent.index_copy_(0, idx[s:e], H.to(dtype))
+            backprop(s, e, hc, dl)
+        rp = eng.row_pass(logp.view(B, T), None if ent is None else ent.view(B, T), batch, cfg, consts,
+                          per_token=per_token, want_coef=False)
+    else:
+        lse = torch.zeros(n, dtype=dtype, device=dev)
+        for s in range(0, n, step):
+            e = min(s + step, n)
+            xc = _logits(h2.index_select(0, idx[s:e]), weight, bias)
+            lp, H, ls = eng.vocab_forward(xc, tokens[s:e], ones[: e - s], tau, cfg.needs_entropy, want_lse=need_grad)
+            logp.index_copy_(0, idx[s:e], lp.to(dtype))
+            if ent is not None:
+                ent.index_copy_(0, idx[s:e], H.to(dtype))
+            if need_grad:
+                lse[s:e] = ls.to(dtype)
+            del xc
+        rp = eng.row_pass(logp.view(B, T), None if ent is None else ent.view(B, T), batch, cfg, consts,
+                          per_token=per_token, want_coef=need_grad)
+        if need_grad:
+            gl = rp.dlogp.reshape(-1).to(dtype).index_select(0, idx)
+            gh = None if rp.dentropy is None else rp.dentropy.reshape(-1).to(dtype).index_select(0, idx)
+            Hv = None if gh is None else ent.index_select(0, idx)
+            one = torch.ones((), dtype=dtype, device=dev)
+            for s in range(0, n, step):
+                e = min(s + step, n)
+                hc = h2.index_select(0, idx[s:e])
+                xc = _logits(hc, weight, bias)
+                dl = eng.vocab_backward(xc, tokens[s:e], ones[: e - s], lse[s:e], gl[s:e],
+                                        None if gh is None else gh[s:e], None if Hv is None else Hv[s:e], tau, one,
+                                        out=xc)
+                backprop(s, e, hc, dl)
+    if need_grad:
+        grads = LinearGrads(dh.view(B, T, Hd), dW.to(weight.dtype), None if db is None else db.to(bias.dtype))
+    return rp, grads
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tokens: torch.Tensor,
+                    tau: float, want_entropy: bool, eng):
+    """Per-token logp, entropy (or None) and lse, (B, T) in the compute dtype, chunk by chunk."""
+    B, T, Hd = hidden.shape
+    V = weight.shape[0]
+    N = B * T
+    h2 = hidden.reshape(N, Hd)
+    toks = tokens.reshape(-1)
+    ones = torch.ones(N, dtype=torch.bool, device=hidden.device)
+    parts = []
+    step = chunk_rows(V, Hd, hidden.device)
+    for s in range(0, N, step):
+        e = min(s + step, N)
+        parts.append(eng.vocab_forward(_logits(h2[s:e], weight, bias), toks[s:e], ones[: e - s], tau, want_entropy,
+                                       want_lse=True))
+    dtype = compute_dtype(hidden.dtype)
+    cat = (lambda i: torch.cat([p[i] for p in parts]).to(dtype) if parts else torch.zeros(0, dtype=dtype,
+                                                                                          device=hidden.device))
+    logp, lse = cat(0).view(B, T), cat(2)
+    ent = cat(1).view(B, T) if want_entropy else None
+    return logp, ent, lse
+
+
+def linear_logprobs_backward(hidden, weight, bias, tokens, lse, g_logp, g_ent, ent, tau: float, eng):
+    """dhidden, dweight, dbias of sum(g_logp * logp + g_ent * H), the softmax recomputed per chunk."""
+    B, T, Hd = hidden.shape
+    V = weight.shape[0]
+    N = B * T
+    dev = hidden.device
+    h2 = hidden.reshape(N, Hd)
+    toks = tokens.reshape(-1)
+    ones = torch.ones(N, dtype=torch.bool, device=dev)
+    dtype = lse.dtype
+    gl = g_logp.reshape(-1).to(dtype)
+    gh = None if g_ent is None else g_ent.reshape(-1).to(dtype)
+    Hv = None if g_ent is None else ent.reshape(-1).to(dtype)
+    dh = torch.empty(N, Hd, dtype=hidden.dtype, device=dev)
+    dW = torch.zeros(V, Hd, dtype=torch.float32 if weight.dtype != torch.float64 else torch.float64, device=dev)
+    db = None if bias is None else torch.zeros(V, dtype=dW.dtype, device=dev)
+    one = torch.ones((), dtype=dtype, device=dev)
+    step = chunk_rows(V, Hd, dev)
+    for s in range(0, N, step):
+        e = min(s + step, N)
+        hc = h2[s:e]
+        xc = _logits(hc, weight, bias)
+        dl = eng.vocab_backward(xc, toks[s:e], ones[: e - s], lse[s:e], gl[s:e], None if gh is None else gh[s:e],
+                                None if Hv is None else Hv[s:e], tau, one, out=xc)
+        dh[s:e] = (dl @ weight).to(hidden.dtype)
+        dW.addmm_(dl.T.to(dW.dtype), hc.to(dW.dtype))
+        if db is not None:
+            db.add_(dl.sum(0, dtype=db.dtype))
+    return dh.view(B, T, Hd), dW.to(weight.dtype), None if db is None else db.to(bias.dtype)
