@@ -38,22 +38,34 @@ K_NPARTS = tl.constexpr(NPARTS)
 
 
 @triton.jit
-def _lin(a1, v1, a2, v2):
-    """Composition of y -> a y + v steps: the linear-recurrence scan operator."""
-    return a1 * a2, v1 * a2 + v2
+def _lin(b1, v1, b2, v2):
+    """Composition of the steps y -> (1 - b) y + v: the linear-recurrence scan operator, with
+    each step's decay carried as b = 1 - a. The composite decay is 1 - b = (1 - b1)(1 - b2),
+    i.e. b = b1 + b2 - b1 b2 (no cancellation: b >= max(b1, b2)).
+
+    Why not a itself: a in fp32 is off by up to half an ulp (relative 6e-8), an error every
+    power a^k inherits k times, and a tree scan's products a^(2^j) add a rounding per level on
+    top; for a near 1 the weights that matter have k ~ 1/(1 - a), so R carried a systematic
+    error of ~k ulps, which the per-row sums accumulate (measured on T = 4096: max error of R
+    7x the torch engine's at a = 0.99, 45x at 0.999; with b, 1.2-1.6x; see
+    tests/test_triton_rows.py::test_long_rows). b = 1 - a, rounded once from float64, is off
+    by 6e-8 of b, i.e. 6e-8 (1 - a) of a."""
+    return b1 + b2 - b1 * b2, v1 - v1 * b2 + v2
 
 
 @triton.jit(do_not_specialize=["T", "kl_est", "has_old", "has_ref", "has_ent", "has_c", "write_coef", "write_tok"])
 def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, len_ptr, roww_ptr,
                coef_lp_ptr, coef_h_ptr, part_ptr, scr_ptr, pos_ptr, tok_loss_ptr, tok_rho_ptr, tok_kl_ptr,
-               T, a, ln_a, eps_low, eps_high, dual_clip, beta, ent_coef,
+               T, one_minus_a, ln_a, eps_low, eps_high, dual_clip, beta, ent_coef,
                kl_est, has_old, has_ref, has_ent, has_c, write_coef, write_tok,
                BLOCK_T: tl.constexpr, TRACE: tl.constexpr):
     """One row. Inputs (B, T) fp32 unless noted: logp, entropy, old/ref log-probs, A (clamped),
     mask (u8), c (weight-mode coefficients); len (B,) int32 n_i; roww (B,) fp32 w_i (the loss
     weight of each valid token of the row, normaliser included). Outputs: coef_lp = dL/dlogp,
     coef_h = dL/dH (B, T) when write_coef; parts (B, NPARTS) per-row sums; per-token l, rho, kl
-    (B, T) when write_tok. A disabled dual clip is +inf; absent inputs are flagged by has_*."""
+    (B, T) when write_tok. A disabled dual clip is +inf; absent inputs are flagged by has_*.
+    The trace decay arrives as one_minus_a = 1 - a and ln_a = ln a, both rounded from float64
+    (never a itself: see `_lin`)."""
     row = tl.program_id(0).to(tl.int64)
     base = row * T
     # scratch: 4 planes of (B, T) fp32, indexed by valid-token ordinal within the row
@@ -85,15 +97,15 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
             tl.store(pos + o, cols, mask=mk)
             carry += tl.sum(mk.to(tl.int32), 0)
         tl.debug_barrier()
-        # phase B: R_k = x_k + a R_{k-1} (linear scan), P_k = P_{k-1} + a^k x_k, over k < n
+        # phase B: R_k = x_k + a R_{k-1} (linear scan, a = 1 - b), P_k = P_{k-1} + a^k x_k, over k < n
         Rc = tl.zeros([], tl.float32)
         Pc = tl.zeros([], tl.float32)
         for k0 in range(0, n, BLOCK_T):
             k = k0 + ar
             km = k < n
             x = tl.load(s0 + k, mask=km, other=0.0, volatile=True)
-            xin = tl.where(k == k0, x + a * Rc, x)
-            _, R = tl.associative_scan((tl.full([BLOCK_T], 1.0, tl.float32) * a, xin), 0, _lin)
+            xin = tl.where(k == k0, x + (Rc - one_minus_a * Rc), x)
+            _, R = tl.associative_scan((tl.full([BLOCK_T], 1.0, tl.float32) * one_minus_a, xin), 0, _lin)
             tl.store(s1 + k, R, mask=km)
             Rc = tl.sum(tl.where(k == k0 + BLOCK_T - 1, R, 0.0), 0)
             if TRACE == 2:
@@ -191,8 +203,9 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
             k = k0 + ar
             km = k < n
             g = tl.load(s3 + k, mask=km, other=0.0, volatile=True)
-            gin = tl.where(k == k0 + BLOCK_T - 1, g + a * Uc, g)
-            _, U = tl.associative_scan((tl.full([BLOCK_T], 1.0, tl.float32) * a, gin), 0, _lin, reverse=True)
+            gin = tl.where(k == k0 + BLOCK_T - 1, g + (Uc - one_minus_a * Uc), g)
+            _, U = tl.associative_scan((tl.full([BLOCK_T], 1.0, tl.float32) * one_minus_a, gin), 0, _lin,
+                                       reverse=True)
             Uc = tl.sum(tl.where(k == k0, U, 0.0), 0)
             if TRACE == 1:
                 # recent: dL/dx_k = U_k, added to the token's direct (KL) coefficient
@@ -250,7 +263,7 @@ def launch_rows(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor
                          logp if ref_logp is None else ref_logp, advantages, as_u8(mask),
                          logp if trace_coef is None else trace_coef, lengths, row_weight,
                          coef_lp, coef_h, parts, scratch, pos, tok_arg[0], tok_arg[1], tok_arg[2],
-                         T, float(trace_decay), math.log(float(trace_decay)), float(eps_low), float(eps_high),
+                         T, 1.0 - float(trace_decay), math.log(float(trace_decay)), float(eps_low), float(eps_high),
                          float("inf") if dual_clip is None else float(dual_clip),
                          float(beta), float(entropy_coef), KL_CODES[kl_estimator],
                          int(old_logp is not None), int(ref_logp is not None), int(entropy is not None),

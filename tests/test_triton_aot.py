@@ -85,7 +85,7 @@ def test_vocab_tiles_use_vector_loads():
     assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stderr[-4000:]
 
 
-FLOAT_HYPERPARAMETERS = {"inv_temp", "eps_low", "eps_high", "dual_clip", "adv_min", "beta", "ent_coef", "a", "ln_a",
+FLOAT_HYPERPARAMETERS = {"inv_temp", "eps_low", "eps_high", "dual_clip", "adv_min", "beta", "ent_coef", "one_minus_a", "ln_a",
                          "r", "inv_1ma"}
 
 
