@@ -25,12 +25,13 @@ def surrogate(z, A, eps_low, eps_high, dual_clip):
     carries a gradient. The clamp of z to [-20, 20] stops the gradient outside.
     """
     # where() rather than minimum/maximum, which drop a NaN: a non-finite z must stay non-finite
+    # (in the clamp, the clip and the min alike: min(NaN, clip(NaN) A) dropped to a finite lo A)
     zc = tl.where(z < -LOG_RATIO_CLAMP, -LOG_RATIO_CLAMP, tl.where(z > LOG_RATIO_CLAMP, LOG_RATIO_CLAMP, z))
     rho = tl.exp(zc)
-    clipped = tl.minimum(tl.maximum(rho, 1.0 - eps_low), 1.0 + eps_high)
+    clipped = tl.where(rho < 1.0 - eps_low, 1.0 - eps_low, tl.where(rho > 1.0 + eps_high, 1.0 + eps_high, rho))
     s1 = rho * A
     s2 = clipped * A
-    s = tl.minimum(s1, s2)
+    s = tl.where(s1 <= s2, s1, s2)
     ds = tl.where(s1 <= s2, s1, 0.0)
     ds = tl.where(tl.abs(z) <= LOG_RATIO_CLAMP, ds, 0.0)
     dual = tl.where(A < 0, dual_clip * A, float("-inf"))

@@ -227,7 +227,7 @@ def elementwise_mismatch(phase: str, what: str, got, truth, base, scale=None, at
             f"{float(allowed[idx]):.3e}; {int((excess > 0).sum())} of {got.numel()} elements out of tolerance")
 
 
-def _phase_labels(cfg: lg.LossConfig) -> Dict[str, str]:
+def _phase_labels(cfg: lg.LossConfig, has_ref: bool = True) -> Dict[str, str]:
     if cfg.ratio_trace and cfg.trace == "both":
         z = "phases A-C (x = logp - old compacted by ordinal; forward scans R, P; 'both' z)"
         adj = "phases E-F (reverse scans U, Q of g = -ds; 'both' adjoint with e = min(2k, n-1))"
@@ -240,7 +240,7 @@ def _phase_labels(cfg: lg.LossConfig) -> Dict[str, str]:
     d = "phase D (per-token terms: surrogate, KL, entropy)"
     if adj is None:
         coef = "phase D (direct coefficient dL/dlogp = w (beta dkl - c ds))"
-    elif cfg.beta == 0:
+    elif cfg.beta == 0 and not has_ref:
         coef = adj
     else:
         coef = f"phase D (w beta dkl) + {adj}"
@@ -339,7 +339,7 @@ class Computed:
         phase that went wrong)."""
         from lambda_grpo.kernels.rows import PARTS
 
-        lab = _phase_labels(self.cfg)
+        lab = _phase_labels(self.cfg, self.rows["ref"] is not None)
         _, k, truth = self.res["truth"]
         _, _, base = self.res["base"]
         mag = self.magnitudes()
@@ -617,3 +617,22 @@ def test_fast_scan_matches_interpreter_scan(small_blocks):
                        ("parts", fast.parts, slow.parts)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     slow.assert_ok()
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite inputs
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("trace,with_ref", [(None, False), ("both", False), (None, True)])
+def test_nonfinite_logp_gives_nonfinite_loss(small_blocks, trace, with_ref):
+    """Phase D: a NaN log-prob of a valid token makes its l_t, the row sums and the loss NaN, as
+    in torch (row_pass: x = NaN - old, rho = NaN, s = min(NaN, clip(NaN) A) = NaN). The kernel's
+    surrogate used tl.minimum / tl.maximum, which drop a NaN: s came out lo * A, finite, and
+    only a ref_logp with beta * kl = 0 * NaN had made the loss NaN."""
+    cfg = lg.LossConfig(aggregation="dapo", beta=0.0, trace=trace)
+    rows = make_rows(("full", "holes"), T=20, seed=6, with_ref=with_ref)
+    # at ordinal 0: a trace carries it to every later token (torch's blocked scan would also
+    # smear a NaN backwards through its 0-weights, which the kernel rightly does not)
+    rows["logp"][0, 0] = float("nan")
+    c = Computed(rows, cfg)
+    assert torch.isnan(c.tokens[0][0, 0]) and torch.isnan(c.parts[0]).any(), "phase D: the NaN was dropped"
+    c.assert_ok(check_coef=False)  # the gradient at a NaN token is NaN in torch and 0 in the kernel
