@@ -83,6 +83,9 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
     use_ref = (tl.zeros([BLOCK_T], tl.int32) + has_ref) != 0
     use_ent = (tl.zeros([BLOCK_T], tl.int32) + has_ent) != 0
     use_c = (tl.zeros([BLOCK_T], tl.int32) + has_c) != 0
+    # beta = 0 leaves the KL out of the loss (SPEC §4), also where exp(ref - logp) overflows:
+    # beta * kl would be 0 * inf = NaN (the KL metric still sums kl)
+    use_beta = (tl.zeros([BLOCK_T], tl.float32) + beta) != 0.0
     if TRACE != 0:
         # phase A: compact x_t = logp_t - old_t of the valid tokens by ordinal
         carry = tl.zeros([], tl.int32)
@@ -155,9 +158,10 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
         ref = tl.load(ref_ptr + base + cols, mask=mk & use_ref, other=0.0)
         kl, dkl = kl_and_grad(lp, ref, kl_est)
         kl = tl.where(use_ref, kl, 0.0)
-        dkl = tl.where(use_ref, dkl, 0.0)
+        bkl = tl.where(use_ref & use_beta, beta * kl, 0.0)
+        bdkl = tl.where(use_ref & use_beta, beta * dkl, 0.0)
         H = tl.load(ent_ptr + base + cols, mask=mk & use_ent, other=0.0)
-        loss = beta * kl - c * s - ent_coef * H
+        loss = bkl - c * s - ent_coef * H
         acc_s += tl.where(mk, loss, 0.0)
         acc_lo += tl.where(mk & (A < 0) & (rho < 1.0 - eps_low), 1.0, 0.0)
         acc_hi += tl.where(mk & (A > 0) & (rho > 1.0 + eps_high), 1.0, 0.0)
@@ -170,9 +174,9 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
             tl.store(tok_kl_ptr + base + cols, tl.where(mk, kl, 0.0), mask=cm)
         if TRACE == 0:
             if write_coef != 0:
-                tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * (beta * dkl - c * ds), 0.0), mask=cm)
+                tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * (bdkl - c * ds), 0.0), mask=cm)
         else:
-            tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * beta * dkl, 0.0), mask=cm)
+            tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * bdkl, 0.0), mask=cm)
             tl.store(s3 + o, -ds, mask=mk)
         if write_coef != 0:
             tl.store(coef_h_ptr + base + cols, tl.where(mk, -w * ent_coef, 0.0), mask=cm)
