@@ -390,7 +390,7 @@ def test_rows_trace_x_mode(small_blocks, trace, mode, kl):
     """Rows of every kind (holes, empty, length 1, full, prefix, suffix, sparse) over 3 chunks
     of 16, per-token advantages, KL, entropy bonus, dual clip, lambda_grpo weights. (The KL
     estimator is a phase-D scalar, the same code for every trace; k1/k2 run on two of them.)"""
-    cfg = _cfg(aggregation="lambda_grpo", trace=trace, trace_mode=mode, kl_estimator=kl, dual_clip=3.0,
+    cfg = _cfg(aggregation="lambda_grpo", trace=trace, trace_mode=mode, kl_estimator=kl, dual_clip=1.5,
                eps_high=0.28)
     rows = make_rows(ROW_KINDS + ("holes",), T=45, seed=hash((trace, mode, kl)) % 997)
     Computed(rows, cfg, lam=0.8, G=2).assert_ok()
