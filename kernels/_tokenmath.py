@@ -25,9 +25,10 @@ def surrogate(z, A, eps_low, eps_high, dual_clip):
     carries a gradient. The clamp of z to [-20, 20] stops the gradient outside.
     """
     # where() rather than minimum/maximum, which drop a NaN: a non-finite z must stay non-finite
+    # (in the clamp, the clip and the min alike: min(NaN, clip(NaN) A) dropped to a finite lo A)
     zc = tl.where(z < -LOG_RATIO_CLAMP, -LOG_RATIO_CLAMP, tl.where(z > LOG_RATIO_CLAMP, LOG_RATIO_CLAMP, z))
     rho = tl.exp(zc)
-    clipped = tl.minimum(tl.maximum(rho, 1.0 - eps_low), 1.0 + eps_high)
+    clipped = tl.where(rho < 1.0 - eps_low, 1.0 - eps_low, tl.where(rho > 1.0 + eps_high, 1.0 + eps_high, rho))
     s1 = rho * A
     s2 = clipped * A
     s = tl.where(s2 < s1, s2, s1)  # min(s1, s2) that keeps a NaN s1 (tl.minimum would drop it)
@@ -38,6 +39,17 @@ def surrogate(z, A, eps_low, eps_high, dual_clip):
     s = tl.where(use_dual, dual, s)
     ds = tl.where(use_dual, 0.0, ds)
     return s, ds, rho
+
+
+@triton.jit
+def kl_terms(logp, ref, kl_est, beta, use_ref):
+    """(kl, beta kl, beta dkl/dlogp): the KL of the metric, and the KL term of the loss and of its
+    slope. The term is absent (0) without ref_logp and where beta = 0, also where kl overflows
+    (beta kl would be 0 * inf = NaN): as in the reference, a term with coefficient 0 is not added.
+    use_ref: an int1 tensor of logp's shape."""
+    kl, dkl = kl_and_grad(logp, ref, kl_est)
+    on = use_ref & ((tl.zeros_like(logp) + beta) != 0.0)
+    return tl.where(use_ref, kl, 0.0), tl.where(on, beta * kl, 0.0), tl.where(on, beta * dkl, 0.0)
 
 
 @triton.jit

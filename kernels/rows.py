@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._config import KL_CODES, row_launch
 from ._launch import as_u8
-from ._tokenmath import kl_and_grad, surrogate
+from ._tokenmath import kl_terms, surrogate
 
 # Per-row sums written by the kernel, (B, NPARTS) fp32, by name.
 PARTS = ("wS", "S", "clip_low", "clip_high", "ratio", "kl", "entropy")  # wS = w_i S_i, S = sum_t l_t
@@ -144,12 +144,10 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
         s, ds, rho = surrogate(z, A, eps_low, eps_high, dual_clip)
         c = tl.load(c_ptr + base + cols, mask=mk & use_c, other=1.0)
         ref = tl.load(ref_ptr + base + cols, mask=mk & use_ref, other=0.0)
-        kl, dkl = kl_and_grad(lp, ref, kl_est)
-        kl = tl.where(use_ref, kl, 0.0)
-        dkl = tl.where(use_ref, dkl, 0.0)
+        kl, bkl, bdkl = kl_terms(lp, ref, kl_est, beta, use_ref)
         H = tl.load(ent_ptr + base + cols, mask=mk & use_ent, other=0.0)
         # a term whose coefficient is 0 is absent (as in the reference), so 0 * inf cannot arise
-        loss = tl.where(beta != 0.0, beta * kl, 0.0) - c * s - tl.where(ent_coef != 0.0, ent_coef * H, 0.0)
+        loss = bkl - c * s - tl.where(ent_coef != 0.0, ent_coef * H, 0.0)
         acc_s += tl.where(mk, loss, 0.0)
         acc_lo += tl.where(mk & (A < 0) & (rho < 1.0 - eps_low), 1.0, 0.0)
         acc_hi += tl.where(mk & (A > 0) & (rho > 1.0 + eps_high), 1.0, 0.0)
@@ -162,9 +160,9 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
             tl.store(tok_kl_ptr + base + cols, tl.where(mk, kl, 0.0), mask=cm)
         if TRACE == 0:
             if write_coef != 0:
-                tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * (beta * dkl - c * ds), 0.0), mask=cm)
+                tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * (bdkl - c * ds), 0.0), mask=cm)
         else:
-            tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * beta * dkl, 0.0), mask=cm)
+            tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * bdkl, 0.0), mask=cm)
             tl.store(s3 + o, (-c * ds).to(tl.float64), mask=mk)  # g = dl/dz (c: token weights in ratio mode)
         if write_coef != 0:
             tl.store(coef_h_ptr + base + cols, tl.where(mk, -w * ent_coef, 0.0), mask=cm)

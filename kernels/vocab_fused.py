@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ._config import KL_CODES, vocab_launch
 from ._launch import as_u8, check_rows, check_vec
-from ._tokenmath import kl_and_grad, surrogate
+from ._tokenmath import kl_terms, surrogate
 from ._vocab import load_token, lse_entropy, write_grad, write_zero
 
 
@@ -61,10 +61,9 @@ def vocab_fused_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, old_ptr, r
         s, ds, rho = surrogate(x, A, eps_low, eps_high, dual_clip)
         c = tl.load(c_ptr + pid, mask=use_c, other=1.0)
         ref = tl.load(ref_ptr + pid, mask=use_ref, other=0.0)
-        kl, dkl = kl_and_grad(logp, ref, kl_est)
-        dkl = tl.where(use_ref, dkl, 0.0)
+        _, _, bdkl = kl_terms(logp, ref, kl_est, beta, use_ref)
         w = tl.load(w_ptr + pid)
-        g = w * (beta * dkl - c * ds)
+        g = w * (bdkl - c * ds)
         gh = -w * ent_coef
         write_grad(row_in, row_out, V, inv_temp, lse, tok, g, gh, ent, BLOCK_V, WITH_ENTROPY)
     else:

@@ -85,8 +85,7 @@ def test_vocab_tiles_use_vector_loads():
     assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stderr[-4000:]
 
 
-FLOAT_HYPERPARAMETERS = {"inv_temp", "eps_low", "eps_high", "dual_clip", "adv_min", "beta", "ent_coef", "a", "ln_a",
-                         "r", "inv_1ma"}
+FLOAT_HYPERPARAMETERS = {"inv_temp", "eps_low", "eps_high", "dual_clip", "beta", "ent_coef", "a", "ln_a"}
 
 
 def test_hyperparameters_never_specialise():
