@@ -30,7 +30,9 @@ def surrogate(z, A, eps_low, eps_high, dual_clip):
     clipped = tl.minimum(tl.maximum(rho, 1.0 - eps_low), 1.0 + eps_high)
     s1 = rho * A
     s2 = clipped * A
-    s = tl.minimum(s1, s2)
+    # NaN-propagating min: the clip clamp above drops a NaN rho, so s2 is finite even then, and a
+    # NaN-dropping min would return it (a finite loss for non-finite input, issue 8 finding 1)
+    s = tl.minimum(s1, s2, propagate_nan=tl.PropagateNan.ALL)
     ds = tl.where(s1 <= s2, s1, 0.0)
     ds = tl.where(tl.abs(z) <= LOG_RATIO_CLAMP, ds, 0.0)
     dual = tl.where(A < 0, dual_clip * A, float("-inf"))
