@@ -145,7 +145,11 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
         kl = tl.where(use_ref, kl, 0.0)
         dkl = tl.where(use_ref, dkl, 0.0)
         H = tl.load(ent_ptr + base + cols, mask=mk & use_ent, other=0.0)
-        loss = beta * kl - c * s - ent_coef * H
+        # beta = 0: the KL is only reported (kl_mean); 0 * inf must not make the loss NaN (a
+        # ref_logp of -inf, or logp = -inf, is legal), as in the torch engine and the reference
+        bkl = tl.where(beta != 0, beta * kl, 0.0)
+        bdkl = tl.where(beta != 0, beta * dkl, 0.0)
+        loss = bkl - c * s - ent_coef * H
         acc_s += tl.where(mk, loss, 0.0)
         acc_lo += tl.where(mk & (A < 0) & (rho < 1.0 - eps_low), 1.0, 0.0)
         acc_hi += tl.where(mk & (A > 0) & (rho > 1.0 + eps_high), 1.0, 0.0)
@@ -158,9 +162,9 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
             tl.store(tok_kl_ptr + base + cols, tl.where(mk, kl, 0.0), mask=cm)
         if TRACE == 0:
             if write_coef != 0:
-                tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * (beta * dkl - c * ds), 0.0), mask=cm)
+                tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * (bdkl - c * ds), 0.0), mask=cm)
         else:
-            tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * beta * dkl, 0.0), mask=cm)
+            tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * bdkl, 0.0), mask=cm)
             tl.store(s3 + o, -ds, mask=mk)
         if write_coef != 0:
             tl.store(coef_h_ptr + base + cols, tl.where(mk, -w * ent_coef, 0.0), mask=cm)

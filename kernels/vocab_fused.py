@@ -64,7 +64,7 @@ def vocab_fused_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, old_ptr, r
         kl, dkl = kl_and_grad(logp, ref, kl_est)
         dkl = tl.where(use_ref, dkl, 0.0)
         w = tl.load(w_ptr + pid)
-        g = w * (beta * dkl - c * ds)
+        g = w * (tl.where(beta != 0, beta * dkl, 0.0) - c * ds)  # beta = 0: no 0 * inf (see rows.py)
         gh = -w * ent_coef
         write_grad(row_in, row_out, V, inv_temp, lse, tok, g, gh, ent, BLOCK_V, WITH_ENTROPY)
     else:

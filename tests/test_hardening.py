@@ -357,3 +357,26 @@ def test_13_meta_device_inputs_are_refused_clearly():
     with pytest.raises(ValueError) as e:
         lg.token_logprobs(meta["logits"], meta["tokens"])
     assert str(e.value).startswith("logits:") and "meta" in str(e.value), str(e.value)
+
+
+# --- found while testing 1: beta = 0 with an infinite KL -------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+# (-inf logp with a ratio-mode trace makes the whole row NaN in every backend: the scan's 0 * -inf)
+@pytest.mark.parametrize("where,trace", [("ref_logp", None), ("ref_logp", "recent"), ("logits", None)])
+def test_beta_zero_infinite_kl_leaves_the_loss_alone(backend, trace, where):
+    # With beta = 0 the KL is only reported (kl_mean); a legal -inf (ref_logp of -inf, or a -inf
+    # logit at the sampled token, off-policy) makes it non-finite, and Triton's beta * kl = 0 * inf
+    # made the loss NaN. The loss must equal the loss computed without ref_logp at all.
+    cfg = lg.LossConfig(aggregation="dapo", trace=trace)
+    inp = make_batch(B=2, T=4, V=7, G=2, mask="full", seed=1)
+    if where == "ref_logp":
+        inp["ref_logp"][0, 1] = -INF
+    else:
+        inp["logits"][0, 1, inp["tokens"][0, 1]] = -INF
+    with_ref, x, _ = _loss(backend, inp, cfg)
+    without, _, _ = _loss(backend, dict(inp, ref_logp=None), cfg)
+    assert not torch.isfinite(with_ref.metrics["kl_mean"])  # inf (k3 of d = -inf), or nan (inf - inf)
+    assert torch.equal(with_ref.loss, without.loss), (with_ref.loss, without.loss)
+    with_ref.loss.backward()
+    assert not torch.isnan(x.grad).any()
