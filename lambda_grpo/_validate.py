@@ -154,8 +154,11 @@ def validate(
     if mask.dtype != torch.bool:
         if mask.dtype.is_complex:
             fail("mask", "bool or 0/1 values", mask.dtype)
-        if not _compiling() and mask.numel() > 0 and not bool(((mask == 0) | (mask == 1)).all()):
-            fail("mask", "bool or 0/1 values", "other values")
+        if not _compiling() and mask.numel() > 0:
+            ok = (mask == 0) | (mask == 1)
+            if not bool(ok.all()):
+                where = tuple(int(i) for i in (~ok).nonzero()[0])
+                fail("mask", "bool or 0/1 values", f"value {mask[where].item()!r} at index {where}")
         mask = mask != 0
     check_logits_tokens(logits, tokens, mask=mask)
     B, T, V = logits.shape
