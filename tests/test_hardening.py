@@ -380,3 +380,27 @@ def test_beta_zero_infinite_kl_leaves_the_loss_alone(backend, trace, where):
     assert torch.equal(with_ref.loss, without.loss), (with_ref.loss, without.loss)
     with_ref.loss.backward()
     assert not torch.isnan(x.grad).any()
+
+
+# --- found while calibrating the tolerance rule: p = exp(x - lse) with lse in one fp32 number ---
+
+LSE_XFAIL = pytest.mark.xfail(strict=True, reason=(
+    "open: the backward recomputes p = exp(x / tau - lse) with lse = max + log(sum) held as one fp32 number, "
+    "which loses |lse| * 2^-24 of log p (here |x / tau| ~ 200: p off by ~1e-5 relative, 6x plain torch's "
+    "largest error); plain torch keeps x - max apart. Found by hypothesis (seed 10) under the old rule too."))
+
+
+@pytest.mark.parametrize("backend,trace", [
+    ("torch", None),  # the torch engine's fused schedule computes p from x - max: exact enough
+    pytest.param("torch", "recent", marks=LSE_XFAIL),  # two-pass backward
+    pytest.param("triton", None, marks=LSE_XFAIL),  # the fused kernel
+    pytest.param("triton", "recent", marks=LSE_XFAIL),  # two-pass backward
+])
+def test_extreme_logits_softmax_precision(backend, trace):
+    if backend not in BACKENDS:
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    from tests._compare import assert_backend_matches
+
+    cfg = lg.LossConfig(aggregation="grpo", trace=trace, beta=0.5, kl_estimator="k2", temperature=0.7)
+    inp = make_batch(B=4, T=5, V=17, G=2, dtype=torch.float32, seed=1, mask="holes", logit_scale=50.0)
+    assert_backend_matches(backend, inp, cfg, lam=1.5)
