@@ -22,6 +22,13 @@ dL/dH, H] (4, B*T) and the backward recomputes the softmax once (`loss_bwd`).
 Memory contract of the fused backward (what the default, inplace=False, guarantees):
 - eager, g == 1 (loss.backward()): the saved buffer itself is the gradient, no copy; it is never
   written by backward, so backward may run again (retain_graph=True) and gives the same result.
+  The buffer is saved as a detached alias, not as the op's output: a saved output is kept as a
+  separate tensor object that does not count as a reference, so autograd would let a leaf's
+  AccumulateGrad take the saved buffer itself as `.grad` and a later backward would add into it
+  (issue 8, finding 3). The alias does count: with retain_graph=True the graph still holds it
+  and AccumulateGrad copies (the leaf's `.grad` is then its own tensor); without retain_graph
+  the engine releases saved tensors before AccumulateGrad runs, so the buffer is still handed
+  over uncopied.
 - eager, g != 1: a new buffer g * grad (the saved one stays intact).
 - compiled: g * grad; AOTAutograd donates the saved buffer to the backward, so inductor writes
   the product over it (same peak memory as eager; a second backward is refused by torch).
@@ -191,7 +198,8 @@ def _setup_context(ctx, inputs, output):
     # the fused schedule keeps only its gradient: the logits may be freed after the forward
     # (unless they hold the gradient, inplace=True)
     keep_logits = need_grad and (inplace or not ctx.fused)
-    ctx.save_for_backward(logits if keep_logits else None, tokens, mask, output[3], output[4], output[5])
+    grad = output[4].detach() if (ctx.fused and not inplace) else output[4]  # an alias: see the module docstring
+    ctx.save_for_backward(logits if keep_logits else None, tokens, mask, output[3], grad, output[5])
 
 
 def _fused_grad(ctx, d: Tensor, mask: Tensor, g: Tensor) -> Tensor:
@@ -431,7 +439,8 @@ def _linear_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     lam = inputs[8]
     ctx.lam_meta = None if lam is None else (lam.dtype, lam.device)
-    ctx.save_for_backward(output[3], output[4], output[5], output[6])
+    # the gradients as detached aliases, for the reason given in the module docstring
+    ctx.save_for_backward(output[3], output[4].detach(), output[5].detach(), output[6].detach())
 
 
 def _linear_backward(ctx, g_loss, *unused):

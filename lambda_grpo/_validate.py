@@ -3,10 +3,20 @@
 Every rule raises ``ValueError`` naming the argument with the expected and the actual value.
 Value checks that need the data (token range, 0/1 mask) read values back from the device;
 they are skipped while torch.compile traces (shapes and dtypes are still checked).
+
+Two rules act on the device instead, without a host sync (issue 8):
+- a normaliser given as a tensor (`num_tokens`, `num_sequences`) whose value is not finite
+  and > 0 becomes NaN, so that every quantity it divides (the loss, d(lambda)) is NaN rather
+  than a finite wrong number; a Python number is checked on the host and raises.
+- token ids of any integer dtype are accepted (uint8/uint16/int32 ... from numpy or a
+  tokenizer); the backends compute on int64 copies.
+Tensors on the "meta" device have no values to check or compute with: they are refused with
+a ValueError naming the first such argument.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Union
 
@@ -34,9 +44,17 @@ def check_backend(backend: str) -> None:
         fail("backend", f"one of {BACKENDS}", repr(backend))
 
 
+def check_has_data(x, name: str) -> None:
+    """Refuse a tensor on the meta device (shape only, no values): validation reads values
+    (token range, 0/1 mask) and every backend computes with them."""
+    if isinstance(x, torch.Tensor) and x.device.type == "meta":
+        fail(name, "a tensor with values (cpu, cuda, ...)", "a tensor on the meta device (shape only)")
+
+
 def check_logits_tokens(logits, tokens, name_logits="logits", name_tokens="tokens", mask=None) -> None:
     if not isinstance(logits, torch.Tensor):
         fail(name_logits, "a torch.Tensor", type(logits).__name__)
+    check_has_data(logits, name_logits)
     if logits.dim() != 3:
         fail(name_logits, "shape (B, T, V) with 3 dims", f"shape {tuple(logits.shape)}")
     if logits.dtype not in FLOAT_DTYPES:
@@ -49,14 +67,18 @@ def check_logits_tokens(logits, tokens, name_logits="logits", name_tokens="token
     if tuple(tokens.shape) != (B, T):
         fail(name_tokens, f"shape {(B, T)} (B, T of logits)", f"shape {tuple(tokens.shape)}")
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        fail(name_tokens, "an integer dtype (int64)", tokens.dtype)
+        fail(name_tokens, "an integer dtype (int64, int32, uint16, ...)", tokens.dtype)
     if tokens.device != logits.device:
         fail(name_tokens, f"device {logits.device} (that of logits)", tokens.device)
     if not _compiling() and tokens.numel() > 0:
-        sel = tokens if mask is None else tokens[mask]
+        # min/max are not implemented for every integer dtype (uint16/32/64): check an int64 copy
+        ids = tokens if tokens.dtype == torch.int64 else tokens.long()
+        sel = ids if mask is None else ids[mask]
         if sel.numel() > 0:
             lo, hi = int(sel.min()), int(sel.max())
             if lo < 0 or hi >= V:
+                if lo < 0 and tokens.dtype == torch.uint64:  # ids >= 2**63 wrapped in the int64 copy
+                    fail(name_tokens, f"ids in [0, {V}) where counted", "uint64 ids >= 2**63")
                 fail(name_tokens, f"ids in [0, {V}) where counted", f"ids in [{lo}, {hi}]")
 
 
@@ -80,16 +102,28 @@ def _per_token(x, name: str, B: int, T: int, device, dtype, allow_seq: bool = Fa
 
 
 def _normaliser(x, name: str, device, dtype):
+    """A global normaliser as a 0-d tensor in the compute dtype, or None (= the local count).
+
+    A Python number must be finite and > 0 (checked here, it raises). A tensor's value is not
+    read on the host (that would be a sync per call): a value that is not finite and > 0
+    (0, negative, inf, nan) becomes NaN on the device, so that the loss and d(lambda), which
+    divide by it, are NaN instead of a silent finite wrong number (issue 8, finding 8).
+    Values in (0, 1) are legal and, as the local counts, clamped to 1 where they divide.
+    """
     if x is None:
         return None
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
             fail(name, "an int or a 0-d tensor", f"tensor of shape {tuple(x.shape)}")
+        if x.dtype == torch.bool or x.dtype.is_complex:
+            fail(name, "a 0-d tensor of a real (integer or floating) dtype", x.dtype)
+        check_has_data(x, name)
         if x.device != device and x.device.type != "cpu":
             fail(name, f"device {device} or cpu", x.device)
-        return x.detach().reshape(()).to(device=device, dtype=dtype)
-    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not x > 0:
-        fail(name, "None, a positive number or a 0-d tensor", repr(x))
+        v = x.detach().reshape(()).to(device=device, dtype=dtype)
+        return torch.where(torch.isfinite(v) & (v > 0), v, torch.full_like(v, float("nan")))
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) or not x > 0:
+        fail(name, "None, a finite number > 0 or a 0-d tensor", repr(x))
     return torch.tensor(float(x), device=device, dtype=dtype)
 
 
@@ -112,6 +146,8 @@ def validate(
     """Check every SPEC §8 rule for the entry points from logits and return normalised inputs."""
     if not isinstance(config, LossConfig):
         fail("config", "a lambda_grpo.LossConfig", type(config).__name__)
+    if isinstance(logits, torch.Tensor):
+        check_has_data(logits, "logits")  # before the mask's value check reads values
     if not isinstance(mask, torch.Tensor):
         fail("mask", "a torch.Tensor", type(mask).__name__)
     if isinstance(logits, torch.Tensor) and logits.dim() == 3 and tuple(mask.shape) != tuple(logits.shape[:2]):
@@ -168,8 +204,11 @@ def _bool_mask(mask: torch.Tensor) -> torch.Tensor:
     if mask.dtype != torch.bool:
         if mask.dtype.is_complex:
             fail("mask", "bool or 0/1 values", mask.dtype)
-        if not _compiling() and mask.numel() > 0 and not bool(((mask == 0) | (mask == 1)).all()):
-            fail("mask", "bool or 0/1 values", "other values")
+        if not _compiling() and mask.numel() > 0:
+            ok = (mask == 0) | (mask == 1)
+            if not bool(ok.all()):
+                where = tuple(int(i) for i in (~ok).nonzero()[0])
+                fail("mask", "bool or 0/1 values", f"value {mask[where].item()!r} at index {where}")
         mask = mask != 0
     return mask
 

@@ -11,7 +11,6 @@ kernel import; tests/conftest.py does it).
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -24,18 +23,32 @@ from .kernels._config import LOGITS_DTYPES
 from .kernels.rows import PART, launch_rows
 from .kernels.vocab_bwd import scale_rows, vocab_backward as _vocab_backward
 from .kernels.vocab_fused import vocab_fused as _vocab_fused
-from .kernels.vocab_fwd import vocab_forward as _vocab_forward
+from .kernels.vocab_fwd import vocab_forward as _vocab_forward, vocab_fwd_kernel
+
+
+def kernels_interpreted() -> bool:
+    """Whether the kernels were created by the Triton interpreter. triton.jit decides once, when
+    a kernel module is imported (reading TRITON_INTERPRET then), so the environment variable
+    alone says nothing: it may have been set after this module was imported."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # a Triton without the interpreter
+        return False
+    return isinstance(vocab_fwd_kernel, InterpretedFunction)
 
 
 def check_runnable(logits: torch.Tensor) -> None:
-    """backend="triton" needs fp32/bf16/fp16 logits on CUDA, or the interpreter."""
+    """backend="triton" needs fp32/bf16/fp16 logits on CUDA, or kernels loaded by the interpreter."""
     if logits.dtype not in LOGITS_DTYPES:
         fail("logits", f"dtype in {LOGITS_DTYPES} for backend='triton' (use 'reference' or 'torch' for float64)",
              logits.dtype)
-    if logits.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        fail("logits", "a CUDA tensor for backend='triton' (on a CPU use backend='torch'; the Triton interpreter "
-             "needs TRITON_INTERPRET=1 in the environment before the process imports triton)",
-             f"device {logits.device}")
+    if logits.device.type != "cuda" and not kernels_interpreted():
+        raise ValueError(
+            f"logits: expected a CUDA tensor for backend='triton', got device {logits.device}. On a CPU use "
+            "backend='torch' (or 'auto'). The Triton interpreter runs these kernels on a CPU only when "
+            "TRITON_INTERPRET=1 is in the environment before lambda_grpo's Triton kernels are loaded; this "
+            "process has loaded them without it, so setting it now has no effect: start Python with it, "
+            "e.g. `TRITON_INTERPRET=1 python script.py`.")
 
 
 def _f32(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -315,7 +315,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "std",
     A_i = r_i - mean_g(r); with scale="std" divided by (std_g + eps), where std is the unbiased
     (n - 1) group standard deviation as in TRL's GRPOTrainer; scale="none" is Dr. GRPO's
     unscaled variant; scale="batch" divides by the std of the whole batch (TRL
-    scale_rewards="batch"). A group of equal rewards gets zero advantages.
+    scale_rewards="batch"). eps: a finite number >= 0 (default 1e-4, as TRL).
+
+    A group of equal (finite) rewards gets exactly zero advantages for every scale and every
+    eps, eps = 0 included (where the formula is 0/0), and even where the mean of the equal
+    values rounds. Non-finite rewards give non-finite advantages.
     """
     if not isinstance(rewards, torch.Tensor):
         fail("rewards", "a torch.Tensor", type(rewards).__name__)
@@ -327,6 +331,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "std",
         fail("group_size", f"a divisor of B = {rewards.shape[0]}", group_size)
     if scale not in ("std", "none", "batch"):
         fail("scale", "one of ('std', 'none', 'batch')", repr(scale))
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        fail("eps", "a finite number >= 0", repr(eps))
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     r = rewards.to(dtype).view(-1, group_size)
     centred = r - r.mean(dim=1, keepdim=True)
@@ -334,6 +340,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "std",
         std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r)
         centred = centred / (std + eps)
     elif scale == "batch":
-        std = rewards.to(dtype).std() if rewards.numel() > 1 else torch.zeros((), dtype=dtype)
+        std = rewards.to(dtype).std() if rewards.numel() > 1 else torch.zeros((), dtype=dtype, device=rewards.device)
         centred = centred / (std + eps)
-    return centred.reshape(-1)
+    hi = r.amax(dim=1, keepdim=True)
+    equal = (hi == r.amin(dim=1, keepdim=True)) & torch.isfinite(hi)
+    return torch.where(equal, torch.zeros_like(centred), centred).reshape(-1)

@@ -14,8 +14,8 @@ commands:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        print(USAGE, file=sys.stderr)
+    if not argv:  # a user error: one line, exit code 2 (the usage is for --help)
+        print("lambda-grpo: error: expected a command (train); see lambda-grpo --help", file=sys.stderr)
         return 2
     if argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -25,7 +25,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .trainer.cli import main as train_main
 
         return train_main(rest, prog="lambda-grpo train")
-    print(f"lambda-grpo: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+    print(f"lambda-grpo: error: unknown command {cmd!r}, expected one of: train (see lambda-grpo --help)",
+          file=sys.stderr)
     return 2
 
 

@@ -1,10 +1,27 @@
 """Shared test helpers: random GRPO batches and the tolerance rule.
 
-Tolerance rule (DEVELOPERS.md): a backend may be at most FACTOR x as far from the float64
-truth as plain PyTorch in the same dtype, plus a small atol. "Plain PyTorch in the same
-dtype" is the reference backend run with fp32 math (SPEC §4: per-token math is fp32 for
-fp32/bf16/fp16 logits) on the very same input tensors, gradients landing in the logits'
-dtype exactly as the backend's do. The truth is the reference in float64 on the same values.
+Tolerance rule (DEVELOPERS.md), element by element: each element of a backend's result may be
+at most FACTOR x as far from the float64 truth as plain PyTorch in the same dtype, plus a small
+per-dtype atol and a few units of fp32 roundoff of the element's own size. "Plain PyTorch in the
+same dtype" is the reference backend run with fp32 math (SPEC §4: per-token math is fp32 for
+fp32/bf16/fp16 logits) on the very same input tensors, gradients landing in the logits' dtype
+exactly as the backend's do. The truth is the reference in float64 on the same values.
+
+Plain torch's error has two parts, and the budget takes each at the scale where it is honest:
+- the rounding of the result to its dtype (bf16/fp16 dlogits): per element, as plain torch's
+  error at that element. With one budget for the whole tensor (the old rule: 2x plain torch's
+  *largest* error) every element got the rounding of the largest one, which in bf16 is big enough
+  to hide a dropped or 1.25x-scaled entropy gradient (issue 8);
+- the fp32 arithmetic before it: over the whole tensor, as plain torch's largest fp32 error
+  (measured on the unrounded fp32 gradient). Per element it is a single draw of roundoff that
+  cancellation can amplify (k3/k2 KL and trace scans at extreme logits): taken per element, a
+  lucky draw sets a budget that honest arithmetic cannot meet (seen: an element where plain torch
+  was off by 5e-7 and the torch backend by 1.3e-5, within the 2.2e-6 relative error plain torch
+  had elsewhere in the same tensor).
+So budget_i = FACTOR x max(plain torch's error at i, plain torch's largest fp32 error) + atol +
+rtol x |truth_i|, never above the old whole-tensor budget. For fp32 and float64 results the
+two parts coincide and the rule is the old one with a per-element rtol. A failure names the worst
+element with the three values (actual, truth, baseline).
 """
 
 from __future__ import annotations
@@ -79,8 +96,14 @@ def run(backend: str, inputs: dict, config: lg.LossConfig, lam: Optional[float] 
     backend="reference" with dtype=torch.float64 is the truth; with dtype=torch.float32 it is
     "plain torch in the same dtype"."""
     logits = inputs["logits"].detach().clone()
+    out_dtype = logits.dtype
     if backend == "reference" and dtype == torch.float64:
         logits = logits.double()  # the truth: same values, float64 leaf, float64 gradient
+    elif backend == "reference" and dtype == torch.float32 and logits.dtype in (torch.bfloat16, torch.float16):
+        # plain torch: an fp32 leaf holding the same values, so that its fp32 gradient (before the
+        # rounding to the logits' dtype) is seen too; dlogits is that gradient rounded to nearest,
+        # exactly what autograd's cast back to bf16/fp16 gives
+        logits = logits.float()
     logits.requires_grad_(True)
     lam_t = None
     if config.aggregation == "lambda_grpo":
@@ -90,12 +113,18 @@ def run(backend: str, inputs: dict, config: lg.LossConfig, lam: Optional[float] 
         batch = validate(args["logits"], args["tokens"], args["mask"], args["advantages"], args["group_size"],
                          args.get("old_logp"), args.get("ref_logp"), lam_t, config, args.get("num_tokens"),
                          args.get("num_sequences"))
-        out = reference_loss(batch, config, dtype=dtype)
+        out = reference_loss(batch, config, dtype=dtype, per_token=True)
     else:
         out = lg.grpo_loss(**args, lam=lam_t, config=config, backend=backend)
     out.loss.backward()
-    return dict(loss=out.loss.detach(), metrics={k: v.detach() for k, v in out.metrics.items()},
-                dlogits=logits.grad, dlam=None if lam_t is None else lam_t.grad)
+    res = dict(loss=out.loss.detach(), metrics={k: v.detach() for k, v in out.metrics.items()},
+               dlogits=logits.grad if out_dtype == logits.dtype or dtype == torch.float64 else logits.grad.to(out_dtype),
+               dlam=None if lam_t is None else lam_t.grad)
+    if logits.dtype != out_dtype and dtype == torch.float32:
+        res["dlogits_compute"] = logits.grad  # fp32, before the rounding to the logits' dtype
+    if out.per_token is not None:
+        res["ratio"] = out.per_token["ratio"]  # the rho that enters the clip (traced in ratio mode)
+    return res
 
 
 def one_ulp_perturbed(inputs: dict, seed: int = 0) -> dict:
@@ -125,26 +154,97 @@ def _farthest(runs, truth):
     out = dict(loss=pick(lambda r: r["loss"]), dlogits=pick(lambda r: r["dlogits"]),
                dlam=None if truth["dlam"] is None else pick(lambda r: r["dlam"]))
     out["metrics"] = {k: pick(lambda r, k=k: r["metrics"][k]) for k in truth["metrics"]}
+    out["ratio"] = pick(lambda r: r["ratio"])
     return out
 
 
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+def abs_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| per element in float64; 0 where both are nan or the same infinity, inf where only
+    one is nan."""
     a, b = a.double(), b.double()
     both_nan = torch.isnan(a) & torch.isnan(b)
     same_inf = torch.isinf(a) & (a == b)
     d = (a - b).abs()
     d = torch.where(both_nan | same_inf, torch.zeros_like(d), d)
-    d = torch.where(torch.isnan(d), torch.full_like(d, float("inf")), d)
+    return torch.where(torch.isnan(d), torch.full_like(d, float("inf")), d)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    d = abs_err(a, b)
     return float(d.max()) if d.numel() else 0.0
 
 
-def assert_close_to_truth(name: str, actual, truth, baseline, dtype, factor: float = FACTOR, atol: Optional[float] = None):
-    """|actual - truth|_max <= factor * |baseline - truth|_max + atol + rtol * |truth|_max."""
+def allowed_err(truth, baseline, dtype, factor: float = FACTOR, atol: Optional[float] = None,
+                compute: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The per-element error budget (float64, the shape of truth), see the module docstring:
+    factor x max(|baseline_i - truth_i|, max_j |compute_j - truth_j|) + atol + rtol x |truth_i|,
+    capped by the old whole-tensor budget factor x max_j |baseline_j - truth_j| + atol +
+    rtol x max_j |truth_j|. `compute` is plain torch's result before rounding to the output dtype
+    (its fp32 gradient); None: the baseline itself (the rule is then the old one, per-element rtol)."""
     atol = ATOL[dtype] if atol is None else atol
-    err = max_err(actual, truth)
-    scale = float(truth.double().abs().nan_to_num(0, 0, 0).max()) if truth.numel() else 0.0
-    allowed = factor * max_err(baseline, truth) + atol + RTOL[dtype] * scale
-    assert err <= allowed, f"{name}: error {err:.3e} vs truth exceeds {allowed:.3e} (plain-torch error x{factor} + {atol:g} + rtol*|truth|)"
+    base = abs_err(baseline, truth)
+    size = truth.double().abs().nan_to_num(0, 0, 0)
+    if truth.numel() == 0:
+        return base
+    arith = max_err(baseline if compute is None else compute, truth)
+    own = factor * torch.clamp(base, min=arith) + atol + RTOL[dtype] * size
+    cap = factor * float(base.max()) + atol + RTOL[dtype] * float(size.max())
+    return torch.clamp(own, max=cap)
+
+
+def assert_close_to_truth(name: str, actual, truth, baseline, dtype, factor: float = FACTOR, atol: Optional[float] = None,
+                          compute: Optional[torch.Tensor] = None):
+    """|actual - truth| <= `allowed_err` at every element (see the module docstring); on failure,
+    the worst element with its three values. compute: plain torch before the output rounding."""
+    assert actual.shape == truth.shape, f"{name}: shape {tuple(actual.shape)} vs truth {tuple(truth.shape)}"
+    if truth.numel() == 0:
+        return
+    err = abs_err(actual, truth)
+    allowed = allowed_err(truth, baseline, dtype, factor, atol, compute)
+    bad = ~(err <= allowed)  # inf <= inf holds: where plain torch overflows too, so may the backend
+    if not bool(bad.any()):
+        return
+    over = torch.where(bad, torch.nan_to_num(err - allowed, nan=float("inf")), torch.full_like(err, -float("inf")))
+    flat = int(torch.argmax(over))
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), truth.shape)) if truth.dim() else ()
+    a, t, b = (float(x.reshape(-1)[flat]) for x in (actual.double(), truth.double(), baseline.double()))
+    n_bad = int(bad.sum())
+    raise AssertionError(
+        f"{name}: {n_bad} of {truth.numel()} elements outside the budget; worst at index {idx}: actual {a!r}, "
+        f"truth {t!r}, plain torch {b!r}: error {float(err.reshape(-1)[flat]):.3e} > allowed "
+        f"{float(allowed.reshape(-1)[flat]):.3e} (x{factor} the larger of plain torch's error there, {abs(b - t):.3e}, "
+        f"and its largest fp32 error anywhere; + atol {ATOL[dtype] if atol is None else atol:g} + rtol*|truth|; "
+        f"capped by the whole-tensor budget)")
+
+
+def clip_slack(inputs: dict, config: lg.LossConfig, truth_ratio: torch.Tensor, base_ratio: torch.Tensor):
+    """How far clip_frac_low / clip_frac_high may honestly differ from the truth: the fraction of
+    valid tokens whose ratio lies within FACTOR x plain torch's ratio error (+ 4 fp32 ulps) of the
+    clip boundary on the side that counts (A < 0 and 1 - eps_low, A > 0 and 1 + eps_high). Only
+    those tokens may flip; with none near a boundary the fractions must match exactly (up to the
+    fp32 rounding of the mean)."""
+    mask = inputs["mask"] != 0
+    n = max(1, int(mask.sum()))
+    adv = inputs["advantages"].double()
+    A = adv[:, None].expand(mask.shape) if adv.dim() == 1 else adv
+    if config.adv_clamp_min is not None:
+        A = A.clamp(min=config.adv_clamp_min)
+    t, b = truth_ratio.double(), base_ratio.double()
+    reach = FACTOR * abs_err(b, t) + RTOL[torch.float32] * t.abs()
+    near_lo = (t - (1 - config.eps_low)).abs() <= reach
+    near_hi = (t - (1 + config.eps_high)).abs() <= reach
+    return int((mask & (A < 0) & near_lo).sum()) / n, int((mask & (A > 0) & near_hi).sum()) / n
+
+
+def assert_clip_fractions_match(got_metrics: dict, truth: dict, base: dict, inputs: dict, config: lg.LossConfig):
+    """clip_frac_low, clip_frac_high, clip_frac of a backend against the truth, with the slack of
+    `clip_slack` (tokens at the boundary within plain torch's roundoff) and nothing more."""
+    lo, hi = clip_slack(inputs, config, truth["ratio"], base["ratio"])
+    for k, slack in (("clip_frac_low", lo), ("clip_frac_high", hi), ("clip_frac", lo + hi)):
+        got, want = float(got_metrics[k]), float(truth["metrics"][k])
+        assert abs(got - want) <= slack + 1e-6, (
+            f"metrics[{k}]: {got!r} vs truth {want!r} (plain torch {float(base['metrics'][k])!r}); tokens within "
+            f"roundoff of the clip boundary allow {slack:.4g}")
 
 
 def assert_backend_matches(backend: str, inputs: dict, config: lg.LossConfig, lam: float = 0.0,
@@ -162,16 +262,15 @@ def assert_backend_matches(backend: str, inputs: dict, config: lg.LossConfig, la
     assert got["loss"].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_close_to_truth("loss", got["loss"], truth["loss"], base["loss"], dtype)
     assert set(got["metrics"]) == set(truth["metrics"]), (sorted(got["metrics"]), sorted(truth["metrics"]))
+    # indicator means: only a token whose ratio is within roundoff of a clip boundary may flip
+    assert_clip_fractions_match(got["metrics"], truth, base, inputs, config)
     for k in truth["metrics"]:
-        if k.startswith("clip_frac"):
-            # indicator means: a token at the clip boundary may flip; allow one token's worth
-            n = max(1, int(inputs["mask"].sum()))
-            assert max_err(got["metrics"][k], truth["metrics"][k]) <= max_err(base["metrics"][k], truth["metrics"][k]) * FACTOR + 1.0 / n + 1e-6, k
-        else:
+        if not k.startswith("clip_frac"):
             assert_close_to_truth(f"metrics[{k}]", got["metrics"][k], truth["metrics"][k], base["metrics"][k], dtype)
     if check_grad:
         assert got["dlogits"].dtype == dtype
-        assert_close_to_truth("dlogits", got["dlogits"], truth["dlogits"], base["dlogits"], dtype)
+        assert_close_to_truth("dlogits", got["dlogits"], truth["dlogits"], base["dlogits"], dtype,
+                              compute=base.get("dlogits_compute"))
         if truth["dlam"] is not None:
             assert_close_to_truth("dlam", got["dlam"], truth["dlam"], base["dlam"], dtype)
     return got, truth

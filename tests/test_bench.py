@@ -1,29 +1,33 @@
-"""CI for the benchmark suite: `python -m bench --quick` runs end to end within 3 minutes, writes
-its CSV, and a provider that disagrees with the float64 truth makes the run fail before timing."""
+"""CI for the benchmark suite: `python -m bench --quick` runs end to end, writes its CSV, and a
+provider that disagrees with the float64 truth makes the run fail before timing.
+
+No assert here depends on how fast the machine is: a quick run does a fixed amount of work
+(every listed measurement, 3 timed repeats, no time budget), and the test checks what was
+measured. The subprocess timeout is only a guard against a hang.
+"""
 
 import csv
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _bench(args, tmp_path, env=None, timeout=600):
+HANG_GUARD_S = 3 * 3600
+
+
+def _bench(args, tmp_path, env=None, timeout=HANG_GUARD_S):
     return subprocess.run([sys.executable, "-m", "bench", *args, "--out", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.slow
 def test_quick_run_exits_zero_and_writes_csv(tmp_path):
-    t0 = time.monotonic()
     proc = _bench(["--quick"], tmp_path)
-    elapsed = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert elapsed < 180, f"quick run took {elapsed:.0f} s (CI budget 180 s)"
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows, "empty CSV"
@@ -31,11 +35,16 @@ def test_quick_run_exits_zero_and_writes_csv(tmp_path):
     checks = [r for r in rows if r["kind"] == "check"]
     assert any(r["provider"] == "torch" and r["status"] == "ok" for r in checks), "torch backend not checked"
     assert not any(r["status"] in ("DISAGREES", "ERROR") for r in checks)
-    timed = {(r["provider"], r["metric"]): float(r["value"]) for r in rows
-             if r["kind"] == "timing" and r["status"] == "ok" and r["metric"]}
+    timing = [r for r in rows if r["kind"] == "timing"]
+    # no measurement was cut for time: skips have other reasons (not on this device, memory)
+    assert not any("time budget" in (r.get("reason") or "") for r in timing), [r["reason"] for r in timing]
+    timed = {(r["provider"], r["metric"]): float(r["value"]) for r in timing if r["status"] == "ok" and r["metric"]}
     assert timed.get(("floor", "exp_out_median"), 0) > 0
     assert timed.get(("torch", "fwdbwd_median"), 0) > 0
     assert timed.get(("torch", "peak_extra_fwdbwd"), 0) > 0
+    # the fixed amount of work: every timing that ran has exactly 3 repeats, whatever the load
+    counts = {k: v for k, v in timed.items() if k[1].endswith("_n")}
+    assert counts and set(counts.values()) == {3.0}, counts
     assert (tmp_path / "report.md").exists()
 
 

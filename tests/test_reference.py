@@ -292,7 +292,7 @@ def test_lambda_weights_by_hand():
     assert torch.equal(feq, torch.ones(3, dtype=torch.float64))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)  # fixed examples: re-runnable
 @given(G=st.integers(1, 6), groups=st.integers(1, 3), lam=st.floats(-30, 30),
        r=st.sampled_from([1 / 9, 0.5, 2.0]), seed=st.integers(0, 2**31 - 1))
 def test_lambda_weights_and_dlam_match_numpy_closed_form(G, groups, lam, r, seed):
@@ -445,7 +445,7 @@ configs = st.builds(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)  # fixed examples: re-runnable
 @given(cfg=configs, seed=st.integers(0, 10**6), mask=st.sampled_from(["holes", "empty_rows", "len1", "full", "prefix"]),
        per_token=st.booleans(), off_policy=st.booleans(), with_ref=st.booleans(), lam=st.sampled_from([0.0, 1.3, -4.0]),
        G=st.sampled_from([1, 2, 4]))
@@ -463,7 +463,7 @@ def test_reference_matches_numpy_spec(cfg, seed, mask, per_token, off_policy, wi
         np.testing.assert_allclose(out.metrics[k].numpy(), v, rtol=1e-10, atol=1e-12, err_msg=k)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, derandomize=True, database=None)  # fixed examples: re-runnable
 @given(cfg=configs, seed=st.integers(0, 10**6), per_token=st.booleans(), off_policy=st.booleans())
 def test_reference_gradient_matches_numpy_finite_differences(cfg, seed, per_token, off_policy):
     inp = make_batch(B=4, T=4, V=3, G=2, dtype=torch.float64, seed=seed, mask="empty_rows", per_token_adv=per_token,

@@ -69,7 +69,7 @@ def _loss_and_grads(backend, inputs, cfg, lam=None, upstream=1.0, **kw):
 # --------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=120, deadline=None, derandomize=True, database=None)  # fixed examples: re-runnable
 @given(cfg=configs, shape=st.sampled_from(SMALL_SHAPES), dtype=st.sampled_from(DTYPES),
        seed=st.integers(0, 10**6), mask=st.sampled_from(MASKS), per_token=st.booleans(), off_policy=st.booleans(),
        with_ref=st.booleans(), equal=st.booleans(), lam=st.sampled_from([0.0, 0.5, -3.0, 8.0]))
@@ -80,7 +80,7 @@ def test_torch_matches_reference(cfg, shape, dtype, seed, mask, per_token, off_p
     assert_backend_matches("torch", inp, cfg, lam)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True, database=None)  # fixed examples: re-runnable
 @given(cfg=configs, dtype=st.sampled_from(DTYPES), scale=st.sampled_from([50.0, 100.0]),
        seed=st.integers(0, 10**6), mask=st.sampled_from(MASKS))
 def test_torch_matches_reference_extreme_logits(cfg, dtype, scale, seed, mask):

@@ -55,7 +55,9 @@ def model_dir(tmp_path_factory):
 def _args(model_dir, out, *extra):
     # No system prompt, no chat template: the prompt is "a + b=" in the tiny vocabulary. The format
     # reward gives a random tiny model a reward signal with variance inside its groups.
-    return ["--model", str(model_dir), "--output-dir", str(out), "--system-prompt", "none",
+    # --threads 1: the thread count is pinned (bit-exact comparisons must not depend on the
+    # machine's load, which the default 0 consults).
+    return ["--model", str(model_dir), "--output-dir", str(out), "--threads", "1", "--system-prompt", "none",
             "--prompt-template", "{question}=", "--max-value", "5", "--num-train", "24", "--num-eval", "6",
             "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "5", "--micro-batch-prompts", "1",
             "--format-weight", "1.0", "--lr", "3e-3", "--lambda-lr", "5.0", "--no-progress", "--quiet", *extra]
@@ -236,3 +238,172 @@ def test_rewards_and_attention_choice():
     assert answers_match("27", "27") and answers_match("27.0", "27") and not answers_match("28", "27")
     assert not answers_match(None, "1")
     assert pick_attention(torch.device("cpu")) == "sdpa"
+
+
+# --------------------------------------------------------------------------------------------
+# Process-wide state: the trainer restores the thread count (issue 8, "a suite that no load can fail")
+# --------------------------------------------------------------------------------------------
+
+def test_trainer_restores_the_thread_count(model_dir, tmp_path):
+    before = torch.get_num_threads()
+    want = 2 if before != 2 else 1
+    seen = []
+    t = GRPOTrainer(_cfg(model_dir, tmp_path / "t", "--steps", "1", "--num-eval", "2", "--no-plot",
+                         "--threads", str(want)))
+    assert torch.get_num_threads() == before  # construction changes nothing
+    step = t.train_step
+
+    def spy():
+        seen.append(torch.get_num_threads())
+        return step()
+
+    t.train_step = spy
+    t.train()
+    assert seen == [want]  # the run used the asked-for count ...
+    assert torch.get_num_threads() == before  # ... and gave the process its own back
+    t.evaluate("again")
+    assert torch.get_num_threads() == before
+
+
+# --------------------------------------------------------------------------------------------
+# CLI user errors (issue 8, finding 7): one line naming the flag or file, exit code 2, no
+# traceback, before the model is loaded
+# --------------------------------------------------------------------------------------------
+
+def _no_model_loading(monkeypatch):
+    import lambda_grpo.trainer.loop as loop
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the user error was reported")
+
+    monkeypatch.setattr(loop, "load_model_and_tokenizer", refuse)
+
+
+def _cli_error(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _files(tmp_path):
+    files = {
+        "bad.jsonl": '{"prompt": "1 + 1=", "answer": "2"}\n{"prompt": "2 + 2=", "answer": 4\n',
+        "nocol.jsonl": '{"prompt": "1 + 1="}\n',
+        "notobj.jsonl": '[1, 2]\n',
+        "empty.jsonl": "\n",
+        "bad.parquet": "not a parquet file",
+        "data.csv": "prompt,answer\n",
+        "unknown.json": '{"lr": 1e-4, "stpes": 3}',
+        "unknown_loss.json": '{"loss": {"aggregaton": "dapo"}}',
+        "malformed.json": '{"lr": 1e-4,, }',
+        "list.json": "[1, 2]",
+        "badvalue.json": '{"loss": {"aggregation": "ppo"}}',
+        "badtype.json": '{"steps": "10"}',
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+CLI_ERRORS = [
+    # (argv with {d} = the files' directory, the flag the line must name, a fragment it must show)
+    (["--task", "file", "--data-path", "{d}/bad.jsonl"], "--data-path", "bad.jsonl: line 2"),
+    (["--task", "file", "--data-path", "{d}/nocol.jsonl"], "--data-path", "'answer'"),
+    (["--task", "file", "--data-path", "{d}/notobj.jsonl"], "--data-path", "notobj.jsonl: line 1"),
+    (["--task", "file", "--data-path", "{d}/empty.jsonl"], "--data-path", "none"),
+    (["--task", "file", "--data-path", "{d}/bad.parquet"], "--data-path", "bad.parquet"),
+    (["--task", "file", "--data-path", "{d}/data.csv"], "--data-path", "'.csv'"),
+    (["--task", "file", "--data-path", "{d}/missing.jsonl"], "--data-path", "missing.jsonl"),
+    (["--task", "file"], "--data-path", "None"),
+    (["--data-path", "{d}/bad.jsonl"], "--data-path", "--task arithmetic"),
+    (["--config", "{d}/missing.json"], "--config", "missing.json"),
+    (["--config", "{d}"], "--config", "directory"),
+    (["--config", "{d}/unknown.json"], "--config", "'stpes' (did you mean 'steps'?)"),
+    (["--config", "{d}/unknown_loss.json"], "--config", "'loss.aggregaton'"),
+    (["--config", "{d}/malformed.json"], "--config", "line 1 column 13"),
+    (["--config", "{d}/list.json"], "--config", "list"),
+    (["--config", "{d}/badvalue.json"], "--config", "aggregation: expected one of"),
+    (["--config", "{d}/badtype.json"], "--config", "steps: expected an int >= 0, got '10'"),
+    (["--lr", "abc"], "--lr", "'abc'"),
+    (["--lambda-lr", "-1"], "--lambda-lr", "-1.0"),
+    (["--adam-beta2", "1.5"], "--adam-beta2", "1.5"),
+    (["--trace-decay", "1.5"], "--trace-decay", "1.5"),
+    (["--aggregation", "ppo"], "--aggregation", "'ppo'"),
+    (["--bogus", "1"], "--bogus", "unrecognized"),
+    (["--preset", "nope"], "--preset", "'nope'"),
+    (["--model", "{d}/no_model"], "--model", "no_model"),
+    (["--model", "{d}"], "--model", "config.json"),
+    (["--device", "cuda:7"], "--device", "cuda:7"),
+    (["--resume", "latest", "--output-dir", "{d}/out"], "--resume", "checkpoint-*"),
+    (["--resume", "{d}/nowhere"], "--resume", "nowhere"),
+    (["--output-dir", "{d}/bad.jsonl"], "--output-dir", "existing file"),
+    (["--compare", "--methods", "grpo,ppo"], "--methods", "'grpo,ppo'"),
+    (["--compare", "--seeds", "0,x"], "--seeds", "'0,x'"),
+]
+
+
+@pytest.mark.parametrize("argv,flag,fragment", CLI_ERRORS, ids=[" ".join(c[0]) for c in CLI_ERRORS])
+def test_cli_user_errors_are_one_line_before_the_model_loads(argv, flag, fragment, tmp_path, capsys, monkeypatch,
+                                                              model_dir):
+    if argv[:2] == ["--device", "cuda:7"] and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    _no_model_loading(monkeypatch)
+    d = _files(tmp_path)
+    # a valid model directory unless the case is about the model: the error must come from the flag
+    base = [] if "--model" in argv else ["--model", str(model_dir)]
+    line = _cli_error(capsys, base + [a.replace("{d}", str(d)) for a in argv])
+    assert line.startswith("python -m lambda_grpo.train: error: "), line
+    assert flag in line and fragment in line, line
+
+
+def test_cli_backend_triton_without_cuda_or_interpreter(model_dir, capsys, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: backend='triton' is valid")
+    _no_model_loading(monkeypatch)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    line = _cli_error(capsys, ["--model", str(model_dir), "--backend", "triton"])
+    assert "--backend" in line and "TRITON_INTERPRET=1" in line, line
+
+
+def test_library_reports_a_bad_data_file_before_loading_the_model(tmp_path, monkeypatch):
+    _no_model_loading(monkeypatch)
+    d = _files(tmp_path)
+    with pytest.raises(ValueError, match=r"^data_path: .*bad.jsonl: line 2"):
+        GRPOTrainer(TrainConfig(task="file", data_path=str(d / "bad.jsonl"), output_dir=str(tmp_path / "o")))
+
+
+def test_jsonl_answers_of_mixed_types_are_read(model_dir, tmp_path):
+    # the JSONL reader is our own (no datasets loader): answers of mixed JSON types (3, "4") are strings
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} + 1=", "answer": i + 1 if i % 2 else str(i + 1)}) + "\n"
+                            for i in range(8)))
+    t = GRPOTrainer(_cfg(model_dir, tmp_path / "m", "--task", "file", "--data-path", str(data), "--steps", "0",
+                         "--num-eval", "2", "--no-plot"))
+    assert sorted(list(t.train_ds["answer"]) + list(t.eval_ds["answer"]), key=int) == [str(i + 1) for i in range(8)]
+
+
+@pytest.mark.parametrize("entry", ["module", "console"])
+def test_cli_entry_points_exit_2_with_one_line(entry, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x"\n')
+    if entry == "module":
+        cmd = [sys.executable, "-m", "lambda_grpo.train"]
+    else:
+        cmd = [sys.executable, "-c", "import sys; from lambda_grpo.cli import main; sys.exit(main())", "train"]
+    for args, fragment in ((["--config", str(tmp_path / "missing.json")], "--config"),
+                           (["--task", "file", "--data-path", str(tmp_path / "bad.jsonl")], "--data-path")):
+        res = subprocess.run(cmd + args, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and fragment in lines[0], res.stderr[-2000:]
+    if entry == "console":
+        for argv, fragment in (([], "expected a command"), (["trian"], "unknown command 'trian'")):
+            res = subprocess.run(cmd[:-1] + argv, capture_output=True, text=True, timeout=600)
+            lines = res.stderr.strip().splitlines()
+            assert res.returncode == 2 and len(lines) == 1 and fragment in lines[0], res.stderr

@@ -10,6 +10,7 @@ multi-tile / multi-chunk code paths are reached by shrinking the launch blocks
 from __future__ import annotations
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ import lambda_grpo as lg
 from lambda_grpo._validate import validate
 from lambda_grpo.config import AGGREGATIONS
 from lambda_grpo.reference import reference_token_logprobs
-from tests._compare import (DEVICE, assert_backend_matches, assert_close_to_truth, make_batch, max_err, run)
+from tests._compare import (DEVICE, assert_backend_matches, assert_clip_fractions_match, assert_close_to_truth,
+                            make_batch, max_err, run)
 
 pytestmark = [
     pytest.mark.triton,
@@ -58,11 +60,13 @@ def _assert_run_matches(got, inputs, cfg, lam):
     base = run("reference", inputs, cfg, lam, dtype=torch.float32)
     assert_close_to_truth("loss", got["loss"], truth["loss"], base["loss"], dtype)
     assert set(got["metrics"]) == set(truth["metrics"])
-    for k in ("ratio_mean", "kl_mean", "entropy_mean", "seq_weight"):
+    assert_clip_fractions_match(got["metrics"], truth, base, inputs, cfg)
+    for k in ("ratio_mean", "kl_mean", "entropy_mean", "seq_weight", "lambda"):
         if k in truth["metrics"]:
             assert_close_to_truth(k, got["metrics"][k], truth["metrics"][k], base["metrics"][k], dtype)
     assert got["dlogits"].dtype == dtype
-    assert_close_to_truth("dlogits", got["dlogits"], truth["dlogits"], base["dlogits"], dtype)
+    assert_close_to_truth("dlogits", got["dlogits"], truth["dlogits"], base["dlogits"], dtype,
+                          compute=base.get("dlogits_compute"))
     if truth["dlam"] is not None:
         assert_close_to_truth("dlam", got["dlam"], truth["dlam"], base["dlam"], dtype)
 
@@ -74,7 +78,9 @@ def _assert_run_matches(got, inputs, cfg, lam):
 def test_aggregation_x_trace(aggregation, trace, mode):
     cfg = lg.LossConfig(aggregation=aggregation, trace=trace, trace_mode=mode, beta=0.05, entropy_coef=0.01,
                         trace_decay=0.9)
-    inputs = make_batch(B=4, T=9, V=7, G=2, mask="empty_rows", seed=hash((aggregation, trace, mode)) % 1000)
+    # a stable seed per case (str hashes are salted per process): a failure re-runs with the same inputs
+    seed = zlib.crc32(repr((aggregation, trace, mode)).encode()) % 1000
+    inputs = make_batch(B=4, T=9, V=7, G=2, mask="empty_rows", seed=seed)
     assert_backend_matches("triton", inputs, cfg, lam=0.8)
 
 
@@ -96,11 +102,13 @@ def test_dtypes_and_vocab_sizes(dtype, V):
     assert_backend_matches("triton", inputs, cfg, lam=1.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("trace,mode", [(None, "ratio"), ("both", "ratio")])
-def test_qwen_vocab(trace, mode):
-    """V = 151 936 (Qwen2): 38 vocab tiles per token, fused and two-pass paths."""
+def test_qwen_vocab(trace, mode, dtype):
+    """V = 151 936 (Qwen2): 38 vocab tiles per token, fused and two-pass paths; bf16 and an fp32
+    twin (where the tolerance is tight enough to see small-entry bugs)."""
     cfg = lg.LossConfig(aggregation="grpo", beta=0.1, entropy_coef=0.01, trace=trace, trace_mode=mode)
-    inputs = make_batch(B=2, T=2, V=151936, G=2, dtype=torch.bfloat16, mask="full", seed=3)
+    inputs = make_batch(B=2, T=2, V=151936, G=2, dtype=dtype, mask="full", seed=3)
     assert_backend_matches("triton", inputs, cfg)
 
 
@@ -195,7 +203,9 @@ def test_token_logprobs(dtype, V, temperature):
     w = torch.randn(2, 3, generator=g, dtype=torch.float64).to(DEVICE)
     res = {}
     for name, dt in (("truth", torch.float64), ("base", torch.float32), ("got", None)):
-        x = logits.clone().double().requires_grad_(True) if dt == torch.float64 else logits.clone().requires_grad_(True)
+        # truth and plain torch on float64 / fp32 leaves holding the same values (plain torch's fp32
+        # gradient is its result before the rounding to the logits' dtype)
+        x = logits.clone().to(dt).requires_grad_(True) if dt is not None else logits.clone().requires_grad_(True)
         if dt is None:
             lp = lg.token_logprobs(x, tokens, temperature, backend="triton")
             assert lp.dtype == torch.float32 and lp.shape == (2, 3)
@@ -204,7 +214,8 @@ def test_token_logprobs(dtype, V, temperature):
         (lp.double() * w).sum().backward()
         res[name] = (lp.detach(), x.grad)
     assert_close_to_truth("logp", res["got"][0], res["truth"][0], res["base"][0], dtype)
-    assert_close_to_truth("dlogits", res["got"][1], res["truth"][1], res["base"][1], dtype)
+    assert_close_to_truth("dlogits", res["got"][1], res["truth"][1], res["base"][1].to(dtype), dtype,
+                          compute=res["base"][1])
 
 
 # --- bad and hostile input ------------------------------------------------------------------

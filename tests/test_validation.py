@@ -63,9 +63,9 @@ GRPO_LOSS_CASES = {
     # mask
     "mask not a tensor": (lambda: _call(mask=[[1] * T] * B), "mask", "list"),
     "mask shape": (lambda: _call(mask=torch.ones(B, T - 1, dtype=torch.bool)), "mask", f"({B}, {T - 1})"),
-    "mask value 2": (lambda: _call(mask=torch.full((B, T), 2)), "mask", ""),
-    "mask value 0.5": (lambda: _call(mask=torch.full((B, T), 0.5)), "mask", ""),
-    "mask value -1": (lambda: _call(mask=-torch.ones(B, T, dtype=torch.int32)), "mask", ""),
+    "mask value 2": (lambda: _call(mask=torch.full((B, T), 2)), "mask", "value 2 at index (0, 0)"),
+    "mask value 0.5": (lambda: _call(mask=torch.full((B, T), 0.5)), "mask", "value 0.5 at index (0, 0)"),
+    "mask value -1": (lambda: _call(mask=-torch.ones(B, T, dtype=torch.int32)), "mask", "value -1 at index (0, 0)"),
     "mask device": (lambda: _call(mask=_meta(_inp()["mask"])), "mask", "meta"),
     # advantages
     "advantages None": (lambda: _call(advantages=None), "advantages", "None"),

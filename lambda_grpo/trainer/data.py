@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import random
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -62,21 +63,82 @@ def arithmetic_problems(cfg: TrainConfig) -> List[Tuple[str, str]]:
     return out
 
 
-def _file_problems(path: str) -> List[Tuple[str, str]]:
-    import datasets
-
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"data_path: expected an existing .jsonl/.parquet file, got {path!r}")
-    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(p.suffix)
-    if kind is None:
-        raise ValueError(f"data_path: expected a .jsonl or .parquet file, got suffix {p.suffix!r}")
-    ds = datasets.load_dataset(kind, data_files=str(p), split="train")
-    missing = {"prompt", "answer"} - set(ds.column_names)
+def _row_problem(row, where: str) -> Tuple[str, str]:
+    if not isinstance(row, dict):
+        raise ValueError(f"data_path: {where}: expected an object with 'prompt' and 'answer', "
+                         f"got {type(row).__name__}")
+    missing = [k for k in ("prompt", "answer") if k not in row]
     if missing:
-        raise ValueError(f"data_path: expected columns 'prompt' and 'answer', missing {sorted(missing)} "
-                         f"(have {ds.column_names})")
-    return [(str(r["prompt"]), str(r["answer"]).strip()) for r in ds]
+        raise ValueError(f"data_path: {where}: expected keys 'prompt' and 'answer', missing {missing} "
+                         f"(have {sorted(row)})")
+    for k in ("prompt", "answer"):
+        if row[k] is None or isinstance(row[k], (dict, list)):
+            raise ValueError(f"data_path: {where}: expected '{k}' to be a string or a number, got {row[k]!r}")
+    return str(row["prompt"]), str(row["answer"]).strip()
+
+
+def _json_problems(p: Path) -> List[Tuple[str, str]]:
+    """JSON lines (one object per line; blank lines skipped), or for .json also one JSON array of
+    objects. Parsed here rather than by `datasets`, whose json loader reports a malformed line as a
+    DatasetGenerationError traceback and fails on columns of mixed types (answer 3 vs "3")."""
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data_path: {p}: expected UTF-8 text, got undecodable bytes at offset {e.start}") from None
+    if p.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"data_path: {p}: expected a JSON array of objects, got invalid JSON at line {e.lineno} "
+                             f"column {e.colno} ({e.msg})") from None
+        return [_row_problem(r, f"{p}: item {i}") for i, r in enumerate(rows)]
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"data_path: {p}: line {n}: expected one JSON object per line, got invalid JSON at "
+                             f"column {e.colno} ({e.msg})") from None
+        out.append(_row_problem(row, f"{p}: line {n}"))
+    return out
+
+
+def _parquet_problems(p: Path) -> List[Tuple[str, str]]:
+    try:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(p)
+    except ImportError:  # pragma: no cover - pyarrow comes with datasets
+        raise ValueError("data_path: a .parquet file needs pyarrow (pip install pyarrow)") from None
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a file that is not parquet
+        raise ValueError(f"data_path: {p}: expected a parquet file, got one pyarrow cannot read "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    missing = [k for k in ("prompt", "answer") if k not in table.column_names]
+    if missing:
+        raise ValueError(f"data_path: {p}: expected columns 'prompt' and 'answer', missing {missing} "
+                         f"(have {table.column_names})")
+    cols = table.select(["prompt", "answer"]).to_pylist()
+    return [_row_problem(r, f"{p}: row {i}") for i, r in enumerate(cols)]
+
+
+def file_problems(path: Optional[str]) -> List[Tuple[str, str]]:
+    """(question, answer) pairs of a local .jsonl / .json / .parquet file with prompt and answer.
+
+    Every problem with the file (missing, wrong suffix, malformed line, missing key, empty) is a
+    ValueError naming data_path, the file and the line; the CLI checks the file with this before
+    it loads a model."""
+    p = Path(path) if path else None
+    if p is None or not p.is_file():
+        raise ValueError(f"data_path: expected an existing .jsonl/.json/.parquet file, got {path!r}"
+                         + (" (a directory)" if p is not None and p.is_dir() else ""))
+    if p.suffix not in (".jsonl", ".json", ".parquet"):
+        raise ValueError(f"data_path: expected a .jsonl, .json or .parquet file, got suffix {p.suffix!r} ({p})")
+    problems = _parquet_problems(p) if p.suffix == ".parquet" else _json_problems(p)
+    if not problems:
+        raise ValueError(f"data_path: {p}: expected at least one prompt/answer row, got none")
+    return problems
 
 
 def _reasoning_gym_problems(cfg: TrainConfig) -> List[Tuple[str, str]]:
@@ -88,17 +150,26 @@ def _reasoning_gym_problems(cfg: TrainConfig) -> List[Tuple[str, str]]:
     return [(str(e["question"]), str(e["answer"]).strip()) for e in ds]
 
 
-def build_datasets(cfg: TrainConfig, tokenizer):
-    """(train, held_out) `datasets.Dataset`s with columns question / prompt / answer."""
+def load_problems(cfg: TrainConfig) -> List[Tuple[str, str]]:
+    """The task's (question, answer) pairs, before any model or tokenizer exists (so that a bad
+    data file or a missing optional package is reported before the model loads)."""
+    if cfg.task == "arithmetic":
+        return arithmetic_problems(cfg)
+    if cfg.task == "file":
+        problems = file_problems(cfg.data_path)
+        random.Random(f"file-{cfg.seed}").shuffle(problems)
+        return problems
+    return _reasoning_gym_problems(cfg)
+
+
+def build_datasets(cfg: TrainConfig, tokenizer, problems: Optional[List[Tuple[str, str]]] = None):
+    """(train, held_out) `datasets.Dataset`s with columns question / prompt / answer.
+
+    problems: the output of `load_problems(cfg)` if already loaded."""
     import datasets
 
-    if cfg.task == "arithmetic":
-        problems = arithmetic_problems(cfg)
-    elif cfg.task == "file":
-        problems = _file_problems(cfg.data_path)
-        random.Random(f"file-{cfg.seed}").shuffle(problems)
-    else:
-        problems = _reasoning_gym_problems(cfg)
+    if problems is None:
+        problems = load_problems(cfg)
     # Deduplicate before splitting so that no held-out question is also a training question.
     problems = list(dict.fromkeys(problems))
     n_eval = min(cfg.num_eval, len(problems) // 2)

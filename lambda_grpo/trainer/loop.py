@@ -19,10 +19,13 @@ checkpoint reproduces the metrics of an uninterrupted run exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import json
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -32,7 +35,7 @@ import torch
 
 from .. import GRPOLoss, group_advantages, token_logprobs
 from .config import TrainConfig
-from .data import build_datasets
+from .data import build_datasets, load_problems
 from .model import load_model_and_tokenizer, resolve_device
 from .rewards import correctness_rewards, extract_number, answers_match, format_rewards
 
@@ -45,25 +48,62 @@ def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**62)
 
 
-def _set_threads(threads: int) -> None:
-    """threads > 0: exactly that many. 0: torch's default, unless the CPU is already busy.
+def pick_threads(threads: int) -> Optional[int]:
+    """The torch CPU thread count a run uses: threads > 0: exactly that many. 0: None (leave
+    torch's setting alone) unless the CPU is already busy, then half the cores.
 
     On a machine shared with other jobs (load average >= cores) OpenMP threads spin against each
     other: measured here, 12-token generation for 64 prompts took 108 s with 2 threads vs 27 s with 1.
     """
-    import os
-
     if threads:
-        torch.set_num_threads(threads)
-        return
+        return threads
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if torch.cuda.is_available() or load < cores:
         log.info("threads: %d (torch default; load average %.1f on %d cores)", torch.get_num_threads(), load, cores)
-        return
-    torch.set_num_threads(max(1, cores // 2))
-    log.info("threads: %d (the CPU is busy: load average %.1f on %d cores; --threads N to override)",
-             torch.get_num_threads(), load, cores)
+        return None
+    n = max(1, cores // 2)
+    log.info("threads: %d (the CPU is busy: load average %.1f on %d cores; --threads N to override)", n, load, cores)
+    return n
+
+
+@contextlib.contextmanager
+def thread_count(n: Optional[int]):
+    """torch.set_num_threads(n) for the duration of the block, restored afterwards (the thread
+    count is process-wide: a library call must not leave it changed). None: leave it alone."""
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def _with_threads(method):
+    """Run a GRPOTrainer method under the run's thread count (see `thread_count`)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with thread_count(self.threads):
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+def find_checkpoint(where: str, output_dir) -> Path:
+    """The state file of ``--resume`` (a checkpoint directory, its state file, or 'latest' in
+    output_dir); a ValueError naming resume if there is none."""
+    path = Path(where)
+    if where == "latest":
+        found = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
+                       if p.name.split("-")[1].isdigit() else -1)
+        if not found:
+            raise ValueError(f"resume: expected a checkpoint-* directory in {output_dir}, found none")
+        path = found[-1]
+    file = path / STATE_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"resume: expected a checkpoint directory containing {STATE_FILE}, got {where!r}")
+    return file
 
 
 class GRPOTrainer:
@@ -77,8 +117,14 @@ class GRPOTrainer:
         if not isinstance(cfg, TrainConfig):
             raise ValueError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        _set_threads(cfg.threads)
+        # The thread count is applied only while a method of this trainer runs (and restored
+        # afterwards): torch.set_num_threads is process-wide.
+        self.threads = pick_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
+        # the data first: a bad data file is reported before the model loads
+        problems = load_problems(cfg)
+        if cfg.resume:
+            find_checkpoint(cfg.resume, cfg.output_dir)
         torch.manual_seed(cfg.seed)
         t0 = time.perf_counter()
         if model is None:
@@ -96,7 +142,7 @@ class GRPOTrainer:
         if cfg.trainable_layers:
             self._freeze_lower_layers(cfg.trainable_layers)
         self.eos_ids = self._eos_ids()
-        self.train_ds, self.eval_ds = build_datasets(cfg, tokenizer)
+        self.train_ds, self.eval_ds = build_datasets(cfg, tokenizer, problems)
         log.info("data: %d training prompts, %d held-out prompts (task=%s); example prompt:\n%s",
                  len(self.train_ds), len(self.eval_ds), cfg.task, self.train_ds[0]["prompt"])
 
@@ -176,6 +222,7 @@ class GRPOTrainer:
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     @torch.no_grad()
+    @_with_threads
     def generate(self, prompts: List[str], n: int, sample: bool):
         """Completions for each prompt, n per prompt, rows grouped per prompt.
 
@@ -227,6 +274,7 @@ class GRPOTrainer:
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
+    @_with_threads
     def evaluate(self, tag: str) -> Dict[str, float]:
         """Greedy accuracy on the held-out prompts; writes eval_<tag>.jsonl with every completion."""
         cfg, t0 = self.cfg, time.perf_counter()
@@ -251,6 +299,7 @@ class GRPOTrainer:
         return res
 
     # ---------------------------------------------------------------- one step
+    @_with_threads
     def train_step(self) -> Dict[str, float]:
         cfg, G = self.cfg, self.cfg.group_size
         t_start = time.perf_counter()
@@ -349,15 +398,7 @@ class GRPOTrainer:
         return path
 
     def load_checkpoint(self, where: str) -> None:
-        path = Path(where)
-        if where == "latest":
-            found = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-            if not found:
-                raise ValueError(f"resume: expected a checkpoint-* directory in {self.out}, found none")
-            path = found[-1]
-        file = path / STATE_FILE if path.is_dir() else path
-        if not file.is_file():
-            raise ValueError(f"resume: expected a checkpoint directory containing {STATE_FILE}, got {where!r}")
+        file = find_checkpoint(where, self.out)
         state = torch.load(file, map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -382,6 +423,7 @@ class GRPOTrainer:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
+    @_with_threads
     def train(self) -> Dict:
         """Run to ``cfg.steps``; returns a summary (held-out accuracy before/after, wall time, paths)."""
         cfg, t0 = self.cfg, time.perf_counter()

@@ -73,13 +73,24 @@ def resolve_model_dir(model: str, cache_dir: Optional[str]) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             convert_gguf(gguf, target)
         return target
+    check_model(model, cache_dir)
+    return Path(model).expanduser()
+
+
+def check_model(model: str, cache_dir: Optional[str]) -> None:
+    """The cheap part of `resolve_model_dir`: a ValueError naming model if it cannot resolve,
+    without converting or loading anything (the CLI calls it before any expensive work)."""
+    if model == DEFAULT_MODEL:
+        out = Path(cache_dir) if cache_dir else default_cache_dir()
+        if not (out / "SmolLM2-135M-Instruct" / "config.json").exists():
+            find_smollm2_gguf()
+        return
     path = Path(model).expanduser()
     if not path.is_dir():
         raise ValueError(f"model: expected {DEFAULT_MODEL!r} or a local Hugging Face model directory, "
                          f"got {model!r} (no such directory; nothing is downloaded)")
     if not (path / "config.json").exists():
         raise ValueError(f"model: expected a Hugging Face model directory with config.json, got {model!r}")
-    return path
 
 
 def pick_attention(device: torch.device) -> str:
