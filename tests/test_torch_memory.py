@@ -30,12 +30,23 @@ def _step(inputs, cfg, inplace, leaf=False):
     return logits, out
 
 
-@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
-def test_inplace_gradient_is_the_logits_storage(schedule):
+# in place, the passes write into the rows they read: also with an entropy term (log p kept next
+# to p), a temperature, and bf16 logits (math in fp32, written back to bf16)
+INPLACE = {
+    **SCHEDULES,
+    "fused_entropy_tau": lg.LossConfig(aggregation="grpo", beta=0.04, entropy_coef=0.02, temperature=0.7),
+    "two_pass_entropy_tau": lg.LossConfig(aggregation="lambda_grpo", trace="both", entropy_coef=0.02,
+                                          temperature=0.7),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("schedule", sorted(INPLACE))
+def test_inplace_gradient_is_the_logits_storage(schedule, dtype):
     """inplace_backward=True: .grad is the logits' own storage (autograd must not copy it into
-    a new buffer) and equals the gradient of inplace_backward=False."""
-    cfg = SCHEDULES[schedule]
-    inputs = make_batch(B=4, T=6, V=37, G=2, seed=3)
+    a new buffer) and equals the gradient of inplace_backward=False bit for bit."""
+    cfg = INPLACE[schedule]
+    inputs = make_batch(B=4, T=6, V=37, G=2, seed=3, dtype=dtype, mask="empty_rows")
     x, out = _step(inputs, cfg, False)
     out.loss.backward()
     y, out = _step(inputs, cfg, True)
