@@ -15,12 +15,16 @@ import lambda_grpo as lg
 
 # The loss modes of the suite. "grpo" is DeepSeek-style GRPO with a k3 KL term (TRL loss_type
 # "grpo", beta 0.04); "dapo" is DAPO's token-mean with clip-higher; "lambda_trace" is lambda-GRPO
-# (learnable length weighting) with GRPO-lambda eligibility traces on the log-ratio.
+# (learnable length weighting) with GRPO-lambda eligibility traces on the log-ratio; "lambda_both"
+# the same with "both"-style traces.
 MODES: Dict[str, dict] = {
     "grpo": dict(aggregation="grpo", beta=0.04),
     "dapo": dict(aggregation="dapo", eps_low=0.2, eps_high=0.28),
     "lambda_trace": dict(aggregation="lambda_grpo", trace="recent", trace_mode="ratio", trace_decay=0.99,
                          adv_clamp_min=-0.1),
+    # lambda-GRPO with "both"-style ratio traces (decay 0.99): the two-pass schedule (the forward
+    # keeps per-token coefficients, the backward recomputes the softmax), as in issue 9.
+    "lambda_both": dict(aggregation="lambda_grpo", trace="both", trace_mode="ratio", trace_decay=0.99),
 }
 # A non-zero lambda so that the length weights f_i differ from 1 (lambda = 0 is exactly dapo).
 LAM = 0.3

@@ -55,6 +55,28 @@ def key() -> Tuple[List[Case], List[Entry]]:
     return checks, [(Case("logits", 151936, 2048, "fp32", "grpo"), ALL[:2] + ["torch@1t"] + ALL[2:])]
 
 
+def cpu() -> Tuple[List[Case], List[Entry]]:
+    """Issue 9, point 7: CPU speed in a real step, V = 151 936, N = 2 048, fp32, fwd+bwd, every
+    call on a fresh gradient. The fused schedule (dapo: dlogits written by the forward) and the
+    two-pass schedule (lambda_grpo with "both" ratio traces: the backward recomputes the
+    softmax), each with and without inplace_backward, next to the floor measured in the same
+    case, the eager reference and (dapo) TRL-style; then Liger's chunked loss, which starts from
+    hidden states, in the linear task at H = 64 (a small LM-head matmul: the loss dominates;
+    `lm_head_matmul` times the matmul alone)."""
+    checks = [Case("logits", 151936, 128, "fp32", "dapo"), Case("logits", 151936, 128, "fp32", "lambda_both"),
+              Case("linear", 151936, 128, "fp32", "dapo", H=64)]
+    # "@1t" rows: the same with one intra-op thread, next to the floor with one thread. On this shared
+    # 2-core machine other jobs make two-thread OpenMP regions (the floor's exp among them) wait on
+    # each other; the one-thread ratios show the work alone.
+    ours = ["floor", "torch", "torch_inplace", "floor@1t", "torch@1t", "torch_inplace@1t"]
+    timed: List[Entry] = [
+        (Case("logits", 151936, 2048, "fp32", "dapo"), ours + ["trl", "reference"]),
+        (Case("logits", 151936, 2048, "fp32", "lambda_both"), ours + ["reference"]),
+        (Case("linear", 151936, 2048, "fp32", "dapo", H=64), ["torch_linear", "liger_chunked", "lm_head_matmul"]),
+    ]
+    return checks, timed
+
+
 def full() -> Tuple[List[Case], List[Entry]]:
     checks = [Case("logits", 32000, 128, dtype, mode) for dtype in ("fp32", "bf16")
               for mode in ("grpo", "dapo", "lambda_trace")]

@@ -33,6 +33,7 @@ from .cases import Case, lam_leaf
 # output and its gradient, each twice the fp32 size), rounded up.
 EXPECTED_PEAK_MULTIPLE = {
     "reference": 6.5, "eager_fp32": 4.5, "compile_fp32": 2.5, "trl": 4.5, "torch": 1.2, "triton": 1.2,
+    "torch_inplace": 1.2,  # 0.2 for the step, plus the private copy of the logits it restores from
     "liger_triton": 0.5, "liger_chunked": 0.2, "torch_linear": 2.5, "lm_head_matmul": 2.5, "floor": 2.0,
 }
 
@@ -43,6 +44,9 @@ class Runner:
     leaves: Dict[str, torch.Tensor]
     backward: Optional[Callable[[torch.Tensor], None]] = None
     notes: List[str] = field(default_factory=list)
+    # Called by zero_grad, i.e. before every call and outside the timed region: restores inputs a
+    # call destroys (inplace_backward writes the gradient over the logits).
+    reset: Optional[Callable[[], None]] = None
 
     def run_backward(self, out: torch.Tensor) -> None:
         if self.backward is not None:
@@ -53,6 +57,8 @@ class Runner:
     def zero_grad(self) -> None:
         for t in self.leaves.values():
             t.grad = None
+        if self.reset is not None:
+            self.reset()
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,30 @@ def _make_backend(backend: str):
         cfg = case.config()
         leaves = {"logits": logits, **({"lam": lam} if lam is not None else {})}
         return Runner(lambda: lg.grpo_loss(logits, lam=lam, config=cfg, backend=backend, **kw).loss, leaves)
+
+    return make
+
+
+def _make_backend_inplace(backend: str):
+    """Ours with inplace_backward=True: the gradient is written over the logits, so the leaf is a
+    private copy of the case's logits, restored from them before every call (outside the timed
+    region; the restored pages are already mapped, as a model's fresh logits would be)."""
+    def make(case: Case, inputs: dict, device: str) -> Runner:
+        src = inputs["logits"].to(device)
+        logits = src.clone().requires_grad_(True)
+        lam = lam_leaf(inputs)
+        kw = _common(inputs, device)
+        cfg = case.config()
+        leaves = {"logits": logits, **({"lam": lam} if lam is not None else {})}
+
+        def reset():
+            with torch.no_grad():
+                logits.copy_(src)
+
+        return Runner(lambda: lg.grpo_loss(logits, lam=lam, config=cfg, backend=backend, inplace_backward=True,
+                                           **kw).loss, leaves, reset=reset,
+                      notes=["inplace_backward=True: dlogits written over the logits (restored before each call, "
+                             "untimed)"])
 
     return make
 
@@ -317,6 +347,8 @@ PROVIDERS: List[Provider] = [
     Provider("trl", "TRL 1.16 style (selective_log_softmax + GRPOTrainer loss)", "logits", _make_trl, _skip_trl,
              low_precision_math=True),
     Provider("torch", "ours: backend='torch'", "logits", _make_backend("torch"), _skip_torch_backend),
+    Provider("torch_inplace", "ours: backend='torch', inplace_backward=True", "logits",
+             _make_backend_inplace("torch"), _skip_torch_backend),
     Provider("triton", "ours: backend='triton'", "logits", _make_backend("triton"), _skip_triton_backend),
     Provider("liger_triton", "Liger 0.8.5 triton_grpo_loss", "logits", _make_liger_triton, _skip_liger_triton),
     Provider("liger_chunked", "Liger 0.8.5 LigerFusedLinearGRPOLoss", "logits", None, _skip_liger_chunked_logits),

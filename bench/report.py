@@ -15,15 +15,21 @@ MiB = 1024**2
 def derive(results: List[dict]) -> None:
     """Add floor ratios, speed-ups of ours and memory ratios to each measured result, in place.
 
-    The floor of a case is the default-thread floor measured on the same logits (same task, dtype,
-    V and N: the inputs do not depend on the loss mode). "Ours" for a provider run with k threads
-    is our backend run with k threads, when measured."""
+    The floor of a case is the default-thread floor measured in that case if there is one (the
+    same load as the case's providers), else one measured on the same logits in another case
+    (same task, dtype, V and N: the inputs do not depend on the loss mode). A provider run with
+    k threads ("name@kt") is divided by the floor run with k threads in its case when there is
+    one ("floor@kt"). "Ours" for a provider run with k threads is our backend run with k
+    threads, when measured."""
     floors: Dict[tuple, dict] = {}
     by_case: Dict[str, Dict[str, dict]] = {}
     for r in results:
         c = r["case"]
         if r["provider"] == "floor" and r["status"] == "ok":
-            floors[(c.task, c.dtype, c.V, c.N)] = r
+            floors.setdefault((c.task, c.dtype, c.V, c.N), r)
+            floors[c.key()] = r
+        elif r["provider"].startswith("floor@") and r["status"] == "ok":
+            floors[(c.key(), r["provider"][len("floor"):])] = r
         by_case.setdefault(c.key(), {})[r["provider"]] = r
     for group in by_case.values():
         for name, r in group.items():
@@ -31,7 +37,9 @@ def derive(results: List[dict]) -> None:
                 continue
             case: Case = r["case"]
             d = r.setdefault("derived", {})
-            floor = floors.get((case.task, case.dtype, case.V, case.N))
+            floor = floors.get(case.key(), floors.get((case.task, case.dtype, case.V, case.N)))
+            if "@" in name:
+                floor = floors.get((case.key(), name[name.index("@"):]), floor)
             if floor is not None and case.task == "logits":
                 exp_out = floor["exp_out"]["median"]
                 d["x_floor2"] = r["fwdbwd"]["median"] / (2 * exp_out)
@@ -179,7 +187,8 @@ def plot(path: str, results: List[dict]) -> Optional[str]:
     fig, axes = plt.subplots(2, len(vs), figsize=(max(8.0, 6.5 * len(vs)), 9), squeeze=False)
     styles = {"reference": ("tab:red", "o"), "eager_fp32": ("tab:orange", "s"), "compile_fp32": ("tab:purple", "D"),
               "trl": ("tab:brown", "^"), "torch": ("tab:blue", "*"), "triton": ("tab:cyan", "P"),
-              "liger_triton": ("tab:olive", "v"), "liger_chunked": ("tab:pink", "X")}
+              "liger_triton": ("tab:olive", "v"), "liger_chunked": ("tab:pink", "X"),
+              "torch_inplace": ("tab:green", "*")}
     for j, V in enumerate(vs):
         rows = [r for r in sel if r["case"].V == V]
         ax_t, ax_m = axes[0][j], axes[1][j]

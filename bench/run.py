@@ -162,9 +162,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="CI-sized run: small shapes, a fixed amount of work (3 timed repeats, no time budget)")
-    ap.add_argument("--grid", choices=["quick", "full", "smoke", "key"],
+    ap.add_argument("--grid", choices=["quick", "full", "smoke", "key", "cpu"],
                     help="which grid to run (default: full, or quick with --quick; smoke = pipeline test; "
-                         "key = only the acceptance case V=151936, N=2048, fp32)")
+                         "key = only the acceptance case V=151936, N=2048, fp32; cpu = issue 9's CPU step: "
+                         "fused and two-pass schedules with and without inplace_backward at that shape)")
     ap.add_argument("--out", help="output directory (default bench/results/<utc time>[-quick])")
     ap.add_argument("--providers", help="comma-separated provider names to include (default: all)")
     ap.add_argument("--check-only", action="store_true", help="run the agreement check and stop")
@@ -288,6 +289,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                           f"{report._spread(r['fwdbwd'])} ms, peak extra {r['mem_fwdbwd'] / 2**20:.0f} MiB "
                           f"[{r['wall_s']:.0f} s, load {r['loadavg_1m']}]")
         report.derive([r for r in results if r["status"] == "ok"])
+        for line in cpu_targets(results):
+            print(line)
 
     meta["loadavg_end"] = _loadavg()
     meta["wall_s"] = f"{time.perf_counter() - t_start:.0f}"
@@ -358,6 +361,59 @@ def _targets(results: List[dict], case: Optional[Case]) -> List[str]:
     return lines
 
 
+def cpu_targets(results: List[dict]) -> List[str]:
+    """Issue 9's CPU targets at V = 151 936, N = 2 048, fp32 (`--grid cpu`), when measured: the fused
+    schedule (dapo) <= 1.5x the two-exp-pass floor, the two-pass schedule (lambda_both) <= 2.5x it
+    and >= 6x faster than the eager reference, each with and without inplace_backward."""
+    def row(mode, name):
+        return next((r for r in results if r["case"].task == "logits" and r["case"].V == 151936
+                     and r["case"].N == 2048 and r["case"].dtype == "fp32" and r["case"].mode == mode
+                     and r["provider"] == name and r["status"] == "ok"), None)
+
+    if row("dapo", "torch") is None and row("lambda_both", "torch") is None:
+        return []
+    lines = ["## Targets of issue 9 (CPU step, V = 151 936, N = 2 048, fp32, fwd+bwd, fresh gradient each call)", "",
+             "| schedule | inplace_backward | fwd+bwd median (min–max) ms | two-exp-pass floor ms | × floor | target | "
+             "eager reference ms | × faster than reference | target |",
+             "|---|---|---:|---:|---:|---|---:|---:|---|"]
+
+    def verdict(ok):
+        return "**met**" if ok else "**missed**"
+
+    for mode, what, xmax, ref_min in (("dapo", "fused (dapo)", 1.5, None), ("lambda_both", "two-pass (lambda_grpo, "
+                                                                         "trace='both')", 2.5, 6.0)):
+        ref = row(mode, "reference")
+        floor = row(mode, "floor")
+        for name, ip in (("torch", "no"), ("torch_inplace", "yes"), ("torch@1t", "no, 1 thread"),
+                         ("torch_inplace@1t", "yes, 1 thread")):
+            r = row(mode, name)
+            if r is None:
+                lines.append(f"| {what} | {ip} | not measured | | | | | | |")
+                continue
+            t = r["fwdbwd"]
+            x = r.get("derived", {}).get("x_floor2")
+            fl_r = row(mode, "floor@1t") if name.endswith("@1t") else floor
+            fl = "-" if fl_r is None else report._ms(2 * fl_r["exp_out"]["median"])
+            xs = "-" if x is None else f"{x:.2f}×"
+            tx = "-" if x is None else f"≤ {xmax:g}× {verdict(x <= xmax)}"
+            if name.endswith("@1t"):
+                lines.append(f"| {what} | {ip} | {report._ms(t['median'])} ({report._ms(t['min'])}–"
+                             f"{report._ms(t['max'])}) | {fl} (1 thread) | {xs} | context | | | |")
+                continue
+            if ref is not None:
+                sp = ref["fwdbwd"]["median"] / t["median"]
+                refs, sps = report._ms(ref["fwdbwd"]["median"]), f"{sp:.1f}×"
+                tr = "" if ref_min is None else f"≥ {ref_min:g}× {verdict(sp >= ref_min)}"
+            else:
+                refs, sps, tr = "not measured", "-", "" if ref_min is None else "not measured"
+            lines.append(f"| {what} | {ip} | {report._ms(t['median'])} ({report._ms(t['min'])}–{report._ms(t['max'])}) "
+                         f"| {fl} | {xs} | {tx} | {refs} | {sps} | {tr} |")
+    lines += ["", "Each schedule's ratio uses the floor measured in its own case (same load; the 1-thread rows the "
+                  "floor with 1 thread); the load average is in each case's table below. The targets are judged on "
+                  "the default-thread rows; the 1-thread rows are context (the work without OpenMP barriers).", ""]
+    return lines
+
+
 def render_markdown(meta, checks, results, timed, device, args, out_dir) -> str:
     L = [f"# lambda-grpo benchmark: run {meta['run_id']}", "",
          f"Command: `{meta['command']}` (from the repository root). Wall time of checks and measurements "
@@ -402,6 +458,7 @@ def render_markdown(meta, checks, results, timed, device, args, out_dir) -> str:
         L.append(f"- {prov} skipped in the cases it cannot run: {'; '.join(sorted(reasons))}")
     L.append("")
     L += _targets(results, grid_mod.key_case(timed))
+    L += cpu_targets(results)
     if results:
         L += ["## Timings", "",
               "'ours is × faster' = provider's fwd+bwd median / ours (backend='torch'; in the linear task "
