@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-quick kernels-report compare gpu-check gpu-check-dry clean
+.PHONY: install demo test lint bench bench-quick kernels-report compare gpu-check gpu-check-dry clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,9 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check lambda_grpo kernels tests bench
 
 demo: $(STAMP)
 	$(BIN)/python -m lambda_grpo.train --preset demo

@@ -1086,7 +1086,8 @@ def write_md(R: Results, wall_s: float) -> str:
                     L.append(f"| {r.get('N', '')} | {r.get('V', '')} | {r['name']} | {r['status']} | | | | | | "
                              f"{_md(r.get('detail', ''))} |")
         else:
-            L += ["| name | provider | status | shape | value | err / allowed | detail |", "|---|---|---|---|---|---|---|"]
+            L += ["| name | provider | status | shape | value | err / allowed | detail |",
+                  "|---|---|---|---|---|---|---|"]
             for r in rows:
                 shape = f"{r.get('dtype', '')} B={r['B']} T={r['T']} V={r.get('V', '-')}" if r.get("B") else ""
                 val = ""
@@ -1287,7 +1288,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         why = f"{type(e).__name__}: {e}"
     faulthandler.cancel_dump_traceback_later()
     print("\n" + summary_table(R))
-    print(f"\nwrote {csv_path}, {md_path}" + (f"; no plot: {why}" if why else f", {os.path.join(out, 'gpu_check.png')}"))
+    plot = f"; no plot: {why}" if why else f", {os.path.join(out, 'gpu_check.png')}"
+    print(f"\nwrote {csv_path}, {md_path}" + plot)
     fails = R.count("FAIL")
     print(f"{R.count('PASS')} passed, {fails} failed, {R.count('ERROR')} peer errors, {R.count('SKIP')} skipped; "
           f"total wall time {wall:.0f} s")

@@ -76,7 +76,8 @@ def main(argv=None) -> int:
         sel = [r for r in rows if r["stride"] == sc]
         if sel and sc not in args.strides:
             print(f"V/stride class {sc!r} (not listed): {len(sel)} compilations, max registers "
-                  f"{max(r['registers'] for r in sel)}, spill bytes {sum(r['spill_stores'] + r['spill_loads'] for r in sel)}")
+                  f"{max(r['registers'] for r in sel)}, "
+                  f"spill bytes {sum(r['spill_stores'] + r['spill_loads'] for r in sel)}")
     total = sum(r["spill_stores"] + r["spill_loads"] for r in rows)
     print(f"{len(rows)} compilations in all, total spill bytes {total}, max registers "
           f"{max(r['registers'] for r in rows)}")

@@ -87,7 +87,8 @@ def vocab_backward(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tenso
         check_vec(entropy, "entropy", N, torch.float32, dev)
         check_vec(coef_entropy, "coef_entropy", N, torch.float32, dev)
     if scale.numel() != 1 or scale.device != dev:
-        raise ValueError(f"scale: expected a 1-element tensor on {dev}, got shape {tuple(scale.shape)} on {scale.device}")
+        raise ValueError(f"scale: expected a 1-element tensor on {dev}, "
+                         f"got shape {tuple(scale.shape)} on {scale.device}")
     if out is None:
         out = torch.empty_like(logits)
     elif out.shape != logits.shape or out.dtype != logits.dtype or out.device != dev or (V > 1 and out.stride(1) != 1):

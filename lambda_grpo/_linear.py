@@ -28,7 +28,7 @@ import torch
 
 from .config import LossConfig
 from ._batch import Batch, compute_dtype
-from ._rowmath import FusedInputs, RowPass, fused_inputs, token_constants
+from ._rowmath import FusedInputs, fused_inputs, token_constants
 
 # Tokens per chunk: the chunk's logits hold about this many elements (CPU: 2^22 = 16 MiB in fp32,
 # a few times a core's cache, enough for the matmul to run near its peak; CUDA: 2^28 = 512 MiB in
@@ -152,8 +152,11 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         parts.append(eng.vocab_forward(_logits(h2[s:e], weight, bias), toks[s:e], ones[: e - s], tau, want_entropy,
                                        want_lse=True))
     dtype = compute_dtype(hidden.dtype)
-    cat = (lambda i: torch.cat([p[i] for p in parts]).to(dtype) if parts else torch.zeros(0, dtype=dtype,
-                                                                                          device=hidden.device))
+    def cat(i):
+        if not parts:
+            return torch.zeros(0, dtype=dtype, device=hidden.device)
+        return torch.cat([p[i] for p in parts]).to(dtype)
+
     logp, lse = cat(0).view(B, T), cat(2)
     ent = cat(1).view(B, T) if want_entropy else None
     return logp, ent, lse

@@ -326,7 +326,8 @@ def _rows_backward(ctx, g_loss, *unused):
     if ctx.needs_input_grad[0]:
         grads[0] = (g.to(dlogp.dtype) * dlogp).to(lp_dt)
     if ent_meta is not None and ctx.needs_input_grad[1]:
-        grads[1] = (g.to(dlogp.dtype) * dH).to(ent_meta[0]) if dH.numel() else torch.zeros_like(dlogp, dtype=ent_meta[0])
+        dH_g = g.to(dlogp.dtype) * dH if dH.numel() else torch.zeros_like(dlogp)  # dH empty: no entropy term
+        grads[1] = dH_g.to(ent_meta[0])
     if lam_meta is not None and ctx.needs_input_grad[6]:
         grads[6] = (g * dlam).to(device=lam_meta[1], dtype=lam_meta[0])
     return tuple(grads)

@@ -162,7 +162,8 @@ def token_constants(batch: Batch, cfg: LossConfig, dtype) -> TokenConstants:
     lengths = mask.sum(dim=1, dtype=torch.int32)
     count = lengths.sum().to(dtype)
     n_tok = count if batch.num_tokens is None else batch.num_tokens.to(dtype)
-    n_seq = torch.full((), float(B), dtype=dtype, device=dev) if batch.num_sequences is None else batch.num_sequences.to(dtype)
+    n_seq = (torch.full((), float(B), dtype=dtype, device=dev) if batch.num_sequences is None
+             else batch.num_sequences.to(dtype))
     A = torch.where(mask, batch.advantages.to(dtype), zero)
     if cfg.adv_clamp_min is not None:
         A = torch.where(mask, torch.clamp(A, min=cfg.adv_clamp_min), zero)
@@ -236,11 +237,11 @@ def linear_scan(x: torch.Tensor, a: float, reverse: bool = False) -> torch.Tenso
     carry = None
     for s in range(0, T, L):
         blk = x[:, s:s + L]
-        l = blk.shape[1]
-        r = blk @ M[:l, :l].T
+        n = blk.shape[1]
+        r = blk @ M[:n, :n].T
         if carry is not None:
-            r = r + carry[:, None] * carry_w[:l]
-        out[:, s:s + l] = r
+            r = r + carry[:, None] * carry_w[:n]
+        out[:, s:s + n] = r
         carry = r[:, -1]
     return out
 
@@ -252,7 +253,8 @@ def _powers(T: int, a: float, dtype, device) -> torch.Tensor:
 def _shift_gather(v: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """v[:, index] with index in [-1, T): index -1 (and beyond T-1) reads 0."""
     B, T = v.shape
-    padded = torch.cat([torch.zeros(B, 1, dtype=v.dtype, device=v.device), v, torch.zeros(B, 1, dtype=v.dtype, device=v.device)], dim=1)
+    edge = torch.zeros(B, 1, dtype=v.dtype, device=v.device)
+    padded = torch.cat([edge, v, edge], dim=1)
     return padded.gather(1, (index + 1).clamp(0, T + 1))
 
 

@@ -164,7 +164,8 @@ def reference_rows(logp: torch.Tensor, entropy, batch: Batch, cfg: LossConfig, o
     lengths = maskf.sum(dim=1)
     local_tokens = maskf.sum()
     n_tok = local_tokens if batch.num_tokens is None else batch.num_tokens.to(dtype)
-    n_seq = torch.tensor(float(B), dtype=dtype, device=mask.device) if batch.num_sequences is None else batch.num_sequences.to(dtype)
+    n_seq = (torch.tensor(float(B), dtype=dtype, device=mask.device) if batch.num_sequences is None
+             else batch.num_sequences.to(dtype))
     seq_weight = torch.ones(B, dtype=dtype, device=mask.device)
     if cfg.aggregation == "grpo":
         W = 1 / (n_seq * torch.clamp(lengths, min=1))[:, None]

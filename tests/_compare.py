@@ -39,7 +39,8 @@ FACTOR = 2.0
 ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-6, torch.float16: 1e-6}
 # A few units of roundoff of the compute dtype times the size of the value: a reduction of many
 # fp32 terms can land 2-4 ulp from the truth while plain torch lands 0 ulp away by luck.
-RTOL = {torch.float64: 8 * 2.0**-52, torch.float32: 4 * 2.0**-23, torch.bfloat16: 4 * 2.0**-23, torch.float16: 4 * 2.0**-23}
+RTOL = {torch.float64: 8 * 2.0**-52, torch.float32: 4 * 2.0**-23, torch.bfloat16: 4 * 2.0**-23,
+        torch.float16: 4 * 2.0**-23}
 # Where make_batch puts its tensors by default: "cpu" (the Triton tests then run under
 # TRITON_INTERPRET=1), or "cuda" to run the same tests natively on a GPU (bench/gpu_check.py sets it).
 DEVICE = os.environ.get("LG_TEST_DEVICE", "cpu")
@@ -118,7 +119,8 @@ def run(backend: str, inputs: dict, config: lg.LossConfig, lam: Optional[float] 
         out = lg.grpo_loss(**args, lam=lam_t, config=config, backend=backend)
     out.loss.backward()
     res = dict(loss=out.loss.detach(), metrics={k: v.detach() for k, v in out.metrics.items()},
-               dlogits=logits.grad if out_dtype == logits.dtype or dtype == torch.float64 else logits.grad.to(out_dtype),
+               dlogits=(logits.grad if out_dtype == logits.dtype or dtype == torch.float64
+                        else logits.grad.to(out_dtype)),
                dlam=None if lam_t is None else lam_t.grad)
     if logits.dtype != out_dtype and dtype == torch.float32:
         res["dlogits_compute"] = logits.grad  # fp32, before the rounding to the logits' dtype
@@ -192,7 +194,8 @@ def allowed_err(truth, baseline, dtype, factor: float = FACTOR, atol: Optional[f
     return torch.clamp(own, max=cap)
 
 
-def assert_close_to_truth(name: str, actual, truth, baseline, dtype, factor: float = FACTOR, atol: Optional[float] = None,
+def assert_close_to_truth(name: str, actual, truth, baseline, dtype, factor: float = FACTOR,
+                          atol: Optional[float] = None,
                           compute: Optional[torch.Tensor] = None):
     """|actual - truth| <= `allowed_err` at every element (see the module docstring); on failure,
     the worst element with its three values. compute: plain torch before the output rounding."""
@@ -256,7 +259,8 @@ def assert_backend_matches(backend: str, inputs: dict, config: lg.LossConfig, la
         base = run("reference", inputs, config, lam, dtype=torch.float32)
     else:
         # the worst of three one-ulp input perturbations (a single draw can land lucky)
-        runs = [run("reference", one_ulp_perturbed(inputs, seed), config, lam, dtype=torch.float64) for seed in range(3)]
+        runs = [run("reference", one_ulp_perturbed(inputs, seed), config, lam, dtype=torch.float64)
+                for seed in range(3)]
         base = _farthest(runs, truth)
     got = run(backend, inputs, config, lam)
     assert got["loss"].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)

@@ -216,6 +216,7 @@ def test_public_names():
     cfg = lg.LossConfig()
     assert (cfg.aggregation, cfg.eps_low, cfg.eps_high, cfg.dual_clip, cfg.beta, cfg.kl_estimator) == (
         "lambda_grpo", 0.2, 0.2, None, 0.0, "k3")
-    assert (cfg.temperature, cfg.entropy_coef, cfg.trace, cfg.trace_decay, cfg.trace_mode) == (1.0, 0.0, None, 0.99, "ratio")
+    assert (cfg.temperature, cfg.entropy_coef, cfg.trace, cfg.trace_decay, cfg.trace_mode) == (
+        1.0, 0.0, None, 0.99, "ratio")
     assert cfg.length_r == pytest.approx(1 / 9) and cfg.adv_clamp_min is None and cfg.max_completion_length is None
     assert math.isclose(cfg.length_r, 1 / 9)

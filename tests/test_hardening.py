@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import lambda_grpo as lg
-from tests._compare import make_batch, max_err, run
+from tests._compare import make_batch, max_err
 
 NAN, INF = float("nan"), float("inf")
 HAS_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"

@@ -224,11 +224,12 @@ def test_micro_batches_of_whole_groups_sum_to_full_batch(backend, agg, trace):
     total, grads, dlam = 0.0, [], 0.0
     for lo, hi in ((0, 2), (2, 6), (6, 8)):
         part = {k: (v[lo:hi] if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
-        out, g, l = _loss_and_grads(backend, part, cfg, lam=1.3, num_tokens=torch.tensor(n_tok), num_sequences=n_seq)
+        out, g, dl = _loss_and_grads(backend, part, cfg, lam=1.3, num_tokens=torch.tensor(n_tok),
+                                     num_sequences=n_seq)
         total = total + out.loss
         grads.append(g)
-        if l is not None:
-            dlam = dlam + l
+        if dl is not None:
+            dlam = dlam + dl
     torch.testing.assert_close(total, full.loss, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.cat(grads), gfull, rtol=1e-10, atol=1e-12)
     if lfull is not None:

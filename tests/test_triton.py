@@ -18,7 +18,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lambda_grpo as lg
-from lambda_grpo._validate import validate
 from lambda_grpo.config import AGGREGATIONS
 from lambda_grpo.reference import reference_token_logprobs
 from tests._compare import (DEVICE, assert_backend_matches, assert_clip_fractions_match, assert_close_to_truth,

@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from lambda_grpo.kernels import _config
 

@@ -219,18 +219,26 @@ def test_module_bad_construction():
     _check(lambda: lg.GRPOLoss(lg.LossConfig(), backend="gpu"), "backend", "gpu")
 
 
+def _x():
+    return torch.randn(B, T, V)
+
+
+def _ids(*shape, **kw):
+    return torch.zeros(*(shape or (B, T)), dtype=torch.long, **kw)
+
+
 TOKEN_LOGPROBS_CASES = {
-    "logits 2-d": (lambda: lg.token_logprobs(torch.randn(B, V), torch.zeros(B, dtype=torch.long)), "logits", f"({B}, {V})"),
-    "logits int": (lambda: lg.token_logprobs(torch.zeros(B, T, V, dtype=torch.int32), torch.zeros(B, T, dtype=torch.long)), "logits", "int32"),
-    "tokens shape": (lambda: lg.token_logprobs(torch.randn(B, T, V), torch.zeros(B, T - 1, dtype=torch.long)), "tokens", f"({B}, {T - 1})"),
-    "tokens float": (lambda: lg.token_logprobs(torch.randn(B, T, V), torch.zeros(B, T)), "tokens", "float32"),
-    "tokens >= V": (lambda: lg.token_logprobs(torch.randn(B, T, V), torch.full((B, T), V)), "tokens", str(V)),
-    "tokens < 0": (lambda: lg.token_logprobs(torch.randn(B, T, V), torch.full((B, T), -2)), "tokens", "-2"),
-    "tokens device": (lambda: lg.token_logprobs(torch.randn(B, T, V), torch.zeros(B, T, dtype=torch.long, device="meta")), "tokens", "meta"),
-    "temperature 0": (lambda: lg.token_logprobs(torch.randn(B, T, V), torch.zeros(B, T, dtype=torch.long), temperature=0.0), "temperature", "0.0"),
-    "temperature negative": (lambda: lg.token_logprobs(torch.randn(B, T, V), torch.zeros(B, T, dtype=torch.long), temperature=-1), "temperature", "-1"),
-    "temperature nan": (lambda: lg.token_logprobs(torch.randn(B, T, V), torch.zeros(B, T, dtype=torch.long), temperature=float("nan")), "temperature", "nan"),
-    "backend": (lambda: lg.token_logprobs(torch.randn(B, T, V), torch.zeros(B, T, dtype=torch.long), backend="fast"), "backend", "fast"),
+    "logits 2-d": (lambda: lg.token_logprobs(torch.randn(B, V), _ids(B)), "logits", f"({B}, {V})"),
+    "logits int": (lambda: lg.token_logprobs(torch.zeros(B, T, V, dtype=torch.int32), _ids()), "logits", "int32"),
+    "tokens shape": (lambda: lg.token_logprobs(_x(), _ids(B, T - 1)), "tokens", f"({B}, {T - 1})"),
+    "tokens float": (lambda: lg.token_logprobs(_x(), torch.zeros(B, T)), "tokens", "float32"),
+    "tokens >= V": (lambda: lg.token_logprobs(_x(), torch.full((B, T), V)), "tokens", str(V)),
+    "tokens < 0": (lambda: lg.token_logprobs(_x(), torch.full((B, T), -2)), "tokens", "-2"),
+    "tokens device": (lambda: lg.token_logprobs(_x(), _ids(device="meta")), "tokens", "meta"),
+    "temperature 0": (lambda: lg.token_logprobs(_x(), _ids(), temperature=0.0), "temperature", "0.0"),
+    "temperature negative": (lambda: lg.token_logprobs(_x(), _ids(), temperature=-1), "temperature", "-1"),
+    "temperature nan": (lambda: lg.token_logprobs(_x(), _ids(), temperature=float("nan")), "temperature", "nan"),
+    "backend": (lambda: lg.token_logprobs(_x(), _ids(), backend="fast"), "backend", "fast"),
 }
 
 

@@ -165,7 +165,8 @@ def _read_config_file(path: str) -> Dict:
         loss = {}
     if not isinstance(loss, dict):
         raise ValueError(f"{where}: expected \"loss\" to be a JSON object of LossConfig fields, got {loss!r}")
-    unknown = [k for k in data if k not in train_names | loss_names] + [f"loss.{k}" for k in loss if k not in loss_names]
+    unknown = ([k for k in data if k not in train_names | loss_names]
+               + [f"loss.{k}" for k in loss if k not in loss_names])
     if unknown:
         k = unknown[0]
         known = loss_names if k.startswith("loss.") else train_names | loss_names
@@ -315,7 +316,8 @@ def format_summary(s: Dict) -> str:
     if "eval_before" in s and "eval_after" in s:
         lines.append(f"held-out greedy accuracy: before {s['eval_before']:.3f} -> after {s['eval_after']:.3f} "
                      f"({100 * (s['eval_after'] - s['eval_before']):+.1f} points)")
-        lines.append(f"held-out mean completion length: {s['eval_length_before']:.1f} -> {s['eval_length_after']:.1f} tokens")
+        lines.append(f"held-out mean completion length: {s['eval_length_before']:.1f} -> "
+                     f"{s['eval_length_after']:.1f} tokens")
     elif "eval_after" in s:
         lines.append(f"held-out greedy accuracy after: {s['eval_after']:.3f}")
     if s.get("final_lambda") is not None:

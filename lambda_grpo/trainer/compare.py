@@ -57,7 +57,8 @@ def comparison_table(rows: List[Dict], base: TrainConfig) -> str:
 
     head = (f"Budget: {base.steps} steps x {base.prompts_per_step} prompts x {base.group_size} completions, "
             f"max_new_tokens {base.max_new_tokens}, lr {base.lr}, {base.num_eval} held-out prompts (greedy).\n\n"
-            "| method | seed | held-out acc before | after | train mean length | held-out length after | final λ | wall time (s) |\n"
+            "| method | seed | held-out acc before | after | train mean length | held-out length after "
+            "| final λ | wall time (s) |\n"
             "|---|---|---|---|---|---|---|---|")
     body = [f"| {r['method']} | {r['seed']} | {f(r['eval_before'], '.3f')} | {f(r['eval_after'], '.3f')} | "
             f"{f(r['mean_train_len'], '.1f')} | {f(r['eval_length_after'], '.1f')} | {f(r['final_lambda'], '.4f')} | "

@@ -244,7 +244,8 @@ class GRPOTrainer:
         for e in self.eos_ids:
             is_eos |= comp == e
         finished = is_eos.any(dim=1)
-        first = torch.where(finished, is_eos.float().argmax(dim=1), torch.full_like(finished, comp.shape[1], dtype=torch.long))
+        first = torch.where(finished, is_eos.float().argmax(dim=1),
+                            torch.full_like(finished, comp.shape[1], dtype=torch.long))
         pos = torch.arange(comp.shape[1], device=comp.device)[None, :]
         cmask = (pos <= first[:, None]) & (pos < comp.shape[1])
         texts = [self.tok.decode(c[m], skip_special_tokens=True) for c, m in zip(comp, cmask)]
@@ -268,7 +269,8 @@ class GRPOTrainer:
             r = rows[s:s + mb]
             logits = self._logits(model, batch["prompt_ids"][r], batch["prompt_mask"][r],
                                   batch["completion_ids"][r], batch["completion_mask"][r])
-            chunks.append(token_logprobs(logits, batch["completion_ids"][r], temperature=self.loss_fn.config.temperature,
+            tau = self.loss_fn.config.temperature
+            chunks.append(token_logprobs(logits, batch["completion_ids"][r], temperature=tau,
                                          backend=self.cfg.backend).float())
         return torch.cat(chunks)
 
@@ -465,7 +467,8 @@ class GRPOTrainer:
         summary.update(
             steps=self.step, train_time=time.perf_counter() - t0,
             final_lambda=float(self.loss_fn.lam.detach()) if self.loss_fn.lam is not None else None,
-            mean_completion_len=(sum(r["completion_len"] for r in train_rows) / len(train_rows)) if train_rows else None,
+            mean_completion_len=((sum(r["completion_len"] for r in train_rows) / len(train_rows))
+                                 if train_rows else None),
             metrics=str(self.metrics_path))
         if cfg.plot:
             from .plot import plot_metrics
