@@ -4,7 +4,8 @@ VJP (x = logits / tau, p = softmax(x), per token with g = dL/dlogp, gh = dL/dH):
     logp = x_tok - lse              => d logp / d x_j = 1[j = tok] - p_j
     H = -sum_j p_j log p_j          => d H / d x_j    = -p_j (log p_j + H)
     dL/dlogits_j = (g (1[j = tok] - p_j) - gh p_j (log p_j + H)) / tau
-p_j = exp(x_j - lse) is recomputed from the saved lse: the backward reads the logits once and
+p_j = exp((x_j - max) - log sum) is recomputed from the saved pair lse = [max, log sum] (kept
+apart for precision, see _vocab.lse_entropy): the backward reads the logits once and
 writes dlogits once. `scale` (a device scalar: the upstream gradient; the coefficients already hold the loss weights)
 is loaded in the kernel, so no host sync is needed.
 """
@@ -21,7 +22,8 @@ from ._vocab import load_token, write_grad, write_zero
 
 
 @triton.jit
-def vocab_bwd_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, lse_ptr, ent_ptr, coef_lp_ptr, coef_h_ptr,
+def vocab_bwd_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, max_ptr, logs_ptr, ent_ptr, coef_lp_ptr,
+                     coef_h_ptr,
                      scale_ptr, stride_in, stride_out, V, inv_temp,
                      BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -32,14 +34,15 @@ def vocab_bwd_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, lse_ptr, ent
         tok = load_token(tokens_ptr, pid, V)
         scale = tl.load(scale_ptr).to(tl.float32)
         g = tl.load(coef_lp_ptr + pid) * scale
-        lse = tl.load(lse_ptr + pid)
+        m = tl.load(max_ptr + pid)
+        log_s = tl.load(logs_ptr + pid)
         if WITH_ENTROPY:
             gh = tl.load(coef_h_ptr + pid) * scale
             ent = tl.load(ent_ptr + pid)
         else:
             gh = 0.0
             ent = 0.0
-        write_grad(row_in, row_out, V, inv_temp, lse, tok, g, gh, ent, BLOCK_V, WITH_ENTROPY)
+        write_grad(row_in, row_out, V, inv_temp, m, log_s, tok, g, gh, ent, BLOCK_V, WITH_ENTROPY)
     else:
         write_zero(row_out, V, BLOCK_V)
 
@@ -68,8 +71,9 @@ def vocab_backward(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tenso
                    out: torch.Tensor = None) -> torch.Tensor:
     """dlogits (N, V) in the logits dtype.
 
-    logits (N, V); tokens (N,) int64; mask (N,) bool; lse, coef_logp, entropy, coef_entropy (N,)
-    fp32; scale: 0-d device tensor multiplying both coefficients. Pass entropy and
+    logits (N, V); tokens (N,) int64; mask (N,) bool; lse (2, N) fp32 = [max, log sum] of
+    vocab_forward; coef_logp, entropy, coef_entropy (N,) fp32; scale: 0-d device tensor
+    multiplying both coefficients. Pass entropy and
     coef_entropy together to include the entropy gradient. out: (N, V) buffer to write into,
     e.g. `logits` itself for an in-place gradient (default: a new tensor).
     """
@@ -78,8 +82,11 @@ def vocab_backward(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tenso
     dev = logits.device
     check_vec(tokens, "tokens", N, torch.int64, dev)
     check_vec(mask, "mask", N, torch.bool, dev)
-    for name, v in (("lse", lse), ("coef_logp", coef_logp)):
-        check_vec(v, name, N, torch.float32, dev)
+    if tuple(lse.shape) != (2, N) or lse.dtype != torch.float32 or lse.device != dev:
+        raise ValueError(f"lse: expected (2, {N}) float32 on {dev}, "
+                         f"got {tuple(lse.shape)} {lse.dtype} on {lse.device}")
+    m, log_s = lse[0].contiguous(), lse[1].contiguous()
+    check_vec(coef_logp, "coef_logp", N, torch.float32, dev)
     with_entropy = entropy is not None
     if with_entropy != (coef_entropy is not None):
         raise ValueError("entropy, coef_entropy: expected both or neither, got one")
@@ -96,7 +103,7 @@ def vocab_backward(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tenso
                          f"got {tuple(out.shape)} {out.dtype} stride {out.stride()}")
     if N > 0:
         cfg = vocab_launch(with_entropy)
-        vocab_bwd_kernel[(N,)](logits, out, tokens, as_u8(mask), lse, entropy if with_entropy else lse,
+        vocab_bwd_kernel[(N,)](logits, out, tokens, as_u8(mask), m, log_s, entropy if with_entropy else m,
                                coef_logp, coef_entropy if with_entropy else coef_logp, scale,
                                logits.stride(0), out.stride(0), V, 1.0 / temperature, **cfg.kwargs())
     return out

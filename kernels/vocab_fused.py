@@ -45,8 +45,8 @@ def vocab_fused_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, old_ptr, r
     if valid:
         row_in = logits_ptr + pid * stride_in
         tok = load_token(tokens_ptr, pid, V)
-        lse, ent = lse_entropy(row_in, V, inv_temp, BLOCK_V, WITH_ENTROPY)
-        logp = tl.load(row_in + tok).to(tl.float32) * inv_temp - lse
+        m, log_s, ent = lse_entropy(row_in, V, inv_temp, BLOCK_V, WITH_ENTROPY)
+        logp = (tl.load(row_in + tok).to(tl.float32) * inv_temp - m) - log_s
         tl.store(logp_ptr + pid, logp)
         if WITH_ENTROPY:
             tl.store(ent_ptr + pid, ent)
@@ -65,7 +65,7 @@ def vocab_fused_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, old_ptr, r
         w = tl.load(w_ptr + pid)
         g = w * (bdkl - c * ds)
         gh = -w * ent_coef
-        write_grad(row_in, row_out, V, inv_temp, lse, tok, g, gh, ent, BLOCK_V, WITH_ENTROPY)
+        write_grad(row_in, row_out, V, inv_temp, m, log_s, tok, g, gh, ent, BLOCK_V, WITH_ENTROPY)
     else:
         write_zero(row_out, V, BLOCK_V)
 

@@ -17,7 +17,7 @@ from ._vocab import load_token, lse_entropy
 
 
 @triton.jit
-def vocab_fwd_kernel(logits_ptr, tokens_ptr, mask_ptr, logp_ptr, lse_ptr, ent_ptr,
+def vocab_fwd_kernel(logits_ptr, tokens_ptr, mask_ptr, logp_ptr, max_ptr, logs_ptr, ent_ptr,
                      stride_row, V, inv_temp,
                      BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -25,10 +25,11 @@ def vocab_fwd_kernel(logits_ptr, tokens_ptr, mask_ptr, logp_ptr, lse_ptr, ent_pt
     if valid:
         row = logits_ptr + pid * stride_row
         tok = load_token(tokens_ptr, pid, V)
-        lse, ent = lse_entropy(row, V, inv_temp, BLOCK_V, WITH_ENTROPY)
+        m, log_s, ent = lse_entropy(row, V, inv_temp, BLOCK_V, WITH_ENTROPY)
         x_tok = tl.load(row + tok).to(tl.float32) * inv_temp
-        tl.store(logp_ptr + pid, x_tok - lse)
-        tl.store(lse_ptr + pid, lse)
+        tl.store(logp_ptr + pid, (x_tok - m) - log_s)
+        tl.store(max_ptr + pid, m)
+        tl.store(logs_ptr + pid, log_s)
         if WITH_ENTROPY:
             tl.store(ent_ptr + pid, ent)
 
@@ -37,17 +38,18 @@ def vocab_forward(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
                   with_entropy: bool):
     """logits (N, V) fp32/bf16/fp16, tokens (N,) int64, mask (N,) bool.
 
-    Returns logp (N,), lse (N,), entropy (N,) or None; fp32; zeros where mask is False.
+    Returns logp (N,), lse (2, N) = [max, log sum exp(x - max)], entropy (N,) or None; fp32;
+    zeros where mask is False.
     """
     check_rows(logits)
     N, V = logits.shape
     check_vec(tokens, "tokens", N, torch.int64, logits.device)
     check_vec(mask, "mask", N, torch.bool, logits.device)
     logp = torch.zeros(N, device=logits.device, dtype=torch.float32)
-    lse = torch.zeros_like(logp)
+    lse = torch.zeros(2, N, device=logits.device, dtype=torch.float32)
     ent = torch.zeros_like(logp) if with_entropy else None
     if N > 0:
         cfg = vocab_launch(with_entropy)
-        vocab_fwd_kernel[(N,)](logits, tokens, as_u8(mask), logp, lse, logp if ent is None else ent,
+        vocab_fwd_kernel[(N,)](logits, tokens, as_u8(mask), logp, lse[0], lse[1], logp if ent is None else ent,
                                logits.stride(0), V, 1.0 / temperature, **cfg.kwargs())
     return logp, lse, ent

@@ -105,7 +105,7 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
         rp = eng.row_pass(logp.view(B, T), None if ent is None else ent.view(B, T), batch, cfg, consts,
                           per_token=per_token, want_coef=False)
     else:
-        lse = torch.zeros(n, dtype=dtype, device=dev)
+        lse = torch.zeros(2, n, dtype=dtype, device=dev)  # [max, log sum] per token (vocab_forward)
         for s in range(0, n, step):
             e = min(s + step, n)
             xc = _logits(h2.index_select(0, idx[s:e]), weight, bias)
@@ -114,7 +114,7 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
             if ent is not None:
                 ent.index_copy_(0, idx[s:e], H.to(dtype))
             if need_grad:
-                lse[s:e] = ls.to(dtype)
+                lse[:, s:e] = ls.to(dtype)
             del xc
         rp = eng.row_pass(logp.view(B, T), None if ent is None else ent.view(B, T), batch, cfg, consts,
                           per_token=per_token, want_coef=need_grad)
@@ -127,7 +127,7 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                 e = min(s + step, n)
                 hc = h2.index_select(0, idx[s:e])
                 xc = _logits(hc, weight, bias)
-                dl = eng.vocab_backward(xc, tokens[s:e], ones[: e - s], lse[s:e], gl[s:e],
+                dl = eng.vocab_backward(xc, tokens[s:e], ones[: e - s], lse[:, s:e], gl[s:e],
                                         None if gh is None else gh[s:e], None if Hv is None else Hv[s:e], tau, one,
                                         out=xc)
                 backprop(s, e, hc, dl)
@@ -152,12 +152,12 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         parts.append(eng.vocab_forward(_logits(h2[s:e], weight, bias), toks[s:e], ones[: e - s], tau, want_entropy,
                                        want_lse=True))
     dtype = compute_dtype(hidden.dtype)
-    def cat(i):
+    def cat(i, dim=0):
         if not parts:
-            return torch.zeros(0, dtype=dtype, device=hidden.device)
-        return torch.cat([p[i] for p in parts]).to(dtype)
+            return torch.zeros((2, 0) if dim else (0,), dtype=dtype, device=hidden.device)
+        return torch.cat([p[i] for p in parts], dim=dim).to(dtype)
 
-    logp, lse = cat(0).view(B, T), cat(2)
+    logp, lse = cat(0).view(B, T), cat(2, dim=1)
     ent = cat(1).view(B, T) if want_entropy else None
     return logp, ent, lse
 
@@ -184,7 +184,7 @@ def linear_logprobs_backward(hidden, weight, bias, tokens, lse, g_logp, g_ent, e
         e = min(s + step, N)
         hc = h2[s:e]
         xc = _logits(hc, weight, bias)
-        dl = eng.vocab_backward(xc, toks[s:e], ones[: e - s], lse[s:e], gl[s:e], None if gh is None else gh[s:e],
+        dl = eng.vocab_backward(xc, toks[s:e], ones[: e - s], lse[:, s:e], gl[s:e], None if gh is None else gh[s:e],
                                 None if Hv is None else Hv[s:e], tau, one, out=xc)
         dh[s:e] = (dl @ weight).to(hidden.dtype)
         dW.addmm_(dl.T.to(dW.dtype), hc.to(dW.dtype))

@@ -16,8 +16,8 @@ new code; lambda, the advantages and the normalisers are runtime tensors (no rec
 
 Schedules. fused (no ratio-mode trace, logits need a gradient): the forward writes
 `grad` = dL/dlogits for an upstream gradient of 1 while the softmax is in cache; the backward
-only applies the upstream gradient g. two-pass: the forward keeps `rows` = [lse, dL/dlogp,
-dL/dH, H] (4, B*T) and the backward recomputes the softmax once (`loss_bwd`).
+only applies the upstream gradient g. two-pass: the forward keeps `rows` = [max, log sum, dL/dlogp,
+dL/dH, H] (5, B*T) and the backward recomputes the softmax once (`loss_bwd`).
 
 Memory contract of the fused backward (what the default, inplace=False, guarantees):
 - eager, g == 1 (loss.backward()): the saved buffer itself is the gradient, no copy; it is never
@@ -100,7 +100,7 @@ def _loss_forward(batch: Batch, cfg: LossConfig, eng, need_grad: bool, inplace: 
         z = torch.zeros(B * T, dtype=dtype, device=logits.device)
         gh = z if rp.dentropy is None else rp.dentropy.reshape(-1).to(dtype)
         H = z if (rp.dentropy is None or ent is None) else ent.to(dtype)
-        rows = torch.stack([lse.to(dtype), rp.dlogp.reshape(-1).to(dtype), gh, H])
+        rows = torch.cat([lse.to(dtype), torch.stack([rp.dlogp.reshape(-1).to(dtype), gh, H])])
     return rp, grad, rows
 
 
@@ -144,7 +144,7 @@ def _(logits, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num
     dtype = compute_dtype(logits.dtype)
     fused = need_grad and not cfg.ratio_trace
     grad = logits.new_empty(B, T, V) if (fused and not inplace) else logits.new_empty(0)
-    rows = logits.new_empty(4, B * T, dtype=dtype) if (need_grad and not fused) else logits.new_empty(0, dtype=dtype)
+    rows = logits.new_empty(5, B * T, dtype=dtype) if (need_grad and not fused) else logits.new_empty(0, dtype=dtype)
     loss, metrics, seq_weight, dlam, toks = _fake_row_outputs(cfg, ref_logp is not None, per_token, logits, B, T, dtype)
     return loss, metrics, seq_weight, dlam, grad, rows, toks
 
@@ -152,7 +152,7 @@ def _(logits, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num
 def _two_pass_grad(logits, tokens, mask, rows, grad_loss, config, engine, out):
     cfg = config_from_str(config)
     B, T, V = logits.shape
-    lse, gl, gh, H = rows.unbind(0)
+    lse, gl, gh, H = rows[:2], rows[2], rows[3], rows[4]
     has_h = cfg.entropy_coef != 0 and cfg.needs_entropy
     x2 = logits.view(B * T, V) if logits.is_contiguous() else logits.reshape(B * T, V)
     d = engine_module(engine).vocab_backward(x2, tokens.reshape(-1), mask.reshape(-1), lse, gl,
@@ -364,7 +364,7 @@ def logprobs_fwd(logits: Tensor, tokens: Tensor, temperature: float, engine: str
 def _(logits, tokens, temperature, engine):
     B, T, V = logits.shape
     dtype = compute_dtype(logits.dtype)
-    return logits.new_empty(B, T, dtype=dtype), logits.new_empty(B * T, dtype=dtype)
+    return logits.new_empty(B, T, dtype=dtype), logits.new_empty(2, B * T, dtype=dtype)
 
 
 @torch.library.custom_op("lambda_grpo::logprobs_bwd", mutates_args=())
@@ -503,7 +503,7 @@ def linear_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], batch: B
 @torch.library.custom_op("lambda_grpo::linear_logprobs_fwd", mutates_args=())
 def linear_logprobs_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor, temperature: float,
                         want_entropy: bool, engine: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """(logp (B, T), entropy (B, T) or empty, lse (B*T,))."""
+    """(logp (B, T), entropy (B, T) or empty, lse (2, B*T) = [max, log sum])."""
     logp, ent, lse = linear_logprobs(hidden, weight, bias, tokens, float(temperature), want_entropy,
                                      engine_module(engine))
     return logp, (ent if ent is not None else _empty(logp)), lse
@@ -514,7 +514,7 @@ def _(hidden, weight, bias, tokens, temperature, want_entropy, engine):
     B, T, _ = hidden.shape
     dtype = compute_dtype(hidden.dtype)
     ent = hidden.new_empty(B, T, dtype=dtype) if want_entropy else hidden.new_empty(0, dtype=dtype)
-    return hidden.new_empty(B, T, dtype=dtype), ent, hidden.new_empty(B * T, dtype=dtype)
+    return hidden.new_empty(B, T, dtype=dtype), ent, hidden.new_empty(2, B * T, dtype=dtype)
 
 
 @torch.library.custom_op("lambda_grpo::linear_logprobs_bwd", mutates_args=())

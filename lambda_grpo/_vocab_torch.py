@@ -53,7 +53,7 @@ class ChunkStats(NamedTuple):
     xm: torch.Tensor  # (n, V) x - max(x), in the caller's buffer
     e: torch.Tensor  # (n, V) exp(xm)
     se: torch.Tensor  # sum e
-    lse: torch.Tensor  # max + log se
+    mx: torch.Tensor  # max of x
     lse_shift: torch.Tensor  # log se
     logp: torch.Tensor  # xm[y] - log se
     entropy: Optional[torch.Tensor]  # log se - sum(e * xm) / se, or None
@@ -114,7 +114,7 @@ def _chunk_stats(src, targets, tau, want_entropy, buf, e_out) -> ChunkStats:
     if want_entropy:
         # vecdot reduces pairwise; a bmm here accumulates serially and loses ~1e-4 at V = 151 936
         H = lse_shift - torch.linalg.vecdot(e, xm) / se
-    return ChunkStats(xm, e, se, mx.squeeze(1) + lse_shift, lse_shift, logp, H)
+    return ChunkStats(xm, e, se, mx.squeeze(1), lse_shift, logp, H)
 
 
 def _write_grad(xm, p, targets, gl, gh, H, lse_shift, tau, out):
@@ -240,13 +240,17 @@ def _grad_chunks(runs, gaps, rows_per: int) -> List[tuple]:
 def vocab_forward(logits2d: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, tau: float,
                   want_entropy: bool, want_lse: bool):
     """logits2d (N, V), tokens (N,) int64, mask (N,) bool -> (logp (N,), entropy (N,) or None,
-    lse (N,) or None) in the compute dtype; zeros where mask is False (nothing is read there)."""
+    lse (2, N) or None) in the compute dtype; zeros where mask is False (nothing is read there).
+
+    lse holds the log-sum-exp of x = logits / tau as two numbers, [max x, log sum exp(x - max)]:
+    the backward forms log p = (x - max) - log sum, as plain torch's log_softmax does. One fp32
+    number max + log sum would lose |lse| 2^-24 of log p (1e-5 relative in p at |x| ~ 200)."""
     N, V = logits2d.shape
     dtype = compute_dtype(logits2d.dtype)
     device = logits2d.device
     logp = torch.zeros(N, dtype=dtype, device=device)
     ent = torch.zeros(N, dtype=dtype, device=device) if want_entropy else None
-    lse = torch.zeros(N, dtype=dtype, device=device) if want_lse else None
+    lse = torch.zeros(2, N, dtype=dtype, device=device) if want_lse else None
     runs, _ = _runs(mask)
     rows_per = _rows_per_chunk(V)
 
@@ -256,7 +260,8 @@ def vocab_forward(logits2d: torch.Tensor, tokens: torch.Tensor, mask: torch.Tens
         if ent is not None:
             ent[s:e] = st.entropy
         if lse is not None:
-            lse[s:e] = st.lse
+            lse[0, s:e] = st.mx
+            lse[1, s:e] = st.lse_shift
 
     _for_each_chunk(list(_chunks(runs, rows_per)), body,
                     lambda: _buffers(rows_per, sum(b - a for a, b in runs), V, dtype, device), device)
@@ -312,12 +317,14 @@ def vocab_fused(logits2d: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
 def vocab_backward(logits2d: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, lse: torch.Tensor,
                    gl: torch.Tensor, gh: Optional[torch.Tensor], H: Optional[torch.Tensor], tau: float,
                    scale: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """dL/dlogits (N, V) in the logits dtype from the saved lse and the per-token coefficients
+    """dL/dlogits (N, V) in the logits dtype from the saved lse (2, N) = [max, log sum] (see
+    vocab_forward) and the per-token coefficients
     scale * gl = dL/dlogp, scale * gh = dL/dH (gh, H None without an entropy term; scale the
     upstream gradient, 0-d); masked rows get zeros. `out=logits2d` writes the gradient over the
     logits (each chunk is read before it is written)."""
     N, V = logits2d.shape
     dtype = lse.dtype
+    mx, log_s = lse[0], lse[1]
     scale = scale.to(dtype)
     gl = gl * scale
     gh = None if gh is None else gh * scale
@@ -338,13 +345,13 @@ def vocab_backward(logits2d: torch.Tensor, tokens: torch.Tensor, mask: torch.Ten
             # log p = x - lse formed in the gradient rows themselves and turned into p there (each
             # element is read before it is written, so this holds when they are the logits too)
             if tau == 1.0 and src.dtype == dtype:
-                logq = torch.sub(src, lse[s:e, None], out=dst)
+                logq = torch.sub(src, mx[s:e, None], out=dst).sub_(log_s[s:e, None])
             else:
-                logq = _scaled(src, tau, dst).sub_(lse[s:e, None])
+                logq = _scaled(src, tau, dst).sub_(mx[s:e, None]).sub_(log_s[s:e, None])
             p = logq.mul_(LOG2E).exp2_()
         else:
             # the entropy term needs log p next to p (or p needs the compute dtype): log p in a buffer
-            logq = _scaled(src, tau, bufs[0][:n]).sub_(lse[s:e, None])
+            logq = _scaled(src, tau, bufs[0][:n]).sub_(mx[s:e, None]).sub_(log_s[s:e, None])
             p = torch.mul(logq, LOG2E, out=dst if direct else bufs[1][:n]).exp2_()
         _write_grad(logq, p, tokens[s:e], gl[s:e], None if gh is None else gh[s:e],
                     None if H is None else H[s:e], torch.zeros_like(gl[s:e]), tau, dst)

@@ -71,8 +71,8 @@ def vocab_fused(logits2d, tokens, mask, tau: float, want_entropy: bool, inputs: 
 def vocab_backward(logits2d, tokens, mask, lse, gl, gh, H, tau: float, scale: torch.Tensor,
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
     s = scale.detach().reshape(1).to(device=logits2d.device, dtype=torch.float32)
-    return _vocab_backward(logits2d, tokens, mask, lse, _f32(gl), s, tau, entropy=_f32(H) if gh is not None else None,
-                           coef_entropy=_f32(gh), out=out)
+    return _vocab_backward(logits2d, tokens, mask, lse.detach().to(torch.float32), _f32(gl), s, tau,
+                           entropy=_f32(H) if gh is not None else None, coef_entropy=_f32(gh), out=out)
 
 
 def scale_(d2d: torch.Tensor, mask: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,26 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _inductor_cache_per_source() -> None:
+    """Inductor caches compiled graphs on disk keyed by the graph, not by the Python source of our
+    custom ops' fake kernels: after a change of an op's output shapes a stale entry fails with
+    "expected size 5==4 ... incorrect fake kernel". A cache folder per version of lambda_grpo/_ops.py
+    keeps the cache useful between runs and never stale."""
+    import hashlib
+    import tempfile
+
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lambda_grpo", "_ops.py")
+    try:
+        with open(src, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    except OSError:
+        return
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"lg-inductor-{digest}"))
+
+
+_inductor_cache_per_source()
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -383,18 +383,17 @@ def test_beta_zero_infinite_kl_leaves_the_loss_alone(backend, trace, where):
 
 
 # --- found while calibrating the tolerance rule: p = exp(x - lse) with lse in one fp32 number ---
-
-LSE_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "open: the backward recomputes p = exp(x / tau - lse) with lse = max + log(sum) held as one fp32 number, "
-    "which loses |lse| * 2^-24 of log p (here |x / tau| ~ 200: p off by ~1e-5 relative, 6x plain torch's "
-    "largest error); plain torch keeps x - max apart. Found by hypothesis (seed 10) under the old rule too."))
+# The backward recomputed p = exp(x / tau - lse) with lse = max + log(sum) held as one fp32 number,
+# which loses |lse| 2^-24 of log p (here |x / tau| ~ 200: p off by ~1e-5 relative, 6x plain torch's
+# largest error); plain torch keeps x - max apart. Now both engines keep lse as [max, log sum]
+# (failed on a0aef5a for the torch two-pass backward and both Triton schedules).
 
 
 @pytest.mark.parametrize("backend,trace", [
-    ("torch", None),  # the torch engine's fused schedule computes p from x - max: exact enough
-    pytest.param("torch", "recent", marks=LSE_XFAIL),  # two-pass backward
-    pytest.param("triton", None, marks=LSE_XFAIL),  # the fused kernel
-    pytest.param("triton", "recent", marks=LSE_XFAIL),  # two-pass backward
+    ("torch", None),  # the torch engine's fused schedule computes p from x - max
+    ("torch", "recent"),  # two-pass backward
+    ("triton", None),  # the fused kernel
+    ("triton", "recent"),  # two-pass backward
 ])
 def test_extreme_logits_softmax_precision(backend, trace):
     if backend not in BACKENDS:
