@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import lambda_grpo as lg
+
+from .trl_formula import trl_policy_loss
 from lambda_grpo._validate import validate
 from lambda_grpo.reference import reference_loss
 
@@ -191,35 +193,25 @@ def _skip_trl(case: Case, device: str) -> Optional[str]:
 
 def trl_style_loss(logits, tokens, mask, advantages, old_logp, ref_logp, cfg: lg.LossConfig,
                    selective_log_softmax=None):
-    """GRPO-family loss written the way TRL 1.16's GRPOTrainer computes it (token-level IS).
+    """GRPO-family loss written the way TRL 1.16's GRPOTrainer computes it (token-level IS,
+    bench/trl_formula.py) on per-token log-probs from TRL's own `selective_log_softmax`.
 
-    logits (B, T, V) aligned with tokens (B, T); advantages (B,); old/ref (B, T). Per-token log-probs
-    come from TRL's own `selective_log_softmax` (on CPU: gather minus a row-by-row logsumexp for
-    fp32, a row-by-row log_softmax in the logits' dtype for bf16; on CUDA its Triton kernel), or
-    from `selective_log_softmax(logits, tokens, temperature=...)` when given (bench/gpu_check.py
-    passes TRL's kernel where trl.trainer.utils cannot be imported). One process, no gradient
-    accumulation: TRL's dapo normaliser `num_items_in_batch` is then the batch's token count.
+    logits (B, T, V) aligned with tokens (B, T); advantages (B,); old/ref (B, T). On CPU TRL's
+    `selective_log_softmax` is gather minus a row-by-row logsumexp for fp32, a row-by-row
+    log_softmax in the logits' dtype for bf16; on CUDA its Triton kernel. It may be passed in as
+    `selective_log_softmax(logits, tokens, temperature=...)` (bench/gpu_check.py passes TRL's kernel
+    where trl.trainer.utils cannot be imported). One process, no gradient accumulation: TRL's dapo
+    normaliser `num_items_in_batch` is then the batch's token count.
     """
     if selective_log_softmax is None:
         from trl.trainer.utils import selective_log_softmax
 
     logp = selective_log_softmax(logits, tokens, temperature=cfg.temperature)
-    adv = advantages[:, None]
-    coef_1 = torch.exp(logp - old_logp)
-    coef_2 = torch.clamp(coef_1, 1 - cfg.eps_low, 1 + cfg.eps_high)
-    per_token = -torch.min(coef_1 * adv, coef_2 * adv)
-    if cfg.beta != 0.0:
-        d = ref_logp - logp
-        per_token = per_token + cfg.beta * (torch.exp(d) - d - 1)
-    m = mask.to(per_token.dtype)
-    if cfg.aggregation == "grpo":
-        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
-    if cfg.aggregation == "bnpo":
-        return (per_token * m).sum() / m.sum().clamp(min=1.0)
-    if cfg.aggregation == "dr_grpo":
-        L = cfg.max_completion_length or mask.shape[1]
-        return (per_token * m).sum() / (per_token.size(0) * L)
-    return (per_token * m).sum() / m.sum().clamp(min=1.0)
+    loss_type = {"seq_mean_token_sum": "luspo"}.get(cfg.aggregation, cfg.aggregation)
+    return trl_policy_loss(logp, mask, advantages, old_logp, ref_logp, loss_type=loss_type, beta=cfg.beta,
+                           eps_low=cfg.eps_low, eps_high=cfg.eps_high, delta=cfg.delta,
+                           use_bias_correction_kl=cfg.kl_ratio_weighted,
+                           max_completion_length=cfg.max_completion_length or mask.shape[1])
 
 
 def _make_trl(case: Case, inputs: dict, device: str) -> Runner:

@@ -65,7 +65,7 @@ def _signature(fn, logits_dtype, constexprs: dict, stride_class: str):
                     attrs[(i,)] = [["tt.divisibility", 16]]
         elif p.annotation:
             sig[name] = p.annotation
-        elif name in ("V", "T", "kl_est", "write_coef", "write_tok") or name.startswith("has_"):
+        elif name in ("V", "T", "kl_est", "surr", "kl_rw", "write_coef", "write_tok") or name.startswith("has_"):
             sig[name] = "i32"
         else:
             sig[name] = "fp32"

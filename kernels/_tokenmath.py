@@ -16,40 +16,70 @@ LOG_RATIO_CLAMP = tl.constexpr(_CLAMP)
 
 
 @triton.jit
-def surrogate(z, A, eps_low, eps_high, dual_clip):
-    """s(z) of SPEC §4 and ds/dz; returns (s, ds_dz, rho).
+def surrogate(z, logp, A, eps_low, eps_high, dual_clip, delta, surr, tau_pos, tau_neg):
+    """The policy term s of one token and its partials (docs/math.md §2); the torch copy of this
+    rule is lambda_grpo._rowmath.token_terms. Returns (s, ds/dz, ds/dlogp, rho, drho/dz,
+    clip_low, clip_high).
 
-    s = min(rho*A, clip(rho)*A), then max(s, c*A) where A < 0. torch splits ties of min/max
-    evenly and clamp passes its gradient on [lo, hi], so inside the clip range the two
-    branches together give rho*A; outside only the unclipped branch (when it is the min)
-    carries a gradient. The clamp of z to [-20, 20] stops the gradient outside.
+    surr (runtime int, SURROGATE_CODES in kernels/_config.py): 0 clip, 1 cispo, 2 sapo. All three
+    are computed and one is selected with where() (a handful of flops next to a vocabulary pass;
+    no branch the interpreter or the compiler must specialise). A disabled dual clip or delta is
+    passed as +inf.
+    - clip: s = min(min(rho, delta) A, clip(rho) A), then max(s, c A) where A < 0. torch splits
+      ties of min/max evenly and clamp passes its gradient on [lo, hi], so inside the clip range
+      the two branches together give rho A; outside only the unclipped branch (when it is the
+      min, and below delta) carries a gradient.
+    - cispo: s = w A logp with w = min(rho, eps_high) a constant (detached in the reference).
+    - sapo: s = sigmoid(tau (rho - 1)) 4 / tau A, tau = tau_pos for A > 0 else tau_neg.
+    The clamp of z to [-20, 20] stops the gradient through rho outside.
     """
     # where() rather than minimum/maximum, which drop a NaN: a non-finite z must stay non-finite
     # (in the clamp, the clip and the min alike: min(NaN, clip(NaN) A) dropped to a finite lo A)
     zc = tl.where(z < -LOG_RATIO_CLAMP, -LOG_RATIO_CLAMP, tl.where(z > LOG_RATIO_CLAMP, LOG_RATIO_CLAMP, z))
     rho = tl.exp(zc)
+    drho = tl.where(tl.abs(z) <= LOG_RATIO_CLAMP, rho, 0.0)
+    code = tl.zeros_like(z).to(tl.int32) + surr
+    is_clip = code == 0
+    is_cispo = code == 1
+    # clip (with delta and the dual clip)
     clipped = tl.where(rho < 1.0 - eps_low, 1.0 - eps_low, tl.where(rho > 1.0 + eps_high, 1.0 + eps_high, rho))
-    s1 = rho * A
+    r1 = tl.where(rho > delta, delta, rho)
+    s1 = r1 * A
     s2 = clipped * A
-    s = tl.where(s2 < s1, s2, s1)  # min(s1, s2) that keeps a NaN s1 (tl.minimum would drop it)
-    ds = tl.where(s1 <= s2, s1, 0.0)
-    ds = tl.where(tl.abs(z) <= LOG_RATIO_CLAMP, ds, 0.0)
+    s_clip = tl.where(s2 < s1, s2, s1)  # min(s1, s2) that keeps a NaN s1 (tl.minimum would drop it)
+    g_clip = tl.where((s1 <= s2) & (rho <= delta), A, 0.0)  # ds/drho
     dual = tl.where(A < 0, dual_clip * A, float("-inf"))
-    use_dual = s < dual
-    s = tl.where(use_dual, dual, s)
-    ds = tl.where(use_dual, 0.0, ds)
-    return s, ds, rho
+    use_dual = s_clip < dual
+    s_clip = tl.where(use_dual, dual, s_clip)
+    g_clip = tl.where(use_dual, 0.0, g_clip)
+    # cispo
+    w = tl.where(rho > eps_high, eps_high, rho)
+    # sapo
+    tau = tl.where(A > 0, tau_pos, tau_neg)
+    sig = tl.sigmoid(tau * (rho - 1.0))
+    s = tl.where(is_clip, s_clip, tl.where(is_cispo, w * A * logp, sig * (4.0 / tau) * A))
+    ds_dz = tl.where(is_clip, g_clip, tl.where(is_cispo, 0.0, 4.0 * sig * (1.0 - sig) * A)) * drho
+    ds_dlogp = tl.where(is_cispo, w * A, 0.0)
+    clip_low = is_clip & (A < 0) & (rho < 1.0 - eps_low)
+    clip_high = (is_clip & (A > 0) & (rho > 1.0 + eps_high)) | (is_cispo & (A > 0) & (rho > eps_high))
+    return s, ds_dz, ds_dlogp, rho, drho, clip_low, clip_high
 
 
 @triton.jit
-def kl_terms(logp, ref, kl_est, beta, use_ref):
-    """(kl, beta kl, beta dkl/dlogp): the KL of the metric, and the KL term of the loss and of its
-    slope. The term is absent (0) without ref_logp and where beta = 0, also where kl overflows
-    (beta kl would be 0 * inf = NaN): as in the reference, a term with coefficient 0 is not added.
-    use_ref: an int1 tensor of logp's shape."""
+def kl_terms(logp, ref, kl_est, beta, use_ref, rho, drho, kl_rw):
+    """(kl, beta kl, d(beta kl)/dlogp, d(beta kl)/dz): the KL as it enters the loss (times rho
+    when kl_rw = 1, TRL's bias-corrected KL, whose d/dz is beta kl drho), and the loss term with
+    its two slopes. The term is absent (0) without ref_logp and where beta = 0, also where kl
+    overflows (beta kl would be 0 * inf = NaN): as in the reference, a term with coefficient 0 is
+    not added. use_ref: an int1 tensor of logp's shape."""
     kl, dkl = kl_and_grad(logp, ref, kl_est)
+    rw = (tl.zeros_like(logp).to(tl.int32) + kl_rw) != 0
     on = use_ref & ((tl.zeros_like(logp) + beta) != 0.0)
-    return tl.where(use_ref, kl, 0.0), tl.where(on, beta * kl, 0.0), tl.where(on, beta * dkl, 0.0)
+    kl_w = tl.where(rw, rho * kl, kl)
+    dkl_w = tl.where(rw, rho * dkl, dkl)
+    kz = tl.where(rw, kl * drho, 0.0)
+    return (tl.where(use_ref, kl_w, 0.0), tl.where(on, beta * kl_w, 0.0), tl.where(on, beta * dkl_w, 0.0),
+            tl.where(on, beta * kz, 0.0))
 
 
 @triton.jit

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import KL_CODES, row_launch
+from ._config import KL_CODES, SURROGATE_CODES, row_launch
 from ._launch import as_u8
 from ._tokenmath import kl_terms, surrogate
 
@@ -43,11 +43,12 @@ def _lin(a1, v1, a2, v2):
     return a1 * a2, v1 * a2 + v2
 
 
-@triton.jit(do_not_specialize=["T", "kl_est", "has_old", "has_ref", "has_ent", "has_c", "write_coef", "write_tok"])
+@triton.jit(do_not_specialize=["T", "kl_est", "has_old", "has_ref", "has_ent", "has_c", "write_coef", "write_tok",
+                                "surr", "kl_rw"])
 def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, len_ptr, roww_ptr,
                coef_lp_ptr, coef_h_ptr, part_ptr, scr_ptr, pos_ptr, tok_loss_ptr, tok_rho_ptr, tok_kl_ptr,
-               T, a: tl.float64, ln_a: tl.float64, eps_low, eps_high, dual_clip, beta, ent_coef,
-               kl_est, has_old, has_ref, has_ent, has_c, write_coef, write_tok,
+               T, a: tl.float64, ln_a: tl.float64, eps_low, eps_high, dual_clip, delta, tau_pos, tau_neg,
+               beta, ent_coef, kl_est, surr, kl_rw, has_old, has_ref, has_ent, has_c, write_coef, write_tok,
                BLOCK_T: tl.constexpr, TRACE: tl.constexpr):
     """One row. Inputs (B, T) fp32 unless noted: logp, entropy, old/ref log-probs, A (clamped),
     mask (u8), c (weight-mode coefficients); len (B,) int32 n_i; roww (B,) fp32 w_i (the loss
@@ -141,16 +142,17 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
                 z = tl.load(s1 + o, mask=mk, other=0.0, volatile=True).to(tl.float32)
             else:
                 z = tl.load(s0 + o, mask=mk, other=0.0, volatile=True).to(tl.float32)
-        s, ds, rho = surrogate(z, A, eps_low, eps_high, dual_clip)
+        s, ds, dsl, rho, drho, clo, chi = surrogate(z, lp, A, eps_low, eps_high, dual_clip, delta, surr, tau_pos,
+                                                    tau_neg)
         c = tl.load(c_ptr + base + cols, mask=mk & use_c, other=1.0)
         ref = tl.load(ref_ptr + base + cols, mask=mk & use_ref, other=0.0)
-        kl, bkl, bdkl = kl_terms(lp, ref, kl_est, beta, use_ref)
+        kl, bkl, bdkl, bkz = kl_terms(lp, ref, kl_est, beta, use_ref, rho, drho, kl_rw)
         H = tl.load(ent_ptr + base + cols, mask=mk & use_ent, other=0.0)
         # a term whose coefficient is 0 is absent (as in the reference), so 0 * inf cannot arise
         loss = bkl - c * s - tl.where(ent_coef != 0.0, ent_coef * H, 0.0)
         acc_s += tl.where(mk, loss, 0.0)
-        acc_lo += tl.where(mk & (A < 0) & (rho < 1.0 - eps_low), 1.0, 0.0)
-        acc_hi += tl.where(mk & (A > 0) & (rho > 1.0 + eps_high), 1.0, 0.0)
+        acc_lo += tl.where(mk & clo, 1.0, 0.0)
+        acc_hi += tl.where(mk & chi, 1.0, 0.0)
         acc_rho += tl.where(mk, rho, 0.0)
         acc_kl += tl.where(mk, kl, 0.0)
         acc_h += tl.where(mk, H, 0.0)
@@ -160,10 +162,11 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
             tl.store(tok_kl_ptr + base + cols, tl.where(mk, kl, 0.0), mask=cm)
         if TRACE == 0:
             if write_coef != 0:
-                tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * (bdkl - c * ds), 0.0), mask=cm)
+                # z = logp - old: the z-slope and the direct slope both land on logp
+                tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * (bdkl - c * dsl + bkz - c * ds), 0.0), mask=cm)
         else:
-            tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * bdkl, 0.0), mask=cm)
-            tl.store(s3 + o, (-c * ds).to(tl.float64), mask=mk)  # g = dl/dz (c: token weights in ratio mode)
+            tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * (bdkl - c * dsl), 0.0), mask=cm)
+            tl.store(s3 + o, (bkz - c * ds).to(tl.float64), mask=mk)  # g = dl/dz (c: token weights in ratio mode)
         if write_coef != 0:
             tl.store(coef_h_ptr + base + cols, tl.where(mk, -w * ent_coef, 0.0), mask=cm)
     S = tl.sum(acc_s, 0)
@@ -226,8 +229,10 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
 def launch_rows(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, lengths: torch.Tensor,
                 row_weight: torch.Tensor, *, entropy: Optional[torch.Tensor], old_logp: Optional[torch.Tensor],
                 ref_logp: Optional[torch.Tensor], trace_coef: Optional[torch.Tensor], ratio_trace: Optional[str],
-                trace_decay: float, eps_low: float, eps_high: float, dual_clip: Optional[float], beta: float,
-                kl_estimator: str, entropy_coef: float, write_coef: bool, write_tokens: bool):
+                trace_decay: float, eps_low: float, eps_high: float, dual_clip: Optional[float],
+                delta: Optional[float], surrogate: str, sapo_tau_pos: float, sapo_tau_neg: float, beta: float,
+                kl_estimator: str, kl_ratio_weighted: bool, entropy_coef: float, write_coef: bool,
+                write_tokens: bool):
     """Launch `row_kernel` over (B, T) fp32 contiguous tensors (mask bool, lengths int32 (B,),
     row_weight fp32 (B,)). Every hyper-parameter is required: the defaults live in LossConfig.
 
@@ -254,7 +259,9 @@ def launch_rows(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor
                          coef_lp, coef_h, parts, scratch, pos, tok_arg[0], tok_arg[1], tok_arg[2],
                          T, float(trace_decay), math.log(float(trace_decay)), float(eps_low), float(eps_high),
                          float("inf") if dual_clip is None else float(dual_clip),
-                         float(beta), float(entropy_coef), KL_CODES[kl_estimator],
+                         float("inf") if delta is None else float(delta), float(sapo_tau_pos), float(sapo_tau_neg),
+                         float(beta), float(entropy_coef), KL_CODES[kl_estimator], SURROGATE_CODES[surrogate],
+                         int(kl_ratio_weighted),
                          int(old_logp is not None), int(ref_logp is not None), int(entropy is not None),
                          int(trace_coef is not None), int(write_coef), int(write_tokens), **cfg.kwargs())
     return coef_lp, coef_h, parts, toks

@@ -112,6 +112,10 @@ def aggregation_weights(cfg: LossConfig, lengths: torch.Tensor, count: torch.Ten
     elif agg == "dr_grpo":
         L = cfg.max_completion_length if cfg.max_completion_length is not None else max(T, 1)
         w = (1 / (n_seq * L)).expand(B)
+    elif agg == "token_sum":
+        w = torch.ones(B, dtype=dtype, device=lengths.device)
+    elif agg == "seq_mean_token_sum":
+        w = (1 / n_seq).expand(B)
     elif agg == "lambda_grpo":
         lam64 = lam.detach().to(device=lengths.device, dtype=torch.float64)
         if group_lengths is None:
@@ -306,38 +310,68 @@ def trace_backward(g: torch.Tensor, mask: torch.Tensor, cfg: LossConfig) -> torc
 # --------------------------------------------------------------------------------------------
 @dataclass
 class TokenTerms:
+    """Per-token terms and partials; every field has the shape of the inputs ((B, T) or flat)."""
+
     loss: torch.Tensor  # l_t (unweighted per-token loss)
-    g_z: torch.Tensor  # W * d l / d z (through the surrogate; includes c_t in weight mode)
-    g_logp: torch.Tensor  # W * d l / d logp through the KL term (direct dependence)
+    g_z: torch.Tensor  # W * d l / d z (through the ratio; includes c_t)
+    g_logp: torch.Tensor  # W * d l / d logp at fixed z (the KL term; CISPO's log-prob factor)
     g_entropy: Optional[torch.Tensor]  # W * d l / d H, or None
     rho: torch.Tensor
-    kl: Optional[torch.Tensor]
+    kl: Optional[torch.Tensor]  # the KL as it enters the loss (times rho when kl_ratio_weighted)
+    clip_low: torch.Tensor  # bool: the token counts in clip_frac_low (per surrogate, docs/math.md §8)
+    clip_high: torch.Tensor
 
 
 def token_terms(z, logp, ref, entropy, A, W, coef, cfg: LossConfig) -> TokenTerms:
-    """l = -c s(rho(z)) + beta kl(logp) - entropy_coef H, elementwise, with its partials.
+    """l = -c s(rho(z), logp) + beta kl(logp) [rho] - entropy_coef H, elementwise, with its partials.
 
-    s = min(rho A, clip(rho) A): ds/drho = A unless the clipped branch is the active one
-    (A > 0 and rho > 1 + eps_high, or A < 0 and rho < 1 - eps_low), where it is 0; dual clip
-    (A < 0, s < cA) pins s = cA with zero slope. drho/dz = rho inside the +-20 clamp, else 0.
+    All arguments have one shape ((B, T), or flat (n,) in a vocab chunk): z the (traced)
+    log-ratio, logp, ref, entropy, A (clamped advantages), W (loss weights), coef (c_t, or None).
+    rho = exp(clamp(z, -20, 20)), drho/dz = rho inside the clamp, else 0. Surrogates:
+    - clip: s = min(min(rho, delta) A, clip(rho) A), then max(s, c A) where A < 0 (dual clip).
+      ds/drho = A unless the clipped (or delta-capped, or dual-clipped) branch is the active one,
+      where it is 0; at a tie the unclipped slope (autograd of torch.minimum splits it).
+    - cispo: s = w A logp with w = min(rho, eps_high) a constant: ds/dz = 0, ds/dlogp = w A.
+    - sapo: s = sigmoid(tau (rho - 1)) 4 / tau A: ds/drho = 4 sig (1 - sig) A.
+    The KL term times rho (kl_ratio_weighted) adds beta kl drho/dz to the z-slope.
     """
     zc = torch.clamp(z, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     rho = torch.exp(zc)
-    lo, hi = 1 - cfg.eps_low, 1 + cfg.eps_high
-    s = torch.minimum(rho * A, torch.clamp(rho, lo, hi) * A)
-    clipped = ((A > 0) & (rho > hi)) | ((A < 0) & (rho < lo))
-    slope = torch.where(clipped, torch.zeros_like(A), A)
-    if cfg.dual_clip is not None:
-        floor = cfg.dual_clip * A
-        dual = (A < 0) & (s < floor)
-        s = torch.where(dual, floor, s)
-        slope = torch.where(dual, torch.zeros_like(slope), slope)
-    ds_dz = slope * torch.where(z.abs() <= LOG_RATIO_CLAMP, rho, torch.zeros_like(rho))
+    drho = torch.where(z.abs() <= LOG_RATIO_CLAMP, rho, torch.zeros_like(rho))
+    zero = torch.zeros_like(A)
+    no = torch.zeros_like(A, dtype=torch.bool)
+    ds_dlogp = None
+    if cfg.surrogate == "clip":
+        lo, hi = 1 - cfg.eps_low, 1 + cfg.eps_high
+        r1 = rho if cfg.delta is None else torch.clamp(rho, max=cfg.delta)
+        s = torch.minimum(r1 * A, torch.clamp(rho, lo, hi) * A)
+        clip_low, clip_high = (A < 0) & (rho < lo), (A > 0) & (rho > hi)
+        flat = clip_low | clip_high
+        if cfg.delta is not None:
+            flat = flat | ((A < 0) & (rho > cfg.delta))  # the delta-capped branch is the min there
+        slope = torch.where(flat, zero, A)
+        if cfg.dual_clip is not None:
+            floor = cfg.dual_clip * A
+            dual = (A < 0) & (s < floor)
+            s = torch.where(dual, floor, s)
+            slope = torch.where(dual, zero, slope)
+        ds_dz = slope * drho
+    elif cfg.surrogate == "cispo":
+        w = torch.clamp(rho, max=cfg.eps_high)
+        s, ds_dz, ds_dlogp = w * A * logp, zero, w * A
+        clip_low, clip_high = no, (A > 0) & (rho > cfg.eps_high)
+    else:  # sapo
+        tau = torch.where(A > 0, torch.full_like(A, cfg.sapo_tau_pos), torch.full_like(A, cfg.sapo_tau_neg))
+        sig = torch.sigmoid(tau * (rho - 1))
+        s = sig * (4 / tau) * A
+        ds_dz = 4 * sig * (1 - sig) * A * drho
+        clip_low = clip_high = no
     if coef is not None:
         s, ds_dz = coef * s, coef * ds_dz
+        ds_dlogp = None if ds_dlogp is None else coef * ds_dlogp
     loss = -s
     g_z = -W * ds_dz
-    g_logp = torch.zeros_like(g_z)
+    g_logp = torch.zeros_like(g_z) if ds_dlogp is None else -W * ds_dlogp
     kl = None
     if ref is not None:
         d = ref - logp
@@ -349,13 +383,20 @@ def token_terms(z, logp, ref, entropy, A, W, coef, cfg: LossConfig) -> TokenTerm
         else:
             kl, dkl = d * d / 2, -d
         if cfg.beta != 0:
+            if cfg.kl_ratio_weighted:  # beta rho kl: d/dlogp = beta rho dkl, d/dz = beta kl drho
+                g_z = g_z + W * (cfg.beta * kl * drho)
+                g_logp = g_logp + W * (cfg.beta * rho * dkl)
+            else:
+                g_logp = g_logp + W * (cfg.beta * dkl)
+        if cfg.kl_ratio_weighted:
+            kl = rho * kl
+        if cfg.beta != 0:
             loss = loss + cfg.beta * kl
-            g_logp = W * (cfg.beta * dkl)
     g_ent = None
     if entropy is not None and cfg.entropy_coef != 0:
         loss = loss - cfg.entropy_coef * entropy
         g_ent = W * (-cfg.entropy_coef)
-    return TokenTerms(loss, g_z, g_logp, g_ent, rho, kl)
+    return TokenTerms(loss, g_z, g_logp, g_ent, rho, kl, clip_low, clip_high)
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,8 +449,7 @@ def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, 
         return masked(v).sum() / cnt
 
     rho = terms.rho
-    low = mean((k.A < 0) & (rho < 1 - cfg.eps_low))
-    high = mean((k.A > 0) & (rho > 1 + cfg.eps_high))
+    low, high = mean(terms.clip_low), mean(terms.clip_high)
     metrics = {"clip_frac_low": low, "clip_frac_high": high, "clip_frac": low + high, "ratio_mean": mean(rho)}
     if terms.kl is not None:
         metrics["kl_mean"] = mean(terms.kl)

@@ -7,7 +7,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
-AGGREGATIONS = ("grpo", "bnpo", "dapo", "dr_grpo", "lambda_grpo")
+AGGREGATIONS = ("grpo", "bnpo", "dapo", "dr_grpo", "lambda_grpo", "token_sum", "seq_mean_token_sum")
+SURROGATES = ("clip", "cispo", "sapo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 TRACE_STYLES = (None, "recent", "both")
 TRACE_MODES = ("ratio", "weight")
@@ -42,6 +43,16 @@ class LossConfig:
       adv_clamp_min: if set, A = max(A, adv_clamp_min) (GRPO-lambda uses -0.1).
       max_completion_length: L of dr_grpo; None means T (the padded length).
       compute_entropy: report entropy_mean even when entropy_coef == 0.
+      surrogate: the policy term s(rho) (docs/math.md §2): "clip" (PPO, GRPO, DAPO; TRL's grpo,
+        bnpo, dapo, dr_grpo, luspo; verl's vanilla), "cispo" (MiniMax-M1: -sg(min(rho, eps_high))
+        A logp, eps_high an absolute cap as TRL's epsilon_high) or "sapo" (sigmoid(tau (rho - 1))
+        4 / tau A, tau = sapo_tau_pos for A > 0 and sapo_tau_neg otherwise; TRL's sapo).
+      delta: TRL's two-sided clip: the unclipped ratio is capped at delta (> 1 + eps_high);
+        "clip" only.
+      kl_ratio_weighted: the KL term is multiplied by the ratio rho, with its gradient (TRL
+        1.16's use_bias_correction_kl, its default; Liger 0.8.5).
+    Aggregations beyond SPEC §5: "token_sum" (W = 1, verl's token-sum) and "seq_mean_token_sum"
+    (W = 1 / N_seq, verl's seq-mean-token-sum; TRL's luspo with the clip surrogate).
     """
 
     aggregation: str = "lambda_grpo"
@@ -59,6 +70,11 @@ class LossConfig:
     adv_clamp_min: Optional[float] = None
     max_completion_length: Optional[int] = None
     compute_entropy: bool = False
+    surrogate: str = "clip"
+    delta: Optional[float] = None
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+    kl_ratio_weighted: bool = False
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -89,6 +105,27 @@ class LossConfig:
             isinstance(self.adv_clamp_min, (int, float)) and math.isfinite(self.adv_clamp_min)
         ):
             _fail("adv_clamp_min", "None or a finite number", self.adv_clamp_min)
+        if self.surrogate not in SURROGATES:
+            _fail("surrogate", f"one of {SURROGATES}", self.surrogate)
+        for name in ("sapo_tau_pos", "sapo_tau_neg"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not v > 0:
+                _fail(name, "a finite number > 0", v)
+        if self.delta is not None:
+            number = not isinstance(self.delta, bool) and isinstance(self.delta, (int, float))
+            if not number or not math.isfinite(self.delta) or not self.delta > 1 + self.eps_high:
+                _fail("delta", f"None or a finite number > 1 + eps_high = {1 + self.eps_high}", self.delta)
+            if self.surrogate != "clip":
+                _fail("delta", "None unless surrogate='clip' (it caps the clip surrogate's unclipped ratio)",
+                      self.delta)
+        if self.dual_clip is not None and self.surrogate != "clip":
+            _fail("dual_clip", "None unless surrogate='clip'", self.dual_clip)
+        if self.surrogate == "cispo" and not self.eps_high > 0:
+            _fail("eps_high", "> 0 with surrogate='cispo' (it is CISPO's cap on the ratio, e.g. 5.0)", self.eps_high)
+        if not isinstance(self.kl_ratio_weighted, bool):
+            _fail("kl_ratio_weighted", "a bool", self.kl_ratio_weighted)
+        if not isinstance(self.compute_entropy, bool):
+            _fail("compute_entropy", "a bool", self.compute_entropy)
         if self.max_completion_length is not None and not (
             isinstance(self.max_completion_length, int)
             and not isinstance(self.max_completion_length, bool)

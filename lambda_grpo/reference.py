@@ -141,9 +141,19 @@ def reference_rows(logp: torch.Tensor, entropy, batch: Batch, cfg: LossConfig, o
     A = torch.where(mask, batch.advantages.to(dtype), zero)
     if cfg.adv_clamp_min is not None:
         A = torch.clamp(A, min=cfg.adv_clamp_min)
-    surrogate = torch.minimum(rho * A, torch.clamp(rho, 1 - cfg.eps_low, 1 + cfg.eps_high) * A)
-    if cfg.dual_clip is not None:
-        surrogate = torch.where(A < 0, torch.maximum(surrogate, cfg.dual_clip * A), surrogate)
+    if cfg.surrogate == "clip":  # PPO clip, TRL's delta (two-sided) and the dual clip
+        coef_1 = rho if cfg.delta is None else torch.clamp(rho, max=cfg.delta)
+        surrogate = torch.minimum(coef_1 * A, torch.clamp(rho, 1 - cfg.eps_low, 1 + cfg.eps_high) * A)
+        if cfg.dual_clip is not None:
+            surrogate = torch.where(A < 0, torch.maximum(surrogate, cfg.dual_clip * A), surrogate)
+        clip_low, clip_high = (A < 0) & (rho < 1 - cfg.eps_low), (A > 0) & (rho > 1 + cfg.eps_high)
+    elif cfg.surrogate == "cispo":  # the clipped ratio is a constant weight of the log-prob's gradient
+        surrogate = torch.clamp(rho, max=cfg.eps_high).detach() * A * logp
+        clip_low, clip_high = torch.zeros_like(mask), (A > 0) & (rho > cfg.eps_high)
+    else:  # sapo: a soft gate instead of the clip
+        tau = torch.where(A > 0, torch.full_like(A, cfg.sapo_tau_pos), torch.full_like(A, cfg.sapo_tau_neg))
+        surrogate = torch.sigmoid(tau * (rho - 1)) * 4 / tau * A
+        clip_low = clip_high = torch.zeros_like(mask)
     if cfg.weight_trace:
         surrogate = trace_coefficients(mask, cfg, dtype) * surrogate
     if batch.token_weights is not None:
@@ -153,6 +163,8 @@ def reference_rows(logp: torch.Tensor, entropy, batch: Batch, cfg: LossConfig, o
     kl = None
     if batch.ref_logp is not None:
         kl = kl_divergence(logp, torch.where(mask, batch.ref_logp.to(dtype), zero), cfg.kl_estimator)
+        if cfg.kl_ratio_weighted:  # TRL's bias-corrected KL: times the ratio, gradient included
+            kl = rho * kl
         if cfg.beta != 0:
             token_loss = token_loss + cfg.beta * kl
     if entropy is not None and cfg.entropy_coef != 0:
@@ -176,6 +188,10 @@ def reference_rows(logp: torch.Tensor, entropy, batch: Batch, cfg: LossConfig, o
     elif cfg.aggregation == "dr_grpo":
         L = cfg.max_completion_length if cfg.max_completion_length is not None else T
         W = 1 / (n_seq * L)
+    elif cfg.aggregation == "token_sum":
+        W = torch.ones((), dtype=dtype, device=mask.device)
+    elif cfg.aggregation == "seq_mean_token_sum":
+        W = 1 / n_seq
     else:  # lambda_grpo
         lam = batch.lam.to(device=mask.device, dtype=torch.float64)
         if batch.group_lengths is None:  # contiguous groups of group_size rows
@@ -195,8 +211,7 @@ def reference_rows(logp: torch.Tensor, entropy, batch: Batch, cfg: LossConfig, o
         def mean(v):
             return torch.where(mask, v.to(dtype), zero).sum() / count
 
-        low = mean((A < 0) & (rho < 1 - cfg.eps_low))
-        high = mean((A > 0) & (rho > 1 + cfg.eps_high))
+        low, high = mean(clip_low), mean(clip_high)
         metrics = {"clip_frac_low": low, "clip_frac_high": high, "clip_frac": low + high, "ratio_mean": mean(rho)}
         if kl is not None:
             metrics["kl_mean"] = mean(kl)

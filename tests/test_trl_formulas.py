@@ -12,36 +12,16 @@ import pytest
 import torch
 
 import lambda_grpo as lg
+from bench.trl_formula import lambda_grpo_config_for, trl_policy_loss
 from tests._compare import make_batch
 
 trl_utils = pytest.importorskip("trl.trainer.utils")
 
 
-def trl_loss(logits, tokens, mask, advantages, old_logp, ref_logp, *, loss_type, beta, eps_low, eps_high,
-             temperature, max_completion_length, num_items_in_batch):
-    """trl 1.16.0 GRPOTrainer._compute_loss, the clipped-surrogate branch, shapes (B, T, V) / (B, T)."""
+def trl_loss(logits, tokens, mask, advantages, old_logp, ref_logp, *, loss_type, temperature, **kw):
+    """trl 1.16.0 GRPOTrainer._compute_loss on TRL's own selective_log_softmax (bench/trl_formula.py)."""
     per_token_logps = trl_utils.selective_log_softmax(logits / temperature, tokens)
-    if advantages.dim() == 1:
-        advantages = advantages.unsqueeze(1)
-    old_per_token_logps = per_token_logps.detach() if old_logp is None else old_logp
-    log_ratio = per_token_logps - old_per_token_logps
-    coef_1 = torch.exp(log_ratio)
-    if beta != 0.0:
-        per_token_kl = torch.exp(ref_logp - per_token_logps) - (ref_logp - per_token_logps) - 1
-    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
-    per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
-    if beta != 0.0:
-        per_token_loss = per_token_loss + beta * per_token_kl
-    mask = mask.to(per_token_loss.dtype)
-    if loss_type == "grpo":
-        return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    if loss_type == "bnpo":
-        return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
-    if loss_type == "dr_grpo":
-        return (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length)
-    if loss_type == "dapo":
-        return (per_token_loss * mask).sum() / num_items_in_batch.clamp(min=1.0)
-    raise ValueError(loss_type)
+    return trl_policy_loss(per_token_logps, mask, advantages, old_logp, ref_logp, loss_type=loss_type, **kw)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
@@ -86,3 +66,42 @@ def test_matches_trl_fp32(loss_type):
                     loss_type=loss_type, max_completion_length=6, num_items_in_batch=n_items.float(), **s)
     got = lg.grpo_loss(**inp, config=lg.LossConfig(aggregation=loss_type, **s), backend="torch")
     torch.testing.assert_close(got.loss, want, rtol=1e-5, atol=1e-6)
+
+
+# --- the loss types beyond the clip surrogate (issue 12): cispo, sapo, luspo, delta, KL x ratio ---
+NEW_TYPES = [
+    ("cispo", dict(beta=0.0, eps_low=0.2, eps_high=1.3)),
+    ("cispo", dict(beta=0.05, eps_low=0.2, eps_high=1.1, use_bias_correction_kl=True)),
+    # TRL forms its SAPO temperatures with torch.where over Python floats: fp32 (1.05 becomes
+    # 1.0499999523, 1.3e-7 relative off). Temperatures exact in fp32 compare the formula itself.
+    ("sapo", dict(beta=0.04, eps_low=0.2, eps_high=0.2, sapo_temperature_pos=1.5, sapo_temperature_neg=1.25)),
+    ("luspo", dict(beta=0.0, eps_low=0.2, eps_high=0.28)),
+    ("dapo", dict(beta=0.04, eps_low=0.2, eps_high=0.28, delta=1.4)),
+    ("grpo", dict(beta=0.1, eps_low=0.2, eps_high=0.2, use_bias_correction_kl=True)),
+    ("dr_grpo", dict(beta=0.1, eps_low=0.2, eps_high=0.28, delta=1.35, use_bias_correction_kl=True)),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("loss_type,setting", NEW_TYPES, ids=[f"{t}-{i}" for i, (t, _) in enumerate(NEW_TYPES)])
+def test_new_loss_types_match_trl(backend, loss_type, setting):
+    inp = make_batch(B=6, T=7, V=11, G=3, dtype=torch.float64, seed=23, mask="empty_rows", with_ref=True)
+    inp["old_logp"] = inp["old_logp"] - 0.15  # ratios above 1 + delta and eps_high occur
+    max_len = 9
+    n_items = inp["mask"].sum() + 3
+    kw = dict(setting)
+    cfg = lambda_grpo_config_for(loss_type, beta=kw["beta"], eps_low=kw["eps_low"], eps_high=kw["eps_high"],
+                                 delta=kw.get("delta"), kl_ratio_weighted=kw.get("use_bias_correction_kl", False),
+                                 sapo_tau_pos=kw.get("sapo_temperature_pos", 1.0),
+                                 sapo_tau_neg=kw.get("sapo_temperature_neg", 1.05), max_completion_length=max_len)
+    x1 = inp["logits"].clone().requires_grad_(True)
+    want = trl_loss(x1, inp["tokens"], inp["mask"], inp["advantages"].double(), inp["old_logp"].double(),
+                    inp["ref_logp"].double(), loss_type=loss_type, temperature=1.0, max_completion_length=max_len,
+                    num_items_in_batch=n_items.double(), **kw)
+    want.backward()
+    x2 = inp["logits"].clone().requires_grad_(True)
+    got = lg.grpo_loss(**dict(inp, logits=x2), config=cfg, backend=backend,
+                       num_tokens=n_items if cfg.aggregation == "dapo" else None)
+    got.loss.backward()
+    torch.testing.assert_close(got.loss, want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-9, atol=1e-12)
