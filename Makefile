@@ -4,8 +4,9 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+VERL_STAMP := $(VENV)/.installed-verl
 
-.PHONY: install demo test lint bench bench-quick kernels-report compare gpu-check gpu-check-dry clean
+.PHONY: install install-verl demo test lint bench bench-quick kernels-report compare gpu-check gpu-check-dry clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
@@ -17,7 +18,19 @@ $(STAMP): pyproject.toml setup.py
 
 install: $(STAMP)
 
-test: $(STAMP)
+# verl 0.9.1 for tests/test_integration_verl.py, in the same environment: only what importing its
+# policy losses, configs and actor loss needs (no ray, vllm, wandb...; the tests stub ray). --no-deps
+# because verl pins transformers <5.11 and TRL 1.16 here brings 5.24; the verl tests pass either way.
+VERL_PKGS := verl==0.9.1
+VERL_LIGHT_DEPS := tensordict==0.10.0 omegaconf==2.3.1 hydra-core==1.3.8 codetiming==1.4.0 orjson==3.13.0 pillow
+$(VERL_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps $(VERL_PKGS)
+	$(BIN)/python -m pip install -q $(VERL_LIGHT_DEPS)
+	touch $(VERL_STAMP)
+
+install-verl: $(VERL_STAMP)
+
+test: $(STAMP) $(VERL_STAMP)
 	$(BIN)/python -m pytest -q -x tests
 
 lint: $(STAMP)

@@ -1,0 +1,449 @@
+"""lambda_grpo inside verl 0.9 (tested with verl 0.9.1; docs/integrations.md, "verl").
+
+**Tier 1: a registered policy loss.** Where verl is importable, importing this module registers
+``"lambda_grpo"`` with verl's ``register_policy_loss``. verl imports it by itself: the
+``verl.plugins`` entry point in lambda-grpo's pyproject.toml makes every process that runs
+``import verl`` (every Ray worker) load it. Select it with
+``actor_rollout_ref.actor.policy_loss.loss_mode=lambda_grpo``. It is verl's ``vanilla`` PPO
+loss (clip from ``clip_ratio_low``/``clip_ratio_high``, dual clip at ``clip_ratio_c``,
+``rollout_is_weights`` as per-token weights) computed by :func:`lambda_grpo.grpo_loss_from_logprobs`,
+plus GRPO-λ eligibility traces and ``adv_clamp_min`` from :class:`LambdaGRPOPolicyLossConfig`.
+verl's ``loss_agg_mode`` maps to our aggregation, with verl's ``global_batch_info`` counts
+divided by ``dp_size`` (each rank's loss is averaged over the data-parallel ranks):
+
+==========================  ==========  ============================================================
+verl ``loss_agg_mode``      ours        normaliser
+==========================  ==========  ============================================================
+``token-mean``              ``dapo``    ``num_tokens = batch_num_tokens / dp_size``
+``seq-mean-token-mean``     ``grpo``    ``num_sequences = global_batch_size / dp_size``
+``seq-mean-token-sum-norm`` ``dr_grpo`` the same, and ``max_completion_length = loss_scale_factor``
+``token-sum``,              refused     no equivalent aggregation (docs/math.md §4): ValueError
+``seq-mean-token-sum``
+==========================  ==========  ============================================================
+
+A count that is ``None`` (verl outside its trainer, or ``global_batch_info`` empty) means the
+local count of the call, as verl's ``agg_loss`` does: the call's valid tokens for ``token-mean``,
+its non-empty rows for the sequence modes; with ``dp_size > 1`` a missing count is an error, as
+in verl. ``seq-mean-token-sum-norm`` needs ``actor.loss_scale_factor`` (verl's fallback, the
+padded width of each micro-batch, changes from call to call). KL and entropy stay verl's: its
+``ppo_loss`` adds them outside the policy loss with the same aggregation.
+
+**Tier 2: λ-GRPO** (learnable λ, per-group length weights) needs what a policy-loss function is
+never given: each row's group and a trained scalar outside the model. This module holds the parts
+that do not need Ray or a GPU: :func:`group_lengths_from_uid` (the trainer, where ``uid`` is
+known), :class:`LambdaState` (λ, its gradient accumulated by autograd over the micro-batches,
+all-reduced over the data-parallel group and stepped once per optimiser step) and
+:func:`lambda_grpo_actor_loss` (the whole actor loss, for ``set_loss_fn``). The trainer and
+worker subclasses that wire them into a verl run are designed in docs/integrations.md, not
+shipped.
+
+Importing this module never fails and stays cheap when verl is absent: only the Tier 1 names
+(:class:`LambdaGRPOPolicyLossConfig`, :func:`register`) need verl, and raise ``ImportError``
+with the reason when it cannot be imported.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..api import grpo_loss_from_logprobs
+from ..config import LossConfig
+
+__all__ = ["LOSS_NAME", "AGG_MODES", "VERL_TESTED", "verl_available", "register", "compute_policy_loss_lambda_grpo",
+           "loss_config_from_verl", "normalisers_from_verl", "group_lengths_from_uid", "LambdaState",
+           "lambda_grpo_actor_loss", "GROUP_LENGTHS_KEY", "GROUP_INDEX_KEY"]  # + LambdaGRPOPolicyLossConfig with verl
+
+VERL_TESTED = "0.9.1"
+LOSS_NAME = "lambda_grpo"
+# verl loss_agg_mode -> our aggregation (docs/math.md §6)
+AGG_MODES = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "seq-mean-token-sum-norm": "dr_grpo"}
+_REFUSED_MODES = ("token-sum", "seq-mean-token-sum")
+# verl kl_loss_type -> our kl_estimator (Tier 2; verl's "abs", "full" and the "+" straight-through
+# variants have no equivalent)
+KL_ESTIMATORS = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
+# batch fields the Tier 2 trainer writes where uid is known (see group_lengths_from_uid)
+GROUP_LENGTHS_KEY = "lg_group_lengths"
+GROUP_INDEX_KEY = "lg_group_index"
+
+
+def _error(msg: str) -> ValueError:
+    return ValueError(f"lambda_grpo in verl: {msg}")
+
+
+def _get(cfg, key: str, default=None):
+    """A field of a verl config: a BaseConfig dataclass, an omegaconf DictConfig or a dict."""
+    if cfg is None:
+        return default
+    if hasattr(cfg, "get"):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def _count(x, name: str):
+    """A verl count: None, a positive number or a 1-element tensor (passed on as it is)."""
+    if x is None or isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) or x <= 0:
+        raise _error(f"global_batch_info[{name!r}]: expected None or a number > 0, got {x!r}")
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Tier 1: verl's config -> LossConfig and normalisers
+# --------------------------------------------------------------------------------------------
+def _map_mode(loss_agg_mode: str) -> str:
+    if loss_agg_mode in AGG_MODES:
+        return AGG_MODES[loss_agg_mode]
+    if loss_agg_mode in _REFUSED_MODES:
+        raise _error(f"loss_agg_mode {loss_agg_mode!r} has no equivalent aggregation in lambda_grpo (a sum that is "
+                     "not divided by a token count, docs/math.md §4); use 'token-mean' (dapo), "
+                     "'seq-mean-token-mean' (grpo) or 'seq-mean-token-sum-norm' (dr_grpo, with "
+                     "actor.loss_scale_factor set)")
+    raise _error(f"unknown loss_agg_mode {loss_agg_mode!r}; expected one of {sorted(AGG_MODES)}")
+
+
+def _loss_scale_factor(config) -> int:
+    gbi = _get(config, "global_batch_info") or {}
+    lsf = gbi.get("loss_scale_factor")
+    if lsf is None:
+        lsf = _get(config, "loss_scale_factor")
+    if lsf is None:
+        raise _error("loss_agg_mode 'seq-mean-token-sum-norm' needs actor.loss_scale_factor (e.g. the maximum response "
+                     "length): verl's fallback is the padded width of each micro-batch, which changes from call to "
+                     "call, so the normaliser would not be a constant")
+    if isinstance(lsf, bool) or not isinstance(lsf, numbers.Real) or not float(lsf).is_integer() or lsf < 1:
+        raise _error(f"actor.loss_scale_factor: expected a positive integer, got {lsf!r}")
+    return int(lsf)
+
+
+def loss_config_from_verl(config, loss_agg_mode: str, *, aggregation: Optional[str] = None, beta: float = 0.0,
+                          kl_estimator: str = "k3", entropy_coef: float = 0.0) -> LossConfig:
+    """The LossConfig equal to verl's ``vanilla`` policy loss under ``config`` (an actor config):
+    clip from ``clip_ratio_low``/``clip_ratio_high`` (each falling back to ``clip_ratio``, as
+    ``vanilla``), ``dual_clip = clip_ratio_c`` (``vanilla`` always dual-clips), traces and
+    ``adv_clamp_min`` from ``config.policy_loss`` (:class:`LambdaGRPOPolicyLossConfig`; a plain
+    PolicyLossConfig means none), the aggregation mapped from ``loss_agg_mode`` (or
+    ``aggregation`` when given: Tier 2 passes "lambda_grpo"). β and the entropy bonus are 0: verl
+    adds them outside the policy loss."""
+    if aggregation is None:
+        aggregation = _map_mode(loss_agg_mode)
+    clip = _get(config, "clip_ratio", 0.2)
+    low = _get(config, "clip_ratio_low")
+    high = _get(config, "clip_ratio_high")
+    pl = _get(config, "policy_loss")
+    fields = dict(
+        aggregation=aggregation,
+        eps_low=float(clip if low is None else low),
+        eps_high=float(clip if high is None else high),
+        dual_clip=float(_get(config, "clip_ratio_c", 3.0)),
+        beta=float(beta), kl_estimator=kl_estimator, entropy_coef=float(entropy_coef),
+        trace=_get(pl, "trace"), trace_decay=float(_get(pl, "trace_decay", 0.99)),
+        trace_mode=_get(pl, "trace_mode", "ratio"), adv_clamp_min=_get(pl, "adv_clamp_min"),
+    )
+    if fields["adv_clamp_min"] is not None:
+        fields["adv_clamp_min"] = float(fields["adv_clamp_min"])
+    if aggregation == "dr_grpo":
+        fields["max_completion_length"] = _loss_scale_factor(config)
+    try:
+        return LossConfig(**fields)
+    except ValueError as e:  # name verl's field, not ours
+        raise _error(f"the actor config does not give a valid loss ({e}); clip_ratio_c is the dual clip and must be "
+                     "> 1, the trace fields are those of lambda_grpo.LossConfig") from e
+
+
+def normalisers_from_verl(config, loss_agg_mode: str, response_mask: torch.Tensor) -> dict:
+    """``num_tokens`` / ``num_sequences`` for our call from verl's ``config.global_batch_info``:
+    the global counts divided by ``dp_size``; ``None`` counts mean the local ones (as verl's
+    ``agg_loss``: valid tokens of the call, or its non-empty rows), refused with ``dp_size > 1``."""
+    gbi = _get(config, "global_batch_info") or {}
+    dp = gbi.get("dp_size", 1)
+    dp = 1 if dp is None else dp
+    if isinstance(dp, torch.Tensor):
+        dp = int(dp.item())
+    if isinstance(dp, bool) or not isinstance(dp, numbers.Integral) or dp < 1:
+        raise _error(f"global_batch_info['dp_size']: expected a positive int, got {dp!r}")
+    mode = _map_mode(loss_agg_mode)
+    if mode == "dapo":
+        n = _count(gbi.get("batch_num_tokens"), "batch_num_tokens")
+        if n is None:
+            if dp > 1:
+                raise _error("loss_agg_mode 'token-mean' with dp_size > 1 needs global_batch_info['batch_num_tokens']")
+            return {"num_tokens": None}
+        return {"num_tokens": n / dp}
+    n = _count(gbi.get("global_batch_size"), "global_batch_size")
+    if n is None:
+        if dp > 1:
+            raise _error(f"loss_agg_mode {loss_agg_mode!r} with dp_size > 1 needs "
+                         "global_batch_info['global_batch_size']")
+        # verl's local count: the rows with at least one valid token (kept on the device, no sync)
+        return {"num_sequences": (response_mask.sum(dim=-1) > 0).sum().clamp_min(1)}
+    return {"num_sequences": n / dp}
+
+
+def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return torch.where(m, x, torch.zeros_like(x)).sum() / (m.sum() + 1e-8)
+
+
+def _pg_metrics(out, log_prob, old_log_prob, advantages, mask, cfg: LossConfig) -> dict:
+    """verl's ``vanilla`` metrics, from our per-token ratio (the traced one in ratio mode) and the
+    advantages after ``adv_clamp_min``: pg_clipfrac is our clip_frac; pg_clipfrac_lower the
+    fraction of A < 0 tokens where the dual clip binds; ppo_kl the mean of old - logp."""
+    with torch.no_grad():
+        A = advantages.detach().to(out.per_token["ratio"].dtype)
+        if A.dim() == 1:
+            A = A[:, None].expand_as(mask)
+        if cfg.adv_clamp_min is not None:
+            A = A.clamp_min(cfg.adv_clamp_min)
+        rho = out.per_token["ratio"]
+        s1 = torch.maximum(-A * rho, -A * rho.clamp(1 - cfg.eps_low, 1 + cfg.eps_high))
+        lower = (s1 > -A * cfg.dual_clip) & (A < 0)
+        x = (log_prob.detach() - old_log_prob.detach()).clamp(-20.0, 20.0)
+        vals = {"actor/pg_clipfrac": out.metrics["clip_frac"], "actor/ppo_kl": _masked_mean(-x, mask),
+                "actor/pg_clipfrac_lower": _masked_mean(lower.to(rho.dtype), mask)}
+        return {k: float(v) for k, v in vals.items()}
+
+
+def compute_policy_loss_lambda_grpo(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                                    response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config=None,
+                                    rollout_is_weights: Optional[torch.Tensor] = None):
+    """verl policy loss ``"lambda_grpo"`` (the signature of verl's ``PolicyLossFn``; verl calls it by
+    keyword). Returns ``(pg_loss, metrics)`` with ``vanilla``'s metric names."""
+    if config is None:
+        raise _error("the policy loss needs the actor config (config=None)")
+    mask = response_mask if response_mask.dtype == torch.bool else response_mask != 0
+    cfg = loss_config_from_verl(config, loss_agg_mode)
+    norms = normalisers_from_verl(config, loss_agg_mode, mask)
+    out = grpo_loss_from_logprobs(log_prob, mask, advantages, 1, old_logp=old_log_prob, config=cfg,
+                                  token_weights=rollout_is_weights, return_per_token=True, **norms)
+    return out.loss, _pg_metrics(out, log_prob, old_log_prob, advantages, mask, cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# verl-dependent names: the typed config and the registration
+# --------------------------------------------------------------------------------------------
+_VERL_ERROR: Optional[BaseException] = None
+try:
+    from verl.trainer.ppo.core_algos import register_policy_loss as _register_policy_loss
+    from verl.workers.config import PolicyLossConfig as _PolicyLossConfig
+except ImportError as e:  # verl absent (or not importable here): Tier 2 helpers still work
+    _VERL_ERROR = e
+
+
+def verl_available() -> bool:
+    """Whether verl could be imported (and ``"lambda_grpo"`` was registered)."""
+    return _VERL_ERROR is None
+
+
+def _require_verl(what: str):
+    if _VERL_ERROR is not None:
+        raise ImportError(f"{what} needs verl (pip install 'lambda-grpo[verl]'; tested with verl {VERL_TESTED}), "
+                          f"which could not be imported: {_VERL_ERROR}") from _VERL_ERROR
+
+
+def register(name: str = LOSS_NAME):
+    """Register :func:`compute_policy_loss_lambda_grpo` under ``name`` in verl's policy-loss
+    registry (done for ``"lambda_grpo"`` at import when verl is importable)."""
+    _require_verl("lambda_grpo.integrations.verl.register")
+    return _register_policy_loss(name)(compute_policy_loss_lambda_grpo)
+
+
+if _VERL_ERROR is None:
+    @dataclass
+    class LambdaGRPOPolicyLossConfig(_PolicyLossConfig):
+        """verl's PolicyLossConfig with the options of the ``lambda_grpo`` policy loss (meanings and
+        defaults of :class:`lambda_grpo.LossConfig`): ``trace`` (None, "recent", "both"),
+        ``trace_decay``, ``trace_mode`` ("ratio", "weight"), ``adv_clamp_min``.
+
+        Select it in the actor config with
+        ``actor_rollout_ref.actor.policy_loss._target_=lambda_grpo.integrations.verl.LambdaGRPOPolicyLossConfig``,
+        ``actor_rollout_ref.actor.policy_loss.loss_mode=lambda_grpo`` and e.g.
+        ``+actor_rollout_ref.actor.policy_loss.trace=recent``. ``loss_mode`` must be a loss that
+        reads these fields (``lambda_grpo``): any other is refused, so that a trace is never
+        silently dropped."""
+
+        loss_mode: str = LOSS_NAME
+        trace: Optional[str] = None
+        trace_decay: float = 0.99
+        trace_mode: str = "ratio"
+        adv_clamp_min: Optional[float] = None
+
+        def __post_init__(self):
+            if self.loss_mode != LOSS_NAME:
+                raise _error(f"LambdaGRPOPolicyLossConfig.loss_mode: expected {LOSS_NAME!r} (the only loss that reads "
+                             f"trace, trace_decay, trace_mode and adv_clamp_min), got {self.loss_mode!r}; set "
+                             f"actor_rollout_ref.actor.policy_loss.loss_mode={LOSS_NAME}")
+            try:
+                LossConfig(trace=self.trace, trace_decay=self.trace_decay, trace_mode=self.trace_mode,
+                           adv_clamp_min=self.adv_clamp_min)
+            except ValueError as e:
+                raise _error(f"LambdaGRPOPolicyLossConfig: {e}") from e
+
+    register(LOSS_NAME)
+    __all__.append("LambdaGRPOPolicyLossConfig")
+
+
+def __getattr__(name):  # LambdaGRPOPolicyLossConfig without verl: say why
+    if name == "LambdaGRPOPolicyLossConfig":
+        _require_verl(f"lambda_grpo.integrations.verl.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Tier 2 pieces: groups from uid, lambda's state, the whole actor loss
+# --------------------------------------------------------------------------------------------
+def group_lengths_from_uid(uid: Sequence, response_mask: torch.Tensor):
+    """Each row's group, for λ-GRPO where groups are split and shuffled before the loss.
+
+    uid: (B,) the prompt id of each row (verl's ``non_tensor_batch["uid"]``: a numpy object array
+    of strings; any sequence of hashables, or an integer tensor). response_mask: (B, T).
+    Returns ``(group_lengths (B, G) int64, group_index (B,) int64)`` on the mask's device:
+    row i's group holds G rows, ``group_lengths[i]`` are their numbers of valid tokens in row
+    order, and ``group_index[i]`` is which of them row i is, so ``group_lengths[i,
+    group_index[i]] == response_mask[i].sum()``. Every group must have the same size G
+    (verl's ``rollout.n``): the λ-GRPO weights use G (docs/math.md §5).
+    """
+    if isinstance(uid, torch.Tensor):
+        uid = uid.detach().cpu().numpy()
+    keys = np.asarray(uid, dtype=object) if not isinstance(uid, np.ndarray) else uid
+    if keys.ndim != 1:
+        raise _error(f"uid: expected shape (B,), got shape {keys.shape}")
+    if not isinstance(response_mask, torch.Tensor) or response_mask.dim() != 2 or response_mask.shape[0] != len(keys):
+        raise _error(f"response_mask: expected a ({len(keys)}, T) tensor")
+    B = len(keys)
+    lengths = (response_mask != 0).sum(dim=1).cpu()
+    if B == 0:
+        z = torch.zeros((0, 0), dtype=torch.long)
+        return z.to(response_mask.device), torch.zeros(0, dtype=torch.long, device=response_mask.device)
+    first = {}
+    inv = np.empty(B, dtype=np.int64)
+    for i, k in enumerate(keys.tolist()):
+        inv[i] = first.setdefault(k, len(first))
+    counts = np.bincount(inv)
+    if counts.min() != counts.max():
+        raise _error(f"uid: every group must have the same number of rows (rollout.n); got sizes "
+                     f"{sorted(set(counts.tolist()))}")
+    G = int(counts[0])
+    members = np.argsort(inv, kind="stable").reshape(len(counts), G)  # rows of group k, in row order
+    index = np.empty(B, dtype=np.int64)
+    index[members] = np.arange(G)[None, :]
+    gl = lengths[torch.from_numpy(members)][torch.from_numpy(inv)]
+    return gl.to(response_mask.device), torch.from_numpy(index).to(response_mask.device)
+
+
+class LambdaState:
+    """λ of λ-GRPO outside the engine's optimiser (verl optimises only the model's parameters).
+
+    ``lam`` is a float64 0-d leaf tensor with ``requires_grad``, on the CPU: pass it as ``lam``
+    to the loss, and every backward of the optimiser step (the micro-batches) adds its gradient
+    to ``lam.grad``. After the engine's optimiser step, :meth:`step` averages that gradient over
+    the data-parallel group (as the model's gradients are averaged), takes one SGD step of rate
+    ``lr`` and clears the gradient. Every rank starts from the same value and applies the same
+    averaged gradient, so λ stays identical on every rank. A non-finite averaged gradient skips
+    the step (as verl skips a model update with a non-finite gradient norm).
+    """
+
+    def __init__(self, init: float = 0.0, lr: float = 0.1):
+        for name, v in (("init", init), ("lr", lr)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise _error(f"LambdaState.{name}: expected a finite number, got {v!r}")
+        self.lam = torch.tensor(float(init), dtype=torch.float64, requires_grad=True)
+        self.lr = float(lr)
+        self.steps = 0
+
+    @property
+    def value(self) -> float:
+        return float(self.lam.detach())
+
+    def step(self, group=None) -> float:
+        """All-reduce (mean over ``group``, torch.distributed's default group when None, nothing
+        when torch.distributed is not initialised) the accumulated gradient, step, clear it.
+        Returns the averaged gradient (0 when no backward reached λ)."""
+        g = torch.zeros((), dtype=torch.float64) if self.lam.grad is None else self.lam.grad.detach().clone()
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            backend = dist.get_backend(group)
+            dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+            buf = g.reshape(1).to(dev)
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+            g = buf.cpu().reshape(()) / dist.get_world_size(group)
+        self.lam.grad = None
+        if torch.isfinite(g):
+            with torch.no_grad():
+                self.lam -= self.lr * g
+            self.steps += 1
+        return float(g)
+
+    def state_dict(self) -> dict:
+        return {"lam": self.value, "lr": self.lr, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.lam.fill_(float(state["lam"]))
+        self.lr = float(state.get("lr", self.lr))
+        self.steps = int(state.get("steps", 0))
+        self.lam.grad = None
+
+
+def lambda_grpo_actor_loss(config, model_output, data, dp_group=None, *, lam_state: LambdaState,
+                           length_r: float = 1.0 / 9.0):
+    """The whole verl actor loss of λ-GRPO, for ``set_loss_fn(partial(lambda_grpo_actor_loss,
+    config=actor_config, lam_state=state))`` in place of verl's ``ppo_loss`` (same arguments).
+
+    One ``grpo_loss_from_logprobs`` call computes the clipped surrogate, the KL (``use_kl_loss``,
+    ``kl_loss_coef``, ``kl_loss_type`` kl/k1, mse/k2, low_var_kl/k3) and the entropy bonus
+    (``entropy_coeff``), all weighted by the λ-GRPO row weights f_i and divided by
+    ``batch_num_tokens / dp_size`` (so at λ = 0 it equals verl's ``ppo_loss`` with ``token-mean``,
+    up to verl's ±10 clamp of low_var_kl). The batch must carry ``lg_group_lengths`` (B, G) and
+    ``lg_group_index`` (B,) (:func:`group_lengths_from_uid`, written by the trainer); λ's gradient
+    accumulates in ``lam_state.lam.grad``, stepped by the worker after the optimiser step.
+    """
+    from verl.utils.metric import AggregationType, Metric
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    if _get(config, "loss_agg_mode", "token-mean") != "token-mean":
+        raise _error(f"λ-GRPO normalises like dapo: actor.loss_agg_mode must be 'token-mean', got "
+                     f"{_get(config, 'loss_agg_mode')!r}")
+    beta = 0.0
+    kl_estimator = "k3"
+    if _get(config, "use_kl_loss", False):
+        kl_type = _get(config, "kl_loss_type", "low_var_kl")
+        if kl_type not in KL_ESTIMATORS:
+            raise _error(f"kl_loss_type {kl_type!r} has no equivalent; expected one of {sorted(KL_ESTIMATORS)}")
+        beta, kl_estimator = float(_get(config, "kl_loss_coef", 0.0)), KL_ESTIMATORS[kl_type]
+    entropy_coef = float(_get(config, "entropy_coeff", 0.0) or 0.0)
+    cfg = loss_config_from_verl(config, "token-mean", aggregation="lambda_grpo", beta=beta,
+                                kl_estimator=kl_estimator, entropy_coef=entropy_coef).replace(length_r=float(length_r))
+
+    log_prob = no_padding_2_padding(model_output["log_probs"], data)
+    entropy = model_output.get("entropy", None)
+    if cfg.needs_entropy:
+        if entropy is None:
+            raise _error("entropy_coeff != 0 but the model output has no entropy")
+        entropy = no_padding_2_padding(entropy, data)
+    dp_size, n_tok = data["dp_size"], data["batch_num_tokens"]
+    fields = ["response_mask", "old_log_probs", "advantages", GROUP_LENGTHS_KEY, GROUP_INDEX_KEY]
+    for k in ("rollout_is_weights", "ref_log_prob"):
+        if k in data.keys():
+            fields.append(k)
+    missing = [k for k in (GROUP_LENGTHS_KEY, GROUP_INDEX_KEY) if k not in data.keys()]
+    if missing:
+        raise _error(f"the batch has no {missing}: the λ-GRPO trainer writes them from uid (group_lengths_from_uid)")
+    d = data.select(*fields).to_padded_tensor()
+    mask = d["response_mask"].to(torch.bool)
+    gl, gi = d[GROUP_LENGTHS_KEY], d[GROUP_INDEX_KEY]
+    out = grpo_loss_from_logprobs(
+        log_prob, mask, d["advantages"], int(gl.shape[1]), old_logp=d["old_log_probs"],
+        ref_logp=d.get("ref_log_prob", None) if cfg.beta > 0 else None, entropy=entropy if cfg.needs_entropy else None,
+        lam=lam_state.lam, config=cfg, num_tokens=None if n_tok is None else n_tok / dp_size,
+        group_lengths=gl, group_index=gi, token_weights=d.get("rollout_is_weights", None), return_per_token=True)
+    metrics = Metric.from_dict(_pg_metrics(out, log_prob, d["old_log_probs"], d["advantages"], mask, cfg),
+                               aggregation=AggregationType.MEAN)
+    metrics["actor/pg_loss"] = Metric(value=out.loss.detach(), aggregation=AggregationType.SUM)
+    metrics["actor/lambda"] = Metric(value=lam_state.value, aggregation=AggregationType.MEAN)
+    return out.loss, metrics
