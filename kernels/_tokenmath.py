@@ -16,19 +16,19 @@ LOG_RATIO_CLAMP = tl.constexpr(_CLAMP)
 
 
 @triton.jit
-def surrogate(z, logp, A, eps_low, eps_high, dual_clip, delta, surr, tau_pos, tau_neg):
+def surrogate(z, logp, A, eps_low, eps_high, dual_clip, surr, tau_pos, tau_neg):
     """The policy term s of one token and its partials (docs/math.md §2); the torch copy of this
     rule is lambda_grpo._rowmath.token_terms. Returns (s, ds/dz, ds/dlogp, rho, drho/dz,
     clip_low, clip_high).
 
     surr (runtime int, SURROGATE_CODES in kernels/_config.py): 0 clip, 1 cispo, 2 sapo. All three
     are computed and one is selected with where() (a handful of flops next to a vocabulary pass;
-    no branch the interpreter or the compiler must specialise). A disabled dual clip or delta is
-    passed as +inf.
-    - clip: s = min(min(rho, delta) A, clip(rho) A), then max(s, c A) where A < 0. torch splits
-      ties of min/max evenly and clamp passes its gradient on [lo, hi], so inside the clip range
-      the two branches together give rho A; outside only the unclipped branch (when it is the
-      min, and below delta) carries a gradient.
+    no branch the interpreter or the compiler must specialise). A disabled dual clip is passed as
+    +inf; TRL's delta arrives as the dual clip (LossConfig.dual_floor: the same rule).
+    - clip: s = min(rho A, clip(rho) A), then max(s, c A) where A < 0. torch splits ties of
+      min/max evenly and clamp passes its gradient on [lo, hi], so inside the clip range the two
+      branches together give rho A; outside only the unclipped branch (when it is the min)
+      carries a gradient.
     - cispo: s = w A logp with w = min(rho, eps_high) a constant (detached in the reference).
     - sapo: s = sigmoid(tau (rho - 1)) 4 / tau A, tau = tau_pos for A > 0 else tau_neg.
     The clamp of z to [-20, 20] stops the gradient through rho outside.
@@ -41,13 +41,12 @@ def surrogate(z, logp, A, eps_low, eps_high, dual_clip, delta, surr, tau_pos, ta
     code = tl.zeros_like(z).to(tl.int32) + surr
     is_clip = code == 0
     is_cispo = code == 1
-    # clip (with delta and the dual clip)
+    # clip (with the dual clip)
     clipped = tl.where(rho < 1.0 - eps_low, 1.0 - eps_low, tl.where(rho > 1.0 + eps_high, 1.0 + eps_high, rho))
-    r1 = tl.where(rho > delta, delta, rho)
-    s1 = r1 * A
+    s1 = rho * A
     s2 = clipped * A
     s_clip = tl.where(s2 < s1, s2, s1)  # min(s1, s2) that keeps a NaN s1 (tl.minimum would drop it)
-    g_clip = tl.where((s1 <= s2) & (rho <= delta), A, 0.0)  # ds/drho
+    g_clip = tl.where(s1 <= s2, A, 0.0)  # ds/drho
     dual = tl.where(A < 0, dual_clip * A, float("-inf"))
     use_dual = s_clip < dual
     s_clip = tl.where(use_dual, dual, s_clip)

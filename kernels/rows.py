@@ -47,7 +47,7 @@ def _lin(a1, v1, a2, v2):
                                 "surr", "kl_rw"])
 def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, len_ptr, roww_ptr,
                coef_lp_ptr, coef_h_ptr, part_ptr, scr_ptr, pos_ptr, tok_loss_ptr, tok_rho_ptr, tok_kl_ptr,
-               T, a: tl.float64, ln_a: tl.float64, eps_low, eps_high, dual_clip, delta, tau_pos, tau_neg,
+               T, a: tl.float64, ln_a: tl.float64, eps_low, eps_high, dual_clip, tau_pos, tau_neg,
                beta, ent_coef, kl_est, surr, kl_rw, has_old, has_ref, has_ent, has_c, write_coef, write_tok,
                BLOCK_T: tl.constexpr, TRACE: tl.constexpr):
     """One row. Inputs (B, T) fp32 unless noted: logp, entropy, old/ref log-probs, A (clamped),
@@ -142,8 +142,7 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
                 z = tl.load(s1 + o, mask=mk, other=0.0, volatile=True).to(tl.float32)
             else:
                 z = tl.load(s0 + o, mask=mk, other=0.0, volatile=True).to(tl.float32)
-        s, ds, dsl, rho, drho, clo, chi = surrogate(z, lp, A, eps_low, eps_high, dual_clip, delta, surr, tau_pos,
-                                                    tau_neg)
+        s, ds, dsl, rho, drho, clo, chi = surrogate(z, lp, A, eps_low, eps_high, dual_clip, surr, tau_pos, tau_neg)
         c = tl.load(c_ptr + base + cols, mask=mk & use_c, other=1.0)
         ref = tl.load(ref_ptr + base + cols, mask=mk & use_ref, other=0.0)
         kl, bkl, bdkl, bkz = kl_terms(lp, ref, kl_est, beta, use_ref, rho, drho, kl_rw)
@@ -230,7 +229,7 @@ def launch_rows(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor
                 row_weight: torch.Tensor, *, entropy: Optional[torch.Tensor], old_logp: Optional[torch.Tensor],
                 ref_logp: Optional[torch.Tensor], trace_coef: Optional[torch.Tensor], ratio_trace: Optional[str],
                 trace_decay: float, eps_low: float, eps_high: float, dual_clip: Optional[float],
-                delta: Optional[float], surrogate: str, sapo_tau_pos: float, sapo_tau_neg: float, beta: float,
+                surrogate: str, sapo_tau_pos: float, sapo_tau_neg: float, beta: float,
                 kl_estimator: str, kl_ratio_weighted: bool, entropy_coef: float, write_coef: bool,
                 write_tokens: bool):
     """Launch `row_kernel` over (B, T) fp32 contiguous tensors (mask bool, lengths int32 (B,),
@@ -259,7 +258,7 @@ def launch_rows(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor
                          coef_lp, coef_h, parts, scratch, pos, tok_arg[0], tok_arg[1], tok_arg[2],
                          T, float(trace_decay), math.log(float(trace_decay)), float(eps_low), float(eps_high),
                          float("inf") if dual_clip is None else float(dual_clip),
-                         float("inf") if delta is None else float(delta), float(sapo_tau_pos), float(sapo_tau_neg),
+                         float(sapo_tau_pos), float(sapo_tau_neg),
                          float(beta), float(entropy_coef), KL_CODES[kl_estimator], SURROGATE_CODES[surrogate],
                          int(kl_ratio_weighted),
                          int(old_logp is not None), int(ref_logp is not None), int(entropy is not None),

@@ -36,7 +36,7 @@ from ._vocab import load_token, lse_entropy, write_grad, write_zero
 def vocab_fused_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, old_ptr, ref_ptr, adv_ptr, c_ptr,
                        w_ptr, logp_ptr, ent_ptr,
                        stride_in, stride_out, V, inv_temp,
-                       eps_low, eps_high, dual_clip, delta, tau_pos, tau_neg, beta, ent_coef,
+                       eps_low, eps_high, dual_clip, tau_pos, tau_neg, beta, ent_coef,
                        kl_est, surr, kl_rw, has_old, has_ref, has_c,
                        BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -58,8 +58,7 @@ def vocab_fused_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, old_ptr, r
         old = tl.where(use_old, tl.load(old_ptr + pid, mask=use_old, other=0.0), logp)
         x = logp - old  # on-policy logp - logp: 0, or NaN for a non-finite logp
         A = tl.load(adv_ptr + pid)
-        s, ds, dsl, rho, drho, _, _ = surrogate(x, logp, A, eps_low, eps_high, dual_clip, delta, surr, tau_pos,
-                                                tau_neg)
+        s, ds, dsl, rho, drho, _, _ = surrogate(x, logp, A, eps_low, eps_high, dual_clip, surr, tau_pos, tau_neg)
         c = tl.load(c_ptr + pid, mask=use_c, other=1.0)
         ref = tl.load(ref_ptr + pid, mask=use_ref, other=0.0)
         _, _, bdkl, bkz = kl_terms(logp, ref, kl_est, beta, use_ref, rho, drho, kl_rw)
@@ -72,7 +71,7 @@ def vocab_fused_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, old_ptr, r
 
 
 def vocab_fused(logits, tokens, mask, advantages, weight, temperature, *, old_logp, ref_logp, trace_coef,
-                eps_low, eps_high, dual_clip, delta, surrogate, sapo_tau_pos, sapo_tau_neg, beta, kl_estimator,
+                eps_low, eps_high, dual_clip, surrogate, sapo_tau_pos, sapo_tau_neg, beta, kl_estimator,
                 kl_ratio_weighted, entropy_coef, with_entropy, out=None):
     """One kernel: logp, entropy and dlogits (for an upstream gradient of 1).
 
@@ -105,7 +104,7 @@ def vocab_fused(logits, tokens, mask, advantages, weight, temperature, *, old_lo
             weight, logp, logp if ent is None else ent,
             logits.stride(0), out.stride(0), V, 1.0 / temperature,
             float(eps_low), float(eps_high), float("inf") if dual_clip is None else float(dual_clip),
-            float("inf") if delta is None else float(delta), float(sapo_tau_pos), float(sapo_tau_neg),
+            float(sapo_tau_pos), float(sapo_tau_neg),
             float(beta), float(entropy_coef), KL_CODES[kl_estimator], SURROGATE_CODES[surrogate],
             int(kl_ratio_weighted), int(old_logp is not None), int(ref_logp is not None), int(trace_coef is not None),
             **cfg.kwargs())

@@ -328,9 +328,10 @@ def token_terms(z, logp, ref, entropy, A, W, coef, cfg: LossConfig) -> TokenTerm
     All arguments have one shape ((B, T), or flat (n,) in a vocab chunk): z the (traced)
     log-ratio, logp, ref, entropy, A (clamped advantages), W (loss weights), coef (c_t, or None).
     rho = exp(clamp(z, -20, 20)), drho/dz = rho inside the clamp, else 0. Surrogates:
-    - clip: s = min(min(rho, delta) A, clip(rho) A), then max(s, c A) where A < 0 (dual clip).
-      ds/drho = A unless the clipped (or delta-capped, or dual-clipped) branch is the active one,
-      where it is 0; at a tie the unclipped slope (autograd of torch.minimum splits it).
+    - clip: s = min(rho A, clip(rho) A), then max(s, c A) where A < 0 (dual clip; TRL's delta is
+      the same rule, LossConfig.dual_floor). ds/drho = A unless the clipped or dual-clipped
+      branch is the active one, where it is 0; at a tie the unclipped slope (autograd of
+      torch.minimum splits it).
     - cispo: s = w A logp with w = min(rho, eps_high) a constant: ds/dz = 0, ds/dlogp = w A.
     - sapo: s = sigmoid(tau (rho - 1)) 4 / tau A: ds/drho = 4 sig (1 - sig) A.
     The KL term times rho (kl_ratio_weighted) adds beta kl drho/dz to the z-slope.
@@ -343,15 +344,11 @@ def token_terms(z, logp, ref, entropy, A, W, coef, cfg: LossConfig) -> TokenTerm
     ds_dlogp = None
     if cfg.surrogate == "clip":
         lo, hi = 1 - cfg.eps_low, 1 + cfg.eps_high
-        r1 = rho if cfg.delta is None else torch.clamp(rho, max=cfg.delta)
-        s = torch.minimum(r1 * A, torch.clamp(rho, lo, hi) * A)
+        s = torch.minimum(rho * A, torch.clamp(rho, lo, hi) * A)
         clip_low, clip_high = (A < 0) & (rho < lo), (A > 0) & (rho > hi)
-        flat = clip_low | clip_high
-        if cfg.delta is not None:
-            flat = flat | ((A < 0) & (rho > cfg.delta))  # the delta-capped branch is the min there
-        slope = torch.where(flat, zero, A)
-        if cfg.dual_clip is not None:
-            floor = cfg.dual_clip * A
+        slope = torch.where(clip_low | clip_high, zero, A)
+        if cfg.dual_floor is not None:  # the dual clip, and TRL's delta (LossConfig.dual_floor)
+            floor = cfg.dual_floor * A
             dual = (A < 0) & (s < floor)
             s = torch.where(dual, floor, s)
             slope = torch.where(dual, zero, slope)

@@ -64,7 +64,7 @@ def vocab_fused(logits2d, tokens, mask, tau: float, want_entropy: bool, inputs: 
                 out: Optional[torch.Tensor] = None):
     return _vocab_fused(logits2d, tokens, mask, _f32(inputs.A), _f32(inputs.W), tau, old_logp=_f32(inputs.old_logp),
                         ref_logp=_f32(inputs.ref_logp), trace_coef=_f32(inputs.coef), eps_low=cfg.eps_low,
-                        eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, delta=cfg.delta, surrogate=cfg.surrogate,
+                        eps_high=cfg.eps_high, dual_clip=cfg.dual_floor, surrogate=cfg.surrogate,
                         sapo_tau_pos=cfg.sapo_tau_pos, sapo_tau_neg=cfg.sapo_tau_neg, beta=cfg.beta,
                         kl_estimator=cfg.kl_estimator, kl_ratio_weighted=cfg.kl_ratio_weighted,
                         entropy_coef=cfg.entropy_coef, with_entropy=want_entropy, out=out)
@@ -93,7 +93,7 @@ def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, 
         ref_logp=None if batch.ref_logp is None else _f32(batch.ref_logp).view(B, T),
         trace_coef=None if consts.coef is None else _f32(consts.coef).view(B, T),
         ratio_trace=cfg.trace if cfg.ratio_trace else None, trace_decay=cfg.trace_decay, eps_low=cfg.eps_low,
-        eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, delta=cfg.delta, surrogate=cfg.surrogate,
+        eps_high=cfg.eps_high, dual_clip=cfg.dual_floor, surrogate=cfg.surrogate,
         sapo_tau_pos=cfg.sapo_tau_pos, sapo_tau_neg=cfg.sapo_tau_neg, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
         kl_ratio_weighted=cfg.kl_ratio_weighted, entropy_coef=cfg.entropy_coef, write_coef=want_coef,
         write_tokens=per_token)

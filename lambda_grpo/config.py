@@ -48,7 +48,8 @@ class LossConfig:
         A logp, eps_high an absolute cap as TRL's epsilon_high) or "sapo" (sigmoid(tau (rho - 1))
         4 / tau A, tau = sapo_tau_pos for A > 0 and sapo_tau_neg otherwise; TRL's sapo).
       delta: TRL's two-sided clip: the unclipped ratio is capped at delta (> 1 + eps_high);
-        "clip" only.
+        "clip" only. The same function as dual_clip = delta (see `dual_floor`): both names are
+        accepted, as TRL and verl use them.
       kl_ratio_weighted: the KL term is multiplied by the ratio rho, with its gradient (TRL
         1.16's use_bias_correction_kl, its default; Liger 0.8.5).
     Aggregations beyond SPEC §5: "token_sum" (W = 1, verl's token-sum) and "seq_mean_token_sum"
@@ -146,6 +147,14 @@ class LossConfig:
     def weight_trace(self) -> bool:
         """The per-token loss is scaled by trace coefficients c_t (GRPO-lambda epsilon-weight)."""
         return self.trace is not None and self.trace_mode == "weight"
+
+    @property
+    def dual_floor(self) -> Optional[float]:
+        """The c of the fast backends' floor max(s, c A) where A < 0: the dual clip, and TRL's delta,
+        which is the same rule (capping the unclipped ratio at delta > 1 + eps_high changes s only
+        where A < 0 and rho > delta, to delta A: the dual clip at c = delta); both given, the smaller."""
+        given = [v for v in (self.dual_clip, self.delta) if v is not None]
+        return min(given) if given else None
 
     @property
     def uses_lambda(self) -> bool:

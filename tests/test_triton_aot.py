@@ -84,7 +84,7 @@ def test_vocab_tiles_use_vector_loads():
     assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stderr[-4000:]
 
 
-FLOAT_HYPERPARAMETERS = {"inv_temp", "eps_low", "eps_high", "dual_clip", "delta", "tau_pos", "tau_neg", "beta",
+FLOAT_HYPERPARAMETERS = {"inv_temp", "eps_low", "eps_high", "dual_clip", "tau_pos", "tau_neg", "beta",
                          "ent_coef", "a", "ln_a"}
 
 

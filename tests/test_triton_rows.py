@@ -193,8 +193,8 @@ def _launch(rows, cfg: lg.LossConfig, consts, write_coef=True, write_tokens=True
 
     kw = dict(entropy=f32(rows["entropy"]), old_logp=f32(rows["old"]), ref_logp=f32(rows["ref"]),
               trace_coef=f32(consts.coef), ratio_trace=cfg.trace if cfg.ratio_trace else None,
-              trace_decay=cfg.trace_decay, eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip,
-              delta=cfg.delta, surrogate=cfg.surrogate, sapo_tau_pos=cfg.sapo_tau_pos, sapo_tau_neg=cfg.sapo_tau_neg,
+              trace_decay=cfg.trace_decay, eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_floor,
+              surrogate=cfg.surrogate, sapo_tau_pos=cfg.sapo_tau_pos, sapo_tau_neg=cfg.sapo_tau_neg,
               beta=cfg.beta, kl_estimator=cfg.kl_estimator, kl_ratio_weighted=cfg.kl_ratio_weighted,
               entropy_coef=cfg.entropy_coef, write_coef=write_coef, write_tokens=write_tokens)
     kw.update(override)
