@@ -18,6 +18,7 @@ Everything runs on the tiny offline Llama of tests/_trl_tiny.py (built once per 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -83,14 +84,25 @@ def test_parity_one_process(loss_type, route, tiny, tmp_path):
     assert_steps_match(got, want, f"{loss_type}/{route}")
 
 
-def test_lambda_grpo_at_zero_is_dapo_one_process(tiny, tmp_path):
-    """λ-GRPO starts at λ = 0, where it is DAPO exactly: step 1 equals TRL's dapo step 1."""
+@pytest.mark.parametrize("route", ["logprobs", "logits"])
+def test_lambda_grpo_at_zero_is_dapo_one_process(route, tiny, tmp_path):
+    """λ-GRPO starts at λ = 0, where it is DAPO exactly: step 1 equals TRL's dapo step 1 (both
+    routes); λ then moves, and evaluation (TRL's eval path) logs it."""
+    from datasets import Dataset
+
+    from tests._trl_tiny import PROMPTS
+
     want = trl_steps("dapo", tiny, tmp_path)
-    got, trainer = run("ours", "lambda_grpo", tmp_path / "ours", tiny, max_steps=1)
+    got, trainer = run("ours", "lambda_grpo", tmp_path / "ours", tiny, max_steps=1, loss_route=route)
     assert rel_err(got[0]["loss"], want[0]["loss"]) <= DIGITS
     assert rel_err(got[0]["grad_norm"], want[0]["grad_norm"]) <= DIGITS
     assert got[0]["lambda"] == 0.0
     assert float(trainer.lam.detach()) != 0.0  # λ took its step
+    if route == "logprobs":
+        trainer.args.per_device_eval_batch_size = 4
+        metrics = trainer.evaluate(Dataset.from_dict({"prompt": PROMPTS[:4]}))
+        assert metrics["eval_lambda"] == float(trainer.lam.detach())
+        assert math.isfinite(metrics["eval_loss"])
 
 
 # ------------------------------------------------------------------------------------------------
