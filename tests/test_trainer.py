@@ -169,6 +169,81 @@ def test_gradient_accumulation_matches_one_big_batch(model_dir, tmp_path, aggreg
         torch.testing.assert_close(l1, l2, rtol=1e-4, atol=1e-8)
 
 
+def _recorded_steps(t):
+    """Wrap t.optimizer.step: every optimiser step records (gradients by parameter name, lambda's gradient)."""
+    seen = []
+    step = t.optimizer.step
+
+    def record(*a, **k):
+        grads = {n: p.grad.detach().clone() for n, p in t.model.named_parameters() if p.grad is not None}
+        lam = t.loss_fn.lam
+        seen.append((grads, None if lam is None or lam.grad is None else lam.grad.detach().clone()))
+        return step(*a, **k)
+
+    t.optimizer.step = record
+    return seen
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step:UserWarning")  # our recording wrapper
+@pytest.mark.parametrize("head", ["tied", "untied_bias"])
+def test_hidden_route_matches_logits_route(model_dir, tmp_path, head):
+    """loss_route='hidden' (backbone + GRPOLoss.forward_hidden with the LM head's weight) gives the
+    loss, the parameter gradients (the tied embedding / LM-head weight included: reached once, by
+    both of its uses) and lambda's gradient of loss_route='logits', in float64, with mu = 2 and
+    beta > 0 so that the behaviour and reference log-probs also come from the hidden states."""
+    tok = _tiny_tokenizer()
+    runs = {}
+    for route in ("logits", "hidden"):
+        model = _tiny_model(len(tok)).double()
+        if head == "untied_bias":
+            torch.manual_seed(1)
+            lm = torch.nn.Linear(32, len(tok), bias=True, dtype=torch.float64)
+            model.lm_head = lm
+            model.config.tie_word_embeddings = False
+            assert model.get_output_embeddings() is lm
+        else:
+            assert model.lm_head.weight is model.model.embed_tokens.weight
+        cfg = _cfg(model_dir, tmp_path / route, "--steps", "1", "--num-eval", "0", "--no-plot", "--num-iterations",
+                   "2", "--beta", "0.05", "--max-grad-norm", "0", "--loss-route", route)
+        t = GRPOTrainer(cfg, model=model, tokenizer=tok)
+        seen = _recorded_steps(t)
+        t.train()
+        runs[route] = (seen, _train_rows(tmp_path / route)[-1])
+    (a, ma), (b, mb) = runs["logits"], runs["hidden"]
+    assert len(a) == len(b) == 2
+    assert ma["reward_std"] > 0 and ma["kl_mean"] is not None
+    for key in ("loss", "lambda", "lambda_grad", "grad_norm", "kl_mean", "entropy_mean", "clip_frac"):
+        assert mb[key] == pytest.approx(ma[key], rel=1e-9, abs=1e-12), key
+    for (ga, la), (gb, lb) in zip(a, b):
+        assert ga.keys() == gb.keys()
+        names = ["lm_head.weight"] if head == "untied_bias" else ["model.embed_tokens.weight"]
+        names += ["lm_head.bias"] if head == "untied_bias" else []
+        for n in names:
+            assert n in ga and ga[n].abs().max() > 0, n
+        for n in ga:
+            torch.testing.assert_close(gb[n], ga[n], rtol=1e-9, atol=1e-12 * float(ga[n].abs().max()))
+        torch.testing.assert_close(lb, la, rtol=1e-9, atol=1e-14)
+
+
+def test_hidden_route_refuses_a_model_that_post_processes_its_logits(model_dir, tmp_path):
+    """A model whose logits are not lm_head(last hidden state) (soft-capping, scaling) would be
+    trained on other log-probs than it samples from: the hidden route refuses it at start."""
+    tok = _tiny_tokenizer()
+    model = _tiny_model(len(tok))
+    forward = model.forward
+
+    def capped(*a, **k):
+        out = forward(*a, **k)
+        out.logits = 30.0 * torch.tanh(out.logits / 30.0)  # Gemma-2-style soft-capping
+        return out
+
+    model.forward = capped
+    with pytest.raises(ValueError, match="loss_route: 'hidden' needs logits == lm_head"):
+        GRPOTrainer(_cfg(model_dir, tmp_path / "h", "--steps", "0", "--num-eval", "0"), model=model, tokenizer=tok)
+    GRPOTrainer(_cfg(model_dir, tmp_path / "l", "--steps", "0", "--num-eval", "0", "--loss-route", "logits"),
+                model=model, tokenizer=tok)
+
+
 def test_logits_are_aligned_with_completion_tokens(model_dir, tmp_path):
     """logits[b, t] scores completion token t, with left-padded prompts of different lengths."""
     t = GRPOTrainer(_cfg(model_dir, tmp_path / "a", "--steps", "0", "--num-eval", "0", "--no-plot"))
@@ -333,6 +408,7 @@ CLI_ERRORS = [
     (["--adam-beta2", "1.5"], "--adam-beta2", "1.5"),
     (["--trace-decay", "1.5"], "--trace-decay", "1.5"),
     (["--aggregation", "ppo"], "--aggregation", "'ppo'"),
+    (["--loss-route", "fused"], "--loss-route", "'fused'"),
     (["--bogus", "1"], "--bogus", "unrecognized"),
     (["--preset", "nope"], "--preset", "'nope'"),
     (["--model", "{d}/no_model"], "--model", "no_model"),

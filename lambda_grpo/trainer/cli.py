@@ -53,6 +53,9 @@ HELP = {
     "lambda_lr": "learning rate of lambda (its own optimiser; SPEC §5 default 0.1)",
     "lambda_optimizer": "sgd (default) or adam for lambda", "lambda_init": "initial lambda",
     "backend": "loss backend: auto, torch, reference, triton",
+    "loss_route": "hidden: the backbone's last hidden states and the LM head's weight go to the fused linear loss "
+                  "(GRPOLoss.forward_hidden; the (B, T, V) logits never exist); logits: the model's logits go to "
+                  "GRPOLoss.forward",
     "output_dir": "metrics.jsonl, curves.png, eval_*.jsonl, summary.json, checkpoints",
     "eval_before": "evaluate the held-out set before training too",
     "eval_every": "also evaluate every N steps (0: only before and after)",

@@ -13,6 +13,7 @@ TASKS = ("arithmetic", "file", "reasoning_gym")
 ADV_SCALES = ("std", "none", "batch")
 SCHEDULES = ("constant", "linear", "cosine")
 LAMBDA_OPTIMIZERS = ("sgd", "adam")
+LOSS_ROUTES = ("hidden", "logits")
 
 
 def _fail(name: str, expected: str, actual) -> None:
@@ -74,6 +75,7 @@ class TrainConfig:
     lambda_optimizer: str = "sgd"
     lambda_init: float = 0.0
     backend: str = "auto"
+    loss_route: str = "hidden"
     loss: LossConfig = field(default_factory=lambda: LossConfig(compute_entropy=True))
     # bookkeeping
     seed: int = 0
@@ -145,6 +147,8 @@ class TrainConfig:
             _fail("device", "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
         if self.backend not in ("auto", "reference", "torch", "triton"):
             _fail("backend", "one of ('auto', 'reference', 'torch', 'triton')", self.backend)
+        if self.loss_route not in LOSS_ROUTES:
+            _fail("loss_route", f"one of {LOSS_ROUTES}", self.loss_route)
 
     @property
     def batch_size(self) -> int:

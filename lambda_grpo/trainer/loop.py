@@ -33,10 +33,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .. import GRPOLoss, group_advantages, token_logprobs
+from .. import GRPOLoss, group_advantages, linear_token_logprobs, token_logprobs
 from .config import TrainConfig
 from .data import build_datasets, load_problems
-from .model import load_model_and_tokenizer, resolve_device
+from .model import check_hidden_route, hidden_route_parts, load_model_and_tokenizer, resolve_device
 from .rewards import correctness_rewards, extract_number, answers_match, format_rewards
 
 log = logging.getLogger("lambda_grpo.trainer")
@@ -139,6 +139,8 @@ class GRPOTrainer:
             tokenizer.padding_side = "left"
         self.load_time = time.perf_counter() - t0
         self.model, self.tok = model, tokenizer
+        if cfg.loss_route == "hidden":
+            check_hidden_route(model)
         if cfg.trainable_layers:
             self._freeze_lower_layers(cfg.trainable_layers)
         self.eos_ids = self._eos_ids()
@@ -252,27 +254,60 @@ class GRPOTrainer:
         return dict(prompt_ids=ids, prompt_mask=att, completion_ids=comp, completion_mask=cmask.long(),
                     finished=finished, texts=texts)
 
-    def _logits(self, model, prompt_ids, prompt_mask, comp_ids, comp_mask):
-        """Aligned logits (B, Tc, V): logits[b, t] scores comp_ids[b, t] (last position dropped)."""
+    @staticmethod
+    def _inputs(prompt_ids, prompt_mask, comp_ids, comp_mask):
         ids = torch.cat([prompt_ids, comp_ids], dim=1)
         att = torch.cat([prompt_mask, comp_mask], dim=1)
         pos = (att.cumsum(dim=1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False,
+        return dict(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False)
+
+    def _logits(self, model, prompt_ids, prompt_mask, comp_ids, comp_mask):
+        """Aligned logits (B, Tc, V): logits[b, t] scores comp_ids[b, t] (last position dropped)."""
+        out = model(**self._inputs(prompt_ids, prompt_mask, comp_ids, comp_mask),
                     logits_to_keep=comp_ids.shape[1] + 1)
         return out.logits[:, :-1]
 
+    def _hidden(self, model, prompt_ids, prompt_mask, comp_ids, comp_mask):
+        """Aligned last hidden states (B, Tc, H) and the LM head (weight (V, H), bias or None):
+        lm_head(hidden[b, t]) are the logits that score comp_ids[b, t], as `_logits` returns them.
+        The backbone's output is the final-normed state the LM head reads (checked once at start
+        by `check_hidden_route`); the logits are never made."""
+        backbone, head = hidden_route_parts(model)
+        h = backbone(**self._inputs(prompt_ids, prompt_mask, comp_ids, comp_mask)).last_hidden_state
+        return h[:, -(comp_ids.shape[1] + 1):-1], head.weight, head.bias
+
     @torch.no_grad()
     def _logprobs(self, model, batch, rows) -> torch.Tensor:
+        """Per-token log-probs of the completions under ``model`` (no gradient), micro-batch by
+        micro-batch, by the run's loss route (from hidden states: the logits never exist)."""
         chunks = []
         mb = self.cfg.micro_batch_prompts * self.cfg.group_size
+        tau = self.loss_fn.config.temperature
         for s in range(0, len(rows), mb):
             r = rows[s:s + mb]
-            logits = self._logits(model, batch["prompt_ids"][r], batch["prompt_mask"][r],
-                                  batch["completion_ids"][r], batch["completion_mask"][r])
-            tau = self.loss_fn.config.temperature
-            chunks.append(token_logprobs(logits, batch["completion_ids"][r], temperature=tau,
-                                         backend=self.cfg.backend).float())
+            args = (model, batch["prompt_ids"][r], batch["prompt_mask"][r], batch["completion_ids"][r],
+                    batch["completion_mask"][r])
+            if self.cfg.loss_route == "hidden":
+                h, w, b = self._hidden(*args)
+                lp, _ = linear_token_logprobs(h, w, batch["completion_ids"][r], bias=b, temperature=tau,
+                                              return_entropy=False, backend=self.cfg.backend)
+            else:
+                lp = token_logprobs(self._logits(*args), batch["completion_ids"][r], temperature=tau,
+                                    backend=self.cfg.backend)
+            chunks.append(lp.float())
         return torch.cat(chunks)
+
+    def _micro_loss(self, batch, r, mask, adv, old_logp, ref_logp, n_tok, n_seq):
+        """The loss of micro-batch rows r with the mini-batch's normalisers, by the loss route."""
+        args = (self.model, batch["prompt_ids"][r], batch["prompt_mask"][r], batch["completion_ids"][r],
+                batch["completion_mask"][r])
+        kw = dict(old_logp=None if old_logp is None else old_logp[r],
+                  ref_logp=None if ref_logp is None else ref_logp[r], num_tokens=n_tok, num_sequences=n_seq)
+        G = self.cfg.group_size
+        if self.cfg.loss_route == "hidden":
+            h, w, b = self._hidden(*args)
+            return self.loss_fn.forward_hidden(h, w, batch["completion_ids"][r], mask[r], adv[r], G, bias=b, **kw)
+        return self.loss_fn(self._logits(*args), batch["completion_ids"][r], mask[r], adv[r], group_size=G, **kw)
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -346,12 +381,7 @@ class GRPOTrainer:
                     self.lambda_optimizer.zero_grad(set_to_none=True)
                 for s in range(0, len(rows), micro):
                     r = rows[s:s + micro]
-                    logits = self._logits(self.model, batch["prompt_ids"][r], batch["prompt_mask"][r],
-                                          batch["completion_ids"][r], batch["completion_mask"][r])
-                    out = self.loss_fn(logits, batch["completion_ids"][r], mask[r], adv[r], group_size=G,
-                                       old_logp=None if old_logp is None else old_logp[r],
-                                       ref_logp=None if ref_logp is None else ref_logp[r],
-                                       num_tokens=n_tok, num_sequences=len(rows))
+                    out = self._micro_loss(batch, r, mask, adv, old_logp, ref_logp, n_tok, len(rows))
                     (out.loss * loss_scale).backward()
                     w = float(mask[r].sum())
                     tok_total += w
