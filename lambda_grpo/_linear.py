@@ -15,6 +15,8 @@ walked in chunks of `chunk_rows(V, H)` tokens:
 Everything is computed in the forward for an upstream gradient of 1 (as Liger's chunked losses
 do); the backward multiplies the three gradients by g. Peak extra memory: dhidden + dW (+ db) +
 one chunk of logits and its fp32 scratch. The two-pass schedule does one more logits matmul.
+A frozen LM head (neither weight nor bias requires a gradient: a trainer that trains only the
+top layers, LoRA) gets no dW / db at all: no (V, H) buffer and no dW matmul.
 
 VJP per chunk (x = logits / tau, p = softmax(x)): dL/dlogits_c as in the vocab engines; then the
 matmul's VJP: dL/dh = dL/dlogits W, dL/dW = dL/dlogits^T h, dL/db = sum over tokens.
@@ -45,8 +47,8 @@ def chunk_rows(V: int, H: int, device: torch.device) -> int:
 
 class LinearGrads(NamedTuple):
     dhidden: torch.Tensor  # (B, T, H) hidden dtype, for an upstream gradient of 1
-    dweight: torch.Tensor  # (V, H) weight dtype
-    dbias: Optional[torch.Tensor]  # (V,) bias dtype, or None
+    dweight: Optional[torch.Tensor]  # (V, H) weight dtype, or None (head_grad=False)
+    dbias: Optional[torch.Tensor]  # (V,) bias dtype, or None (no bias, or head_grad=False)
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -59,8 +61,10 @@ def _take(x: Optional[torch.Tensor], idx: torch.Tensor) -> Optional[torch.Tensor
 
 
 def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], batch: Batch,
-                   cfg: LossConfig, eng, need_grad: bool, per_token: bool):
-    """(RowPass, LinearGrads or None) of the loss from hidden states; see the module docstring."""
+                   cfg: LossConfig, eng, need_grad: bool, per_token: bool, head_grad: bool = True):
+    """(RowPass, LinearGrads or None) of the loss from hidden states; see the module docstring.
+    head_grad=False (a frozen LM head): dweight and dbias are neither allocated nor computed
+    (None), which saves the (V, H) fp32 buffer and one matmul per chunk."""
     B, T, Hd = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -80,12 +84,14 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     grads = None
     if need_grad:
         dh = torch.zeros(N, Hd, dtype=hidden.dtype, device=dev)
-        dW = torch.zeros(V, Hd, dtype=torch.float32 if weight.dtype != torch.float64 else torch.float64, device=dev)
-        db = None if bias is None else torch.zeros(V, dtype=dW.dtype, device=dev)
+        wdt = torch.float32 if weight.dtype != torch.float64 else torch.float64
+        dW = torch.zeros(V, Hd, dtype=wdt, device=dev) if head_grad else None
+        db = None if bias is None or not head_grad else torch.zeros(V, dtype=wdt, device=dev)
 
     def backprop(s, e, hc, dl):
         dh.index_copy_(0, idx[s:e], (dl @ weight).to(hidden.dtype))
-        dW.addmm_(dl.T.to(dW.dtype), hc.to(dW.dtype))
+        if dW is not None:
+            dW.addmm_(dl.T.to(dW.dtype), hc.to(dW.dtype))
         if db is not None:
             db.add_(dl.sum(0, dtype=db.dtype))
 
@@ -132,7 +138,8 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                                         out=xc)
                 backprop(s, e, hc, dl)
     if need_grad:
-        grads = LinearGrads(dh.view(B, T, Hd), dW.to(weight.dtype), None if db is None else db.to(bias.dtype))
+        grads = LinearGrads(dh.view(B, T, Hd), None if dW is None else dW.to(weight.dtype),
+                            None if db is None else db.to(bias.dtype))
     return rp, grads
 
 

@@ -415,34 +415,37 @@ def linear_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: T
                advantages: Tensor, old_logp: Optional[Tensor], ref_logp: Optional[Tensor], lam: Optional[Tensor],
                num_tokens: Optional[Tensor], num_sequences: Optional[Tensor], group_size: int,
                group_lengths: Optional[Tensor], group_index: Optional[Tensor], token_weights: Optional[Tensor],
-               config: str, engine: str, need_grad: bool, per_token: bool
+               config: str, engine: str, need_grad: bool, per_token: bool, head_grad: bool
                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, metrics, seq_weight, dlam, dhidden, dweight, dbias, per-token); the three gradients
-    for an upstream gradient of 1 (empty when not needed)."""
+    for an upstream gradient of 1 (empty when not needed; dweight and dbias also when head_grad
+    is False: a frozen LM head)."""
     cfg = config_from_str(config)
     batch = Batch(None, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num_sequences, group_size,
                   group_lengths, group_index, token_weights)
-    rp, grads = linear_forward(hidden, weight, bias, batch, cfg, engine_module(engine), need_grad, per_token)
+    rp, grads = linear_forward(hidden, weight, bias, batch, cfg, engine_module(engine), need_grad, per_token,
+                               head_grad)
     dtype = compute_dtype(hidden.dtype)
     loss, metrics, seq_weight, dlam, toks = _row_outputs(rp, cfg, ref_logp is not None, per_token, hidden, dtype)
     if grads is None:
         dh, dw, db = _empty(hidden), _empty(weight), _empty(weight)
     else:
-        dh, dw = grads.dhidden, grads.dweight
+        dh = grads.dhidden
+        dw = _empty(weight) if grads.dweight is None else grads.dweight
         db = _empty(weight) if grads.dbias is None else grads.dbias
     return loss, metrics, seq_weight, dlam, dh, dw, db, toks
 
 
 @linear_fwd.register_fake
 def _(hidden, weight, bias, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num_sequences, group_size,
-      group_lengths, group_index, token_weights, config, engine, need_grad, per_token):
+      group_lengths, group_index, token_weights, config, engine, need_grad, per_token, head_grad):
     cfg = config_from_str(config)
     B, T, _ = hidden.shape
     dtype = compute_dtype(hidden.dtype)
     loss, metrics, seq_weight, dlam, toks = _fake_row_outputs(cfg, ref_logp is not None, per_token, hidden, B, T, dtype)
     dh = torch.empty_like(hidden) if need_grad else hidden.new_empty(0)
-    dw = torch.empty_like(weight) if need_grad else weight.new_empty(0)
-    db = torch.empty_like(bias) if (need_grad and bias is not None) else weight.new_empty(0)
+    dw = torch.empty_like(weight) if need_grad and head_grad else weight.new_empty(0)
+    db = torch.empty_like(bias) if (need_grad and head_grad and bias is not None) else weight.new_empty(0)
     return loss, metrics, seq_weight, dlam, dh, dw, db, toks
 
 
@@ -458,7 +461,7 @@ def _linear_setup(ctx, inputs, output):
 def _linear_backward(ctx, g_loss, *unused):
     # VJP: the forward holds dL/dhidden, dL/dW, dL/db and dL/dlam for g = 1; all are linear in g.
     dlam, dh, dw, db = ctx.saved_tensors
-    grads = [None] * 19
+    grads = [None] * 20
     if g_loss is None:
         return tuple(grads)
     g = g_loss.detach()
@@ -492,11 +495,13 @@ def linear_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], batch: B
     """The loss of a validated batch from hidden states (B, T, H) and the LM head (V, H)."""
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
+    # a frozen LM head (e.g. only the top layers trained, or LoRA): no dW / db buffer, no dW matmul
+    head_grad = need_grad and any(t is not None and t.requires_grad for t in (weight, bias))
     lam = batch.lam if cfg.uses_lambda else None
     loss, metrics, seq_weight, _, _, _, _, toks = torch.ops.lambda_grpo.linear_fwd(
         hidden, weight, bias, batch.tokens, batch.mask, batch.advantages, batch.old_logp, batch.ref_logp, lam,
         batch.num_tokens, batch.num_sequences, batch.group_size, batch.group_lengths, batch.group_index,
-        batch.token_weights, cfg.to_json(), engine, bool(need_grad), bool(per_token))
+        batch.token_weights, cfg.to_json(), engine, bool(need_grad), bool(per_token), bool(head_grad))
     return _loss_output(loss, metrics, seq_weight, toks, cfg, batch.ref_logp is not None, per_token)
 
 

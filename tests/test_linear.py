@@ -217,3 +217,40 @@ def test_module_forward_hidden_owns_lambda():
     with pytest.raises(ValueError, match="weight"):
         lg.fused_linear_grpo_loss(c["hidden"], c["weight"][:, :3], c["tokens"], c["mask"], c["advantages"], 2,
                                   config=cfg, lam=0.0)
+
+
+@pytest.mark.parametrize("trace", [None, "both"])  # the fused schedule and the two-pass one
+@pytest.mark.parametrize("bias_trainable", [False, True])
+def test_frozen_head_skips_its_gradient(tiny_chunks, monkeypatch, trace, bias_trainable):
+    """A frozen LM head (the trainer's --trainable-layers, LoRA): the loss and dhidden are those of a
+    trainable head bit for bit, the weight gets no gradient and no (V, H) dW is computed; a
+    trainable bias next to a frozen weight still gets its gradient."""
+    cfg = lg.LossConfig(aggregation="lambda_grpo", trace=trace)
+    c = _case(4, 5, 6, 11, 2, 3, "holes", torch.float32, True, False)
+    addmm = []
+    real = torch.Tensor.addmm_
+
+    def spy(self, *a, **k):
+        addmm.append(tuple(self.shape))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "addmm_", spy)
+    outs = []
+    for frozen in (False, True):
+        h = c["hidden"].clone().requires_grad_(True)
+        w = c["weight"].clone().requires_grad_(not frozen)
+        b = c["bias"].clone().requires_grad_(not frozen or bias_trainable)
+        lam = torch.tensor(0.2, requires_grad=True)
+        addmm.clear()
+        out = lg.fused_linear_grpo_loss(h, w, c["tokens"], c["mask"], c["advantages"], 2, bias=b, lam=lam, config=cfg,
+                                        old_logp=c["old_logp"], backend="torch")
+        out.loss.backward()
+        outs.append((out.loss.detach(), h.grad, w.grad, b.grad, lam.grad, list(addmm)))
+    (l0, h0, w0, b0, lam0, mm0), (l1, h1, w1, b1, lam1, mm1) = outs
+    assert torch.equal(l0, l1) and torch.equal(h0, h1) and torch.equal(lam0, lam1)
+    assert w0 is not None and w1 is None
+    assert mm0 and (11, 6) in mm0
+    if bias_trainable:
+        assert torch.equal(b0, b1) and (11, 6) in mm1  # bias only: the head's gradients are computed
+    else:
+        assert b1 is None and (11, 6) not in mm1

@@ -169,6 +169,81 @@ def test_gradient_accumulation_matches_one_big_batch(model_dir, tmp_path, aggreg
         torch.testing.assert_close(l1, l2, rtol=1e-4, atol=1e-8)
 
 
+def _recorded_steps(t):
+    """Wrap t.optimizer.step: every optimiser step records (gradients by parameter name, lambda's gradient)."""
+    seen = []
+    step = t.optimizer.step
+
+    def record(*a, **k):
+        grads = {n: p.grad.detach().clone() for n, p in t.model.named_parameters() if p.grad is not None}
+        lam = t.loss_fn.lam
+        seen.append((grads, None if lam is None or lam.grad is None else lam.grad.detach().clone()))
+        return step(*a, **k)
+
+    t.optimizer.step = record
+    return seen
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step:UserWarning")  # our recording wrapper
+@pytest.mark.parametrize("head", ["tied", "untied_bias"])
+def test_hidden_route_matches_logits_route(model_dir, tmp_path, head):
+    """loss_route='hidden' (backbone + GRPOLoss.forward_hidden with the LM head's weight) gives the
+    loss, the parameter gradients (the tied embedding / LM-head weight included: reached once, by
+    both of its uses) and lambda's gradient of loss_route='logits', in float64, with mu = 2 and
+    beta > 0 so that the behaviour and reference log-probs also come from the hidden states."""
+    tok = _tiny_tokenizer()
+    runs = {}
+    for route in ("logits", "hidden"):
+        model = _tiny_model(len(tok)).double()
+        if head == "untied_bias":
+            torch.manual_seed(1)
+            lm = torch.nn.Linear(32, len(tok), bias=True, dtype=torch.float64)
+            model.lm_head = lm
+            model.config.tie_word_embeddings = False
+            assert model.get_output_embeddings() is lm
+        else:
+            assert model.lm_head.weight is model.model.embed_tokens.weight
+        cfg = _cfg(model_dir, tmp_path / route, "--steps", "1", "--num-eval", "0", "--no-plot", "--num-iterations",
+                   "2", "--beta", "0.05", "--max-grad-norm", "0", "--loss-route", route)
+        t = GRPOTrainer(cfg, model=model, tokenizer=tok)
+        seen = _recorded_steps(t)
+        t.train()
+        runs[route] = (seen, _train_rows(tmp_path / route)[-1])
+    (a, ma), (b, mb) = runs["logits"], runs["hidden"]
+    assert len(a) == len(b) == 2
+    assert ma["reward_std"] > 0 and ma["kl_mean"] is not None
+    for key in ("loss", "lambda", "lambda_grad", "grad_norm", "kl_mean", "entropy_mean", "clip_frac"):
+        assert mb[key] == pytest.approx(ma[key], rel=1e-9, abs=1e-12), key
+    for (ga, la), (gb, lb) in zip(a, b):
+        assert ga.keys() == gb.keys()
+        names = ["lm_head.weight"] if head == "untied_bias" else ["model.embed_tokens.weight"]
+        names += ["lm_head.bias"] if head == "untied_bias" else []
+        for n in names:
+            assert n in ga and ga[n].abs().max() > 0, n
+        for n in ga:
+            torch.testing.assert_close(gb[n], ga[n], rtol=1e-9, atol=1e-12 * float(ga[n].abs().max()))
+        torch.testing.assert_close(lb, la, rtol=1e-9, atol=1e-14)
+
+
+def test_hidden_route_refuses_a_model_that_post_processes_its_logits(model_dir, tmp_path):
+    """A model whose logits are not lm_head(last hidden state) (soft-capping, scaling) would be
+    trained on other log-probs than it samples from: the hidden route refuses it at start."""
+    tok = _tiny_tokenizer()
+    model = _tiny_model(len(tok))
+    forward = model.forward
+
+    def capped(*a, **k):
+        out = forward(*a, **k)
+        out.logits = 30.0 * torch.tanh(out.logits / 30.0)  # Gemma-2-style soft-capping
+        return out
+
+    model.forward = capped
+    with pytest.raises(ValueError, match="loss_route: 'hidden' needs logits == lm_head"):
+        GRPOTrainer(_cfg(model_dir, tmp_path / "h", "--steps", "0", "--num-eval", "0"), model=model, tokenizer=tok)
+    GRPOTrainer(_cfg(model_dir, tmp_path / "l", "--steps", "0", "--num-eval", "0", "--loss-route", "logits"),
+                model=model, tokenizer=tok)
+
+
 def test_logits_are_aligned_with_completion_tokens(model_dir, tmp_path):
     """logits[b, t] scores completion token t, with left-padded prompts of different lengths."""
     t = GRPOTrainer(_cfg(model_dir, tmp_path / "a", "--steps", "0", "--num-eval", "0", "--no-plot"))
@@ -333,6 +408,8 @@ CLI_ERRORS = [
     (["--adam-beta2", "1.5"], "--adam-beta2", "1.5"),
     (["--trace-decay", "1.5"], "--trace-decay", "1.5"),
     (["--aggregation", "ppo"], "--aggregation", "'ppo'"),
+    (["--loss-route", "fused"], "--loss-route", "'fused'"),
+    (["--generation-batch-prompts", "3"], "--generation-batch-prompts", "divisor of the prompts per mini-batch = 4"),
     (["--bogus", "1"], "--bogus", "unrecognized"),
     (["--preset", "nope"], "--preset", "'nope'"),
     (["--model", "{d}/no_model"], "--model", "no_model"),
@@ -358,6 +435,29 @@ def test_cli_user_errors_are_one_line_before_the_model_loads(argv, flag, fragmen
     line = _cli_error(capsys, base + [a.replace("{d}", str(d)) for a in argv])
     assert line.startswith("python -m lambda_grpo.train: error: "), line
     assert flag in line and fragment in line, line
+
+
+WORLD_ERRORS = [
+    # under torchrun (WORLD_SIZE=2): rules that hold for one process but not for two
+    (["--prompts-per-step", "3", "--micro-batch-prompts", "1"], "--prompts-per-step",
+     "multiple of num_mini_batches x processes = 1 x 2"),
+    (["--prompts-per-step", "4", "--num-mini-batches", "4"], "--prompts-per-step", "= 4 x 2"),
+    (["--prompts-per-step", "12", "--micro-batch-prompts", "4"], "--micro-batch-prompts", "= 6"),
+    (["--prompts-per-step", "12", "--generation-batch-prompts", "4"], "--generation-batch-prompts", "= 6"),
+    (["--compare"], "--compare", "WORLD_SIZE=2"),
+]
+
+
+@pytest.mark.parametrize("argv,flag,fragment", WORLD_ERRORS, ids=[" ".join(c[0]) for c in WORLD_ERRORS])
+def test_cli_user_errors_under_torchrun(argv, flag, fragment, tmp_path, capsys, monkeypatch, model_dir):
+    _no_model_loading(monkeypatch)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    line = _cli_error(capsys, ["--model", str(model_dir), "--output-dir", str(tmp_path / "o"), *argv])
+    assert line.startswith("python -m lambda_grpo.train: error: "), line
+    assert flag in line and fragment in line, line
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    line = _cli_error(capsys, ["--model", str(model_dir), "--output-dir", str(tmp_path / "o")])
+    assert "WORLD_SIZE: expected a positive int" in line, line
 
 
 def test_cli_backend_triton_without_cuda_or_interpreter(model_dir, capsys, monkeypatch):
@@ -407,3 +507,79 @@ def test_cli_entry_points_exit_2_with_one_line(entry, tmp_path):
             res = subprocess.run(cmd[:-1] + argv, capture_output=True, text=True, timeout=600)
             lines = res.stderr.strip().splitlines()
             assert res.returncode == 2 and len(lines) == 1 and fragment in lines[0], res.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Data parallel (issue 11 point 3): torchrun --nproc_per_node 2 trains the step one process trains
+# --------------------------------------------------------------------------------------------
+
+def _torchrun(nproc: int, script, *args, timeout: int = 600):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(script), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step:UserWarning")  # the recording wrapper
+def test_two_processes_train_the_same_step_as_one(model_dir, tmp_path):
+    """`torchrun --standalone --nproc_per_node 2` (gloo, CPU) and one process on the same global
+    batch: the same completions (bit for bit), the same loss, gradients (model and lambda, at each
+    of the two optimiser steps of two mini-batches), parameters and lambda after the step, the same
+    logged metrics and held-out evaluation. lambda-GRPO with beta > 0 (reference log-probs) and two
+    mini-batches (behaviour log-probs); each process trains one prompt of each mini-batch."""
+    from pathlib import Path
+
+    from tests._dist_step import record
+
+    extra = ("--steps", "1", "--prompts-per-step", "4", "--num-mini-batches", "2", "--beta", "0.05",
+             "--num-eval", "4", "--eval-batch-size", "2", "--no-plot")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert record(str(tmp_path / "one"), _args(model_dir, one, *extra)) == 0
+    res = _torchrun(2, Path(__file__).parent / "_dist_step.py", tmp_path / "two", *_args(model_dir, two, *extra))
+    assert res.returncode == 0, res.stderr[-4000:]
+    a = torch.load(tmp_path / "one.rank0.pt", weights_only=False)
+    b0, b1 = (torch.load(tmp_path / f"two.rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert (a["world"], b0["world"], b1["rank"]) == (1, 2, 1)
+
+    # the same completions, generated by the process that owns each prompt
+    assert set(a["rollouts"]) == set(b0["rollouts"]) | set(b1["rollouts"]) and not set(b0["rollouts"]) & set(
+        b1["rollouts"])
+    for key, (ids, m, p) in a["rollouts"].items():
+        ids2, m2, p2 = (b0 if key in b0["rollouts"] else b1)["rollouts"][key]
+        assert torch.equal(ids, ids2) and torch.equal(m, m2) and torch.equal(p, p2), key
+    lengths = torch.cat([m.sum(1) for _, m, _ in a["rollouts"].values()])
+    assert lengths.min() < lengths.max(), "the set-up must give completions of different lengths"
+
+    # the same optimiser steps: every rank holds the averaged gradient, equal to one process's
+    assert len(a["steps"]) == len(b0["steps"]) == len(b1["steps"]) == 2
+    for s1, s2, s3 in zip(a["steps"], b0["steps"], b1["steps"]):
+        assert s1["grads"].keys() == s2["grads"].keys() == s3["grads"].keys()
+        for n, g in s1["grads"].items():
+            assert torch.equal(s2["grads"][n], s3["grads"][n]), n
+            torch.testing.assert_close(s2["grads"][n], g, rtol=1e-6, atol=1e-7 * float(g.abs().max()))
+        assert torch.equal(s2["lam_grad"], s3["lam_grad"])
+        torch.testing.assert_close(s2["lam_grad"], s1["lam_grad"], rtol=1e-6, atol=1e-9)
+        assert s1["lam_grad"] != 0
+    for n, p in a["params"].items():
+        assert torch.equal(b0["params"][n], b1["params"][n]), n
+        torch.testing.assert_close(b0["params"][n], p, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(b0["lam"], a["lam"], rtol=1e-6, atol=1e-9)
+    assert b0["lam"] == b1["lam"] and a["lam"] != 0
+
+    # rank 0 logs the metrics of the whole batch, once
+    ra, rb = _train_rows(one), _train_rows(two)
+    assert len(ra) == len(rb) == 1
+    for key, v in ra[0].items():
+        if key in TIMING or v is None:
+            continue
+        assert rb[0][key] == pytest.approx(v, rel=1e-6, abs=1e-8), key
+    for tag in ("before", "after"):
+        assert (one / f"eval_{tag}.jsonl").read_text() == (two / f"eval_{tag}.jsonl").read_text()
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert (sb["eval_before"], sb["eval_after"], sb.get("processes")) == (sa["eval_before"], sa["eval_after"], 2)

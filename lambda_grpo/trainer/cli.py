@@ -41,18 +41,25 @@ HELP = {
     "prompt_template": "user message; {question} is replaced by the problem",
     "num_eval": "held-out prompts (disjoint from training) for the greedy accuracy before/after",
     "format_weight": "weight of the format reward (completion ended by itself and contains a number)",
-    "prompts_per_step": "prompts per step; each gets --group-size completions",
+    "prompts_per_step": "prompts per step, over all processes under torchrun; each gets --group-size completions",
+    "generation_batch_prompts": "prompts per model.generate call, each call seeded from (seed, step, its place in "
+                                "the batch): a prompt's completions do not depend on which process generates them "
+                                "or on how many there are; a divisor of the prompts per mini-batch (per process "
+                                "under torchrun); larger is faster, 1 always divides",
     "max_new_tokens": "completion budget in tokens", "top_p": "nucleus sampling for rollouts (1: off)",
     "mask_truncated": "drop completions that hit the budget from the loss (DAPO overlong filtering)",
     "adv_scale": "group advantage scaling: std (GRPO), none (Dr. GRPO), batch",
     "num_iterations": "mu: inner epochs over each generated batch",
     "num_mini_batches": "optimiser steps per epoch (the batch is split into whole groups)",
-    "micro_batch_prompts": "groups per forward/backward (gradient accumulation inside a mini-batch)",
+    "micro_batch_prompts": "groups per forward/backward on each process (gradient accumulation inside a mini-batch)",
     "lr": "AdamW learning rate of the model", "lr_schedule": "constant, linear or cosine decay after warm-up",
     "max_grad_norm": "gradient clipping of the model parameters (0: off)",
     "lambda_lr": "learning rate of lambda (its own optimiser; SPEC §5 default 0.1)",
     "lambda_optimizer": "sgd (default) or adam for lambda", "lambda_init": "initial lambda",
     "backend": "loss backend: auto, torch, reference, triton",
+    "loss_route": "hidden: the backbone's last hidden states and the LM head's weight go to the fused linear loss "
+                  "(GRPOLoss.forward_hidden; the (B, T, V) logits never exist); logits: the model's logits go to "
+                  "GRPOLoss.forward",
     "output_dir": "metrics.jsonl, curves.png, eval_*.jsonl, summary.json, checkpoints",
     "eval_before": "evaluate the held-out set before training too",
     "eval_every": "also evaluate every N steps (0: only before and after)",
@@ -237,6 +244,7 @@ def preflight(cfg: TrainConfig, args: argparse.Namespace) -> None:
     directory, the device and backend, the data file, the optional task package, --resume,
     --output-dir, and for --compare the methods and seeds. Raises ValueError naming the flag."""
     from .data import file_problems
+    from .dist import check_world, env_world_size
     from .model import check_model, resolve_device
 
     given = {k for k in vars(args) if k not in _NOT_FIELDS}
@@ -247,6 +255,14 @@ def preflight(cfg: TrainConfig, args: argparse.Namespace) -> None:
         except ValueError as e:
             raise ValueError(re.sub(r"^\w+: ", f"{flag}: ", str(e), count=1)) from None
 
+    world = env_world_size()
+    try:
+        check_world(cfg, world)
+    except ValueError as e:
+        raise ValueError(re.sub(r"^(\w+): ", lambda m: _flag(m.group(1)) + ": ", str(e), count=1)) from None
+    if args.compare and world > 1:
+        raise ValueError(f"--compare: runs its trainings in one process, got WORLD_SIZE={world} (torchrun): "
+                         "run it with python -m lambda_grpo.train")
     check("--model", lambda: check_model(cfg.model, cfg.cache_dir))
     device = check("--device", lambda: resolve_device(cfg.device))
     if cfg.backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -286,7 +302,8 @@ def preflight(cfg: TrainConfig, args: argparse.Namespace) -> None:
 def main(argv: Optional[List[str]] = None, prog: str = "python -m lambda_grpo.train") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+    rank = os.environ.get("RANK", "0")  # torchrun: only rank 0 reports progress
+    logging.basicConfig(level=logging.WARNING if args.quiet or rank not in ("", "0") else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "httpx", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -306,8 +323,13 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m lambda_grpo.tr
         return 0
     from .loop import GRPOTrainer
 
-    summary = GRPOTrainer(cfg).train()
-    print(format_summary(summary))
+    trainer = GRPOTrainer(cfg)
+    try:
+        summary = trainer.train()
+    finally:
+        trainer.dist.close()  # torchrun: leave the process group the trainer joined
+    if trainer.dist.main:
+        print(format_summary(summary))
     return 0
 
 
@@ -322,7 +344,9 @@ def format_summary(s: Dict) -> str:
         lines.append(f"held-out greedy accuracy after: {s['eval_after']:.3f}")
     if s.get("final_lambda") is not None:
         lines.append(f"final lambda: {s['final_lambda']:.4f}")
-    lines.append(f"steps: {s['steps']}, wall time: {s['train_time']:.0f} s (+ {s['load_time']:.1f} s model load)")
+    procs = f", {s['processes']} processes" if s.get("processes") else ""
+    lines.append(f"steps: {s['steps']}{procs}, wall time: {s['train_time']:.0f} s "
+                 f"(+ {s['load_time']:.1f} s model load)")
     lines.append(f"metrics: {s['metrics']}")
     if s.get("plot"):
         lines.append(f"plot: {s['plot']}")

@@ -13,6 +13,7 @@ TASKS = ("arithmetic", "file", "reasoning_gym")
 ADV_SCALES = ("std", "none", "batch")
 SCHEDULES = ("constant", "linear", "cosine")
 LAMBDA_OPTIMIZERS = ("sgd", "adam")
+LOSS_ROUTES = ("hidden", "logits")
 
 
 def _fail(name: str, expected: str, actual) -> None:
@@ -27,7 +28,9 @@ class TrainConfig:
     = B rows. The B rows are split into ``num_mini_batches`` optimiser steps, repeated for
     ``num_iterations`` (mu) inner epochs; each mini-batch is accumulated over micro-batches of
     ``micro_batch_prompts`` whole groups, with the mini-batch's global token / sequence counts
-    as the loss normalisers.
+    as the loss normalisers. Rollouts are generated ``generation_batch_prompts`` prompts per
+    `generate` call, each call seeded from (seed, step, its place in the batch), so that the
+    completions do not depend on how the batch is spread over processes (lambda_grpo/trainer/dist.py).
     """
 
     # model
@@ -55,6 +58,7 @@ class TrainConfig:
     steps: int = 20
     prompts_per_step: int = 4
     group_size: int = 8
+    generation_batch_prompts: int = 1
     max_new_tokens: int = 12
     top_p: float = 1.0
     mask_truncated: bool = False
@@ -74,6 +78,7 @@ class TrainConfig:
     lambda_optimizer: str = "sgd"
     lambda_init: float = 0.0
     backend: str = "auto"
+    loss_route: str = "hidden"
     loss: LossConfig = field(default_factory=lambda: LossConfig(compute_entropy=True))
     # bookkeeping
     seed: int = 0
@@ -90,8 +95,8 @@ class TrainConfig:
         if not isinstance(self.loss, LossConfig):
             _fail("loss", "a lambda_grpo.LossConfig", type(self.loss).__name__)
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "num_iterations",
-                     "num_mini_batches", "micro_batch_prompts", "num_train", "num_eval", "eval_batch_size",
-                     "num_terms"):
+                     "num_mini_batches", "micro_batch_prompts", "generation_batch_prompts", "num_train", "num_eval",
+                     "eval_batch_size", "num_terms"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name in ("steps", "num_eval") else 1):
                 _fail(name, "a positive int" if name not in ("steps", "num_eval") else "an int >= 0", v)
@@ -121,6 +126,9 @@ class TrainConfig:
         if per_mini % self.micro_batch_prompts != 0 and self.micro_batch_prompts < per_mini:
             _fail("micro_batch_prompts", f"a divisor of the prompts per mini-batch = {per_mini}",
                   self.micro_batch_prompts)
+        if per_mini % self.generation_batch_prompts != 0:
+            _fail("generation_batch_prompts", f"a divisor of the prompts per mini-batch = {per_mini}",
+                  self.generation_batch_prompts)
         if self.task not in TASKS:
             _fail("task", f"one of {TASKS}", self.task)
         if self.task == "file" and not self.data_path:
@@ -145,6 +153,8 @@ class TrainConfig:
             _fail("device", "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
         if self.backend not in ("auto", "reference", "torch", "triton"):
             _fail("backend", "one of ('auto', 'reference', 'torch', 'triton')", self.backend)
+        if self.loss_route not in LOSS_ROUTES:
+            _fail("loss_route", f"one of {LOSS_ROUTES}", self.loss_route)
 
     @property
     def batch_size(self) -> int:

@@ -33,10 +33,11 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .. import GRPOLoss, group_advantages, token_logprobs
+from .. import GRPOLoss, group_advantages, linear_token_logprobs, token_logprobs
 from .config import TrainConfig
 from .data import build_datasets, load_problems
-from .model import load_model_and_tokenizer, resolve_device
+from .dist import check_world, env_world_size, local_prompt_slots, setup as setup_dist
+from .model import check_hidden_route, hidden_route_parts, load_model_and_tokenizer, resolve_device
 from .rewards import correctness_rewards, extract_number, answers_match, format_rewards
 
 log = logging.getLogger("lambda_grpo.trainer")
@@ -46,6 +47,12 @@ STATE_FILE = "state.pt"
 
 def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**62)
+
+
+def _generation_seed(seed: int, step: int, chunk: int) -> int:
+    """The seed of the generate call for the chunk-th block of prompts of a step's global batch:
+    the same on whichever process generates it (lambda_grpo/trainer/dist.py)."""
+    return (_step_seed(seed, step) * 1_000_033 + chunk * 104_729 + 1) % (2**62)
 
 
 def pick_threads(threads: int) -> Optional[int]:
@@ -121,10 +128,13 @@ class GRPOTrainer:
         # afterwards): torch.set_num_threads is process-wide.
         self.threads = pick_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
+        check_world(cfg, env_world_size())
         # the data first: a bad data file is reported before the model loads
         problems = load_problems(cfg)
         if cfg.resume:
             find_checkpoint(cfg.resume, cfg.output_dir)
+        # torchrun: join the data-parallel group (one CUDA device per process)
+        self.dist, self.device = setup_dist(self.device)
         torch.manual_seed(cfg.seed)
         t0 = time.perf_counter()
         if model is None:
@@ -139,6 +149,9 @@ class GRPOTrainer:
             tokenizer.padding_side = "left"
         self.load_time = time.perf_counter() - t0
         self.model, self.tok = model, tokenizer
+        self.dist.broadcast_params(model)  # every rank starts from rank 0's weights, as DDP does
+        if cfg.loss_route == "hidden":
+            check_hidden_route(model)
         if cfg.trainable_layers:
             self._freeze_lower_layers(cfg.trainable_layers)
         self.eos_ids = self._eos_ids()
@@ -174,9 +187,10 @@ class GRPOTrainer:
         self.history: List[Dict] = []
         if cfg.resume:
             self.load_checkpoint(cfg.resume)
-        else:
+        elif self.dist.main:
             self.metrics_path.write_text("")
-        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        if self.dist.main:  # every file of the run is written by rank 0 only
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     # ---------------------------------------------------------------- helpers
     def _eos_ids(self) -> List[int]:
@@ -252,47 +266,87 @@ class GRPOTrainer:
         return dict(prompt_ids=ids, prompt_mask=att, completion_ids=comp, completion_mask=cmask.long(),
                     finished=finished, texts=texts)
 
-    def _logits(self, model, prompt_ids, prompt_mask, comp_ids, comp_mask):
-        """Aligned logits (B, Tc, V): logits[b, t] scores comp_ids[b, t] (last position dropped)."""
+    @staticmethod
+    def _inputs(prompt_ids, prompt_mask, comp_ids, comp_mask):
         ids = torch.cat([prompt_ids, comp_ids], dim=1)
         att = torch.cat([prompt_mask, comp_mask], dim=1)
         pos = (att.cumsum(dim=1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False,
+        return dict(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False)
+
+    def _logits(self, model, prompt_ids, prompt_mask, comp_ids, comp_mask):
+        """Aligned logits (B, Tc, V): logits[b, t] scores comp_ids[b, t] (last position dropped)."""
+        out = model(**self._inputs(prompt_ids, prompt_mask, comp_ids, comp_mask),
                     logits_to_keep=comp_ids.shape[1] + 1)
         return out.logits[:, :-1]
 
+    def _hidden(self, model, prompt_ids, prompt_mask, comp_ids, comp_mask):
+        """Aligned last hidden states (B, Tc, H) and the LM head (weight (V, H), bias or None):
+        lm_head(hidden[b, t]) are the logits that score comp_ids[b, t], as `_logits` returns them.
+        The backbone's output is the final-normed state the LM head reads (checked once at start
+        by `check_hidden_route`); the logits are never made."""
+        backbone, head = hidden_route_parts(model)
+        h = backbone(**self._inputs(prompt_ids, prompt_mask, comp_ids, comp_mask)).last_hidden_state
+        return h[:, -(comp_ids.shape[1] + 1):-1], head.weight, head.bias
+
     @torch.no_grad()
     def _logprobs(self, model, batch, rows) -> torch.Tensor:
+        """Per-token log-probs of the completions under ``model`` (no gradient), micro-batch by
+        micro-batch, by the run's loss route (from hidden states: the logits never exist)."""
         chunks = []
         mb = self.cfg.micro_batch_prompts * self.cfg.group_size
+        tau = self.loss_fn.config.temperature
         for s in range(0, len(rows), mb):
             r = rows[s:s + mb]
-            logits = self._logits(model, batch["prompt_ids"][r], batch["prompt_mask"][r],
-                                  batch["completion_ids"][r], batch["completion_mask"][r])
-            tau = self.loss_fn.config.temperature
-            chunks.append(token_logprobs(logits, batch["completion_ids"][r], temperature=tau,
-                                         backend=self.cfg.backend).float())
+            args = (model, batch["prompt_ids"][r], batch["prompt_mask"][r], batch["completion_ids"][r],
+                    batch["completion_mask"][r])
+            if self.cfg.loss_route == "hidden":
+                h, w, b = self._hidden(*args)
+                lp, _ = linear_token_logprobs(h, w, batch["completion_ids"][r], bias=b, temperature=tau,
+                                              return_entropy=False, backend=self.cfg.backend)
+            else:
+                lp = token_logprobs(self._logits(*args), batch["completion_ids"][r], temperature=tau,
+                                    backend=self.cfg.backend)
+            chunks.append(lp.float())
         return torch.cat(chunks)
+
+    def _micro_loss(self, batch, r, mask, adv, old_logp, ref_logp, n_tok, n_seq):
+        """The loss of micro-batch rows r with the mini-batch's normalisers, by the loss route."""
+        args = (self.model, batch["prompt_ids"][r], batch["prompt_mask"][r], batch["completion_ids"][r],
+                batch["completion_mask"][r])
+        kw = dict(old_logp=None if old_logp is None else old_logp[r],
+                  ref_logp=None if ref_logp is None else ref_logp[r], num_tokens=n_tok, num_sequences=n_seq)
+        G = self.cfg.group_size
+        if self.cfg.loss_route == "hidden":
+            h, w, b = self._hidden(*args)
+            return self.loss_fn.forward_hidden(h, w, batch["completion_ids"][r], mask[r], adv[r], G, bias=b, **kw)
+        return self.loss_fn(self._logits(*args), batch["completion_ids"][r], mask[r], adv[r], group_size=G, **kw)
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     @_with_threads
     def evaluate(self, tag: str) -> Dict[str, float]:
         """Greedy accuracy on the held-out prompts; writes eval_<tag>.jsonl with every completion."""
-        cfg, t0 = self.cfg, time.perf_counter()
-        n_ok, lengths, rows = 0, [], []
-        for s in range(0, len(self.eval_ds), cfg.eval_batch_size):
+        cfg, d, t0 = self.cfg, self.dist, time.perf_counter()
+        mine = []  # (batch index, rows): batch i is generated by process i % world, the same batches as one process
+        for i, s in enumerate(range(0, len(self.eval_ds), cfg.eval_batch_size)):
+            if i % d.world != d.rank:
+                continue
             part = self.eval_ds[s:s + cfg.eval_batch_size]
             g = self.generate(list(part["prompt"]), 1, sample=False)
+            got = []
             for q, a, text, m in zip(part["question"], part["answer"], g["texts"], g["completion_mask"]):
                 pred = extract_number(text)
-                ok = answers_match(pred, a)
-                n_ok += ok
-                lengths.append(int(m.sum()))
-                rows.append(dict(question=q, answer=a, completion=text, pred=pred, correct=bool(ok)))
-        with open(self.out / f"eval_{tag}.jsonl", "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+                got.append(dict(question=q, answer=a, completion=text, pred=pred, correct=bool(answers_match(pred, a)),
+                                length=int(m.sum())))
+            mine.append((i, got))
+        done = sorted((b for per_rank in d.all_gather_objects(mine) for b in per_rank), key=lambda b: b[0])
+        rows = [r for _, got in done for r in got]
+        lengths = [r.pop("length") for r in rows]
+        n_ok = sum(r["correct"] for r in rows)
+        if d.main:
+            with open(self.out / f"eval_{tag}.jsonl", "w") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
         n = max(1, len(rows))
         res = dict(eval_accuracy=n_ok / n, eval_length=sum(lengths) / n, eval_n=len(rows),
                    eval_time=time.perf_counter() - t0)
@@ -300,31 +354,83 @@ class GRPOTrainer:
                  res["eval_accuracy"], n_ok, len(rows), res["eval_length"], res["eval_time"])
         return res
 
+    def _rollouts(self, prompts: List[str], slots: List[int]):
+        """Sampled completions for this process's prompts (``slots``: their places in the step's
+        global batch), generated ``generation_batch_prompts`` prompts per call, each call seeded
+        from (seed, step, its block of the global batch); rows grouped per prompt. Prompts and
+        completions are padded to the widths of the whole global batch (max over the processes),
+        so that every row has the same inputs whichever process trains it."""
+        cfg, G, k = self.cfg, self.cfg.group_size, self.cfg.generation_batch_prompts
+        parts = []
+        for s in range(0, len(prompts), k):
+            torch.manual_seed(_generation_seed(cfg.seed, self.step, slots[s] // k))
+            parts.append(self.generate(prompts[s:s + k], G, sample=True))
+        widths = torch.tensor([max(p["prompt_ids"].shape[1] for p in parts),
+                               max(p["completion_ids"].shape[1] for p in parts)], device=self.device)
+        tp, tc = (int(w) for w in self.dist.all_reduce_max(widths))
+        pad = self.tok.pad_token_id
+
+        def left(x, width, value):
+            return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+
+        def right(x, width, value):
+            return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+        return dict(prompt_ids=torch.cat([left(p["prompt_ids"], tp, pad) for p in parts]),
+                    prompt_mask=torch.cat([left(p["prompt_mask"], tp, 0) for p in parts]),
+                    completion_ids=torch.cat([right(p["completion_ids"], tc, pad) for p in parts]),
+                    completion_mask=torch.cat([right(p["completion_mask"], tc, 0) for p in parts]),
+                    finished=torch.cat([p["finished"] for p in parts]),
+                    texts=[t for p in parts for t in p["texts"]])
+
+    def _global_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-row values of every process, in the order of the global batch (prompt place x G)."""
+        d = self.dist
+        if not d.active:
+            return x
+        cfg, G = self.cfg, self.cfg.group_size
+        gathered = d.all_gather_rows(x.to(self.device))  # (gloo has no bool: callers pass numbers)
+        order = torch.tensor([s * G + j for r in range(d.world)
+                              for s in local_prompt_slots(cfg.prompts_per_step, cfg.num_mini_batches, d.world, r)
+                              for j in range(G)], device=gathered.device)
+        out = torch.empty_like(gathered)
+        out[order] = gathered
+        return out
+
     # ---------------------------------------------------------------- one step
     @_with_threads
     def train_step(self) -> Dict[str, float]:
-        cfg, G = self.cfg, self.cfg.group_size
+        cfg, G, d = self.cfg, self.cfg.group_size, self.dist
         t_start = time.perf_counter()
         torch.manual_seed(_step_seed(cfg.seed, self.step))
+        # the global batch: the same draw on every process
         rng = random.Random(_step_seed(cfg.seed, self.step))
         idx = rng.sample(range(len(self.train_ds)), min(cfg.prompts_per_step, len(self.train_ds)))
         while len(idx) < cfg.prompts_per_step:  # tiny datasets: repeat prompts
             idx.append(rng.randrange(len(self.train_ds)))
-        part = self.train_ds[idx]  # dict of lists
-        batch = self.generate(list(part["prompt"]), G, sample=True)
+        slots = local_prompt_slots(cfg.prompts_per_step, cfg.num_mini_batches, d.world, d.rank)
+        part = self.train_ds[[idx[s] for s in slots]]  # this process's share, dict of lists
+        batch = self._rollouts(list(part["prompt"]), slots)
         t_gen = time.perf_counter() - t_start
 
         answers = [a for a in part["answer"] for _ in range(G)]
         correct = torch.tensor(correctness_rewards(batch["texts"], answers))
         fmt = torch.tensor(format_rewards(batch["texts"], batch["finished"].tolist()))
         rewards = correct + cfg.format_weight * fmt
-        adv = group_advantages(rewards, G, scale=cfg.adv_scale).to(self.device)
         mask = batch["completion_mask"].clone()
         if cfg.mask_truncated:
             mask[~batch["finished"]] = 0
         lengths = batch["completion_mask"].sum(dim=1).float()
 
-        B = rewards.shape[0]
+        B = rewards.shape[0]  # this process's rows
+        if d.active:  # advantages (and the logged metrics) from the rewards of the whole batch
+            own = torch.tensor([s * G + j for s in slots for j in range(G)], device=self.device)
+            g_rewards, g_correct, g_fmt, g_lengths, g_finished = (self._global_rows(t) for t in (
+                rewards, correct, fmt, lengths, batch["finished"].float()))
+            adv = group_advantages(g_rewards, G, scale=cfg.adv_scale)[own].to(self.device)
+        else:
+            g_rewards, g_correct, g_fmt, g_lengths, g_finished = rewards, correct, fmt, lengths, batch["finished"]
+            adv = group_advantages(rewards, G, scale=cfg.adv_scale).to(self.device)
         need_old = cfg.num_iterations > 1 or cfg.num_mini_batches > 1
         all_rows = torch.arange(B, device=self.device)
         old_logp = self._logprobs(self.model, batch, all_rows) if need_old else None
@@ -337,21 +443,21 @@ class GRPOTrainer:
         sums: Dict[str, float] = {}
         tok_total, loss_total, grad_norms, lam_grads, n_opt = 0.0, 0.0, [], [], 0
         params = [p for p in self.model.parameters() if p.requires_grad]
+        lam = self.loss_fn.lam
         for _epoch in range(cfg.num_iterations):
             for mb in range(cfg.num_mini_batches):
                 rows = all_rows[mb * rows_per_mini:(mb + 1) * rows_per_mini]
                 n_tok = mask[rows].sum()
+                if d.active:
+                    # each process's share of the mini-batch's global token count (its sequence
+                    # share is its own row count): the average of the rank losses is the global loss
+                    n_tok = d.all_reduce_sum(n_tok) / d.world
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.lambda_optimizer is not None:
                     self.lambda_optimizer.zero_grad(set_to_none=True)
                 for s in range(0, len(rows), micro):
                     r = rows[s:s + micro]
-                    logits = self._logits(self.model, batch["prompt_ids"][r], batch["prompt_mask"][r],
-                                          batch["completion_ids"][r], batch["completion_mask"][r])
-                    out = self.loss_fn(logits, batch["completion_ids"][r], mask[r], adv[r], group_size=G,
-                                       old_logp=None if old_logp is None else old_logp[r],
-                                       ref_logp=None if ref_logp is None else ref_logp[r],
-                                       num_tokens=n_tok, num_sequences=len(rows))
+                    out = self._micro_loss(batch, r, mask, adv, old_logp, ref_logp, n_tok, len(rows))
                     (out.loss * loss_scale).backward()
                     w = float(mask[r].sum())
                     tok_total += w
@@ -359,10 +465,12 @@ class GRPOTrainer:
                     for k, v in out.metrics.items():
                         if v.dim() == 0 and k != "lambda":
                             sums[k] = sums.get(k, 0.0) + float(v) * w
+                # the mean gradient over the processes, model and lambda alike (DDP's all-reduce)
+                d.average_grads(params + ([lam] if lam is not None else []))
                 grad_norms.append(float(torch.nn.utils.clip_grad_norm_(
                     params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))))
-                if self.loss_fn.lam is not None and self.loss_fn.lam.grad is not None:
-                    lam_grads.append(float(self.loss_fn.lam.grad))
+                if lam is not None and lam.grad is not None:
+                    lam_grads.append(float(lam.grad))
                 self.optimizer.step()
                 if self.lambda_optimizer is not None:
                     self.lambda_optimizer.step()
@@ -370,26 +478,36 @@ class GRPOTrainer:
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step += 1
+        if d.active:  # the logged loss and token-weighted metrics of the whole batch
+            keys = sorted(sums)
+            red = d.all_reduce_sum(torch.tensor([loss_total, tok_total] + [sums[k] for k in keys],
+                                                dtype=torch.float64, device=self.device)).tolist()
+            loss_total, tok_total = red[0] / d.world, red[1]
+            sums = dict(zip(keys, red[2:]))
         dt = time.perf_counter() - t_start
 
-        groups = rewards.view(-1, G)
-        m = dict(step=self.step, reward=float(rewards.mean()), reward_std=float(rewards.std()),
-                 accuracy=float(correct.mean()), format=float(fmt.mean()),
+        groups = g_rewards.view(-1, G)
+        m = dict(step=self.step, reward=float(g_rewards.mean()), reward_std=float(g_rewards.std()),
+                 accuracy=float(g_correct.float().mean()), format=float(g_fmt.float().mean()),
                  solved_groups=float((groups.max(1).values > groups.min(1).values).float().mean()),
-                 completion_len=float(lengths.mean()), completion_len_min=float(lengths.min()),
-                 completion_len_max=float(lengths.max()), finished_frac=float(batch["finished"].float().mean()),
+                 completion_len=float(g_lengths.mean()), completion_len_min=float(g_lengths.min()),
+                 completion_len_max=float(g_lengths.max()), finished_frac=float(g_finished.float().mean()),
                  loss=loss_total / n_opt)
         for k, v in sums.items():
             m[k] = v / max(1.0, tok_total)
-        m["lambda"] = float(self.loss_fn.lam.detach()) if self.loss_fn.lam is not None else None
+        m["lambda"] = float(lam.detach()) if lam is not None else None
         m["lambda_grad"] = sum(lam_grads) / len(lam_grads) if lam_grads else None
         m.update(grad_norm=sum(grad_norms) / len(grad_norms), lr=lr, step_time=dt, gen_time=t_gen,
-                 tokens_per_s=float(batch["completion_mask"].sum()) / dt)  # sampled completion tokens per s
+                 tokens_per_s=float(g_lengths.sum()) / dt)  # sampled completion tokens per s, all processes
         return m
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
+        """checkpoint-<step>/state.pt, written by rank 0 (every rank holds the same state)."""
         path = self.out / f"checkpoint-{self.step}"
+        if not self.dist.main:
+            self.dist.barrier()
+            return path
         path.mkdir(parents=True, exist_ok=True)
         state = dict(step=self.step, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                      scheduler=self.scheduler.state_dict(), loss_fn=self.loss_fn.state_dict(),
@@ -397,6 +515,7 @@ class GRPOTrainer:
                      config=self.cfg.to_dict())
         torch.save(state, path / STATE_FILE)
         log.info("checkpoint: %s", path)
+        self.dist.barrier()
         return path
 
     def load_checkpoint(self, where: str) -> None:
@@ -415,15 +534,18 @@ class GRPOTrainer:
                 row = json.loads(line)
                 if row.get("step", 0) <= self.step:
                     kept.append(line)
-        self.metrics_path.write_text("".join(k + "\n" for k in kept))
+        self.dist.barrier()  # every process has read the metrics before rank 0 rewrites them
+        if self.dist.main:
+            self.metrics_path.write_text("".join(k + "\n" for k in kept))
         self.history = [json.loads(k) for k in kept]
         log.info("resumed from %s at step %d", file, self.step)
 
     # ---------------------------------------------------------------- the run
     def _log_row(self, row: Dict) -> None:
         self.history.append(row)
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.dist.main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
     @_with_threads
     def train(self) -> Dict:
@@ -436,7 +558,7 @@ class GRPOTrainer:
             summary["eval_length_before"] = before["eval_length"]
             self._log_row(dict(step=0, **before))
         bar = None
-        if cfg.progress:
+        if cfg.progress and self.dist.main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True)
@@ -470,9 +592,12 @@ class GRPOTrainer:
             mean_completion_len=((sum(r["completion_len"] for r in train_rows) / len(train_rows))
                                  if train_rows else None),
             metrics=str(self.metrics_path))
-        if cfg.plot:
+        if cfg.plot and self.dist.main:
             from .plot import plot_metrics
 
             summary["plot"] = str(plot_metrics(self.history, self.out / "curves.png", title=cfg.output_dir))
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.dist.active:
+            summary["processes"] = self.dist.world
+        if self.dist.main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary

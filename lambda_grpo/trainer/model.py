@@ -129,3 +129,42 @@ def load_model_and_tokenizer(model: str, cache_dir: Optional[str], device: torch
     net.generation_config.pad_token_id = tok.pad_token_id
     net.train()
     return net, tok
+
+
+def hidden_route_parts(model) -> Tuple[torch.nn.Module, torch.nn.Linear]:
+    """(backbone, LM head) of a Hugging Face causal LM for ``loss_route='hidden'``: the backbone
+    (``model.<base_model_prefix>``, e.g. ``model.model`` of a Llama) returns the last hidden
+    states after the final norm, the head is the ``nn.Linear`` the logits come from. A ValueError
+    naming loss_route if the model does not have that shape."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    prefix = getattr(model, "base_model_prefix", None)
+    backbone = getattr(model, prefix, None) if prefix else None
+    if not isinstance(head, torch.nn.Linear) or not isinstance(backbone, torch.nn.Module) or backbone is model:
+        raise ValueError(f"loss_route: 'hidden' needs a causal LM with a backbone (model.<base_model_prefix>) and "
+                         f"an nn.Linear LM head, got {type(model).__name__}; use loss_route='logits'")
+    return backbone, head
+
+
+@torch.no_grad()
+def check_hidden_route(model) -> None:
+    """A ValueError naming loss_route unless the model's logits are exactly its LM head applied
+    to its backbone's last hidden states (no logit soft-capping, scaling or other post-processing,
+    which the hidden route would silently drop). One forward of 8 tokens."""
+    backbone, head = hidden_route_parts(model)
+    dev = head.weight.device
+    ids = torch.arange(8, device=dev)[None] % head.weight.shape[0]
+    was = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        h = backbone(input_ids=ids, use_cache=False).last_hidden_state
+        mine = head(h).float()
+    finally:
+        model.train(was)
+    scale = float(logits.abs().max().clamp(min=1.0))
+    tol = (1e-2 if head.weight.dtype in (torch.bfloat16, torch.float16) else 1e-5) * scale
+    diff = float((mine - logits).abs().max())
+    if not diff <= tol:
+        raise ValueError(f"loss_route: 'hidden' needs logits == lm_head(last hidden state), but "
+                         f"{type(model).__name__} post-processes them (max difference {diff:.3g} on a test input); "
+                         "use loss_route='logits'")
