@@ -317,6 +317,8 @@ def plot(path: str, results: List[dict]) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError as e:
         return f"matplotlib not importable ({e}); no plot"
+    if any(r["case"].task == "hidden" for r in results) and not any(r["case"].task == "logits" for r in results):
+        return plot_hidden(path, results, plt)
     sel = [r for r in results if r["case"].task == "logits" and r["case"].dtype == "fp32"
            and r["case"].mode == "grpo" and r["status"] == "ok"]
     vs = sorted({r["case"].V for r in sel}, reverse=True)
@@ -369,6 +371,55 @@ def plot(path: str, results: List[dict]) -> Optional[str]:
         ax_m.legend(fontsize=7.5, loc="upper left")
     fig.suptitle("lambda-grpo benchmark, measured on this machine\n(CPU; each provider in its own process; "
                  "dotted: same provider with 1 intra-op thread)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def plot_hidden(path: str, results: List[dict], plt) -> Optional[str]:
+    """The hidden task: per shape, each provider's fwd+bwd time over the valid-token matmul floor
+    (bars: median, whiskers: min-max) and its peak extra memory over the memory model."""
+    cases: List[Case] = []
+    for r in results:
+        if r["case"].task == "hidden" and r["case"] not in cases:
+            cases.append(r["case"])
+    floors = {r["case"]: r for r in results if r["provider"] == "floor" and r["status"] == "ok"}
+    cases = [c for c in cases if c in floors]
+    if not cases:
+        return "no hidden-task case with a floor; no plot"
+    names = [(n, lbl) for n, lbl in HIDDEN_COLS if any(r["provider"] == n and r["status"] == "ok" for r in results)]
+    fig, (ax_t, ax_m) = plt.subplots(2, 1, figsize=(max(9.0, 1.6 * len(cases) + 3), 9))
+    width = 0.8 / max(len(names), 1)
+    colors = ["tab:blue", "tab:orange", "tab:pink", "tab:brown", "tab:green"]
+    for j, (n, lbl) in enumerate(names):
+        xs, med, lo, hi, mem = [], [], [], [], []
+        for i, c in enumerate(cases):
+            r = next((r for r in results if r["case"] == c and r["provider"] == n and r["status"] == "ok"), None)
+            if r is None:
+                continue
+            f = floors[c]["mm_valid"]["median"]
+            st = r["fwdbwd"]
+            xs.append(i + (j - (len(names) - 1) / 2) * width)
+            med.append(st["median"] / f)
+            lo.append((st["median"] - st["min"]) / f)
+            hi.append((st["max"] - st["median"]) / f)
+            mem.append(r["mem_fwdbwd"] / hidden_memory_model(c)["bytes"])
+        ax_t.bar(xs, med, width, yerr=[lo, hi], capsize=2, color=colors[j % len(colors)], label=lbl)
+        ax_m.bar(xs, mem, width, color=colors[j % len(colors)], label=lbl)
+    ax_t.axhline(1.15, color="k", ls="--", lw=1.2, label="target for ours: 1.15 x floor")
+    ax_m.axhline(1.1, color="k", ls="--", lw=1.2, label="target for ours: 1.1 x model")
+    labels = [f"V={c.V}\nH={c.H}\nN={c.N}" for c in cases]
+    for ax, ylab in ((ax_t, "fwd+bwd time / three-matmul floor (valid tokens)"),
+                     (ax_m, "peak extra memory / model (dW + dhidden + one chunk)")):
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_ylabel(ylab)
+        ax.set_yscale("log")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=7.5, loc="upper left")
+    fig.suptitle("lambda-grpo benchmark, hidden states -> GRPO loss, fp32, measured on this machine (CPU)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

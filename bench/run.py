@@ -257,6 +257,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif not args.check_only:
         # 3. Timing, each provider in its own process.
         for case, provs in timed:
+            if results and fixed and not small:
+                # a long run (--grid hidden: about an hour) leaves what it has measured so far
+                _write_partial(out_dir, meta, results, checks)
             print(f"\n{report.case_title(case)}")
             wanted = [n for n in provs if names is None or split_threads(n)[0] in names]
             for name in wanted:
@@ -332,6 +335,26 @@ def main(argv: Optional[List[str]] = None) -> int:
             print("  " + f_)
         return 1
     return 0
+
+
+def _write_partial(out_dir: str, meta: dict, results: List[dict], checks: List[dict]) -> None:
+    """results-partial.csv and report-partial.md of the cases measured so far (derived ratios
+    recomputed); the final results.csv and report.md replace nothing of these."""
+    done = [dict(r) for r in results]
+    report.derive([r for r in done if r["status"] == "ok"])
+    m = dict(meta, loadavg_end=_loadavg(), wall_s="(partial)")
+    report.write_csv(os.path.join(out_dir, "results-partial.csv"), m, done, checks)
+    L = [f"# Partial report of run {meta['run_id']} (cases measured so far)", "",
+         f"Command: `{meta['command']}`. Load average at start {meta['loadavg_start']}, now {m['loadavg_end']}.", ""]
+    L += report.hidden_targets(done)
+    seen = []
+    for r in done:
+        if r["case"] not in seen:
+            seen.append(r["case"])
+    for case in seen:
+        L += report.markdown_case([r for r in done if r["case"] == case])
+    with open(os.path.join(out_dir, "report-partial.md"), "w") as f:
+        f.write("\n".join(L))
 
 
 def _targets(results: List[dict], case: Optional[Case]) -> List[str]:
@@ -495,7 +518,7 @@ def render_markdown(meta, checks, results, timed, device, args, out_dir) -> str:
     if not args.no_gpu_model:
         L += gpu_model_section()
     if (args.grid or ("quick" if args.quick else "full")) != "full":
-        text = ("(kernel report not run in a quick run: `python -m bench.kernels` compiles every kernel "
+        text = ("(kernel report not run in this grid: `python -m bench.kernels` compiles every kernel "
                 "ahead of time, about a minute here; a full run includes it)")
     else:
         text = kernel_report()
