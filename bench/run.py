@@ -172,6 +172,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "TRL's and verl's fused heads)")
     ap.add_argument("--out", help="output directory (default bench/results/<utc time>[-quick])")
     ap.add_argument("--providers", help="comma-separated provider names to include (default: all)")
+    ap.add_argument("--match", help="comma-separated substrings: time only the cases whose key (e.g. "
+                    "hidden-grpo-fp32-V49152-N2048-H576) contains one of them (the checks still run in full)")
     ap.add_argument("--check-only", action="store_true", help="run the agreement check and stop")
     ap.add_argument("--max-minutes", type=float,
                     help="wall-time budget of the whole run; no new measurement starts after it (default: "
@@ -192,6 +194,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             ap.error(f"--providers: unknown {unknown}; known: {sorted({p.name for p in PROVIDERS} | {'floor'})}")
     grid_name = args.grid or ("quick" if args.quick else "full")
     checks_cases, timed = getattr(grid_mod, grid_name)()
+    if args.match:
+        subs = [m for m in args.match.split(",") if m]
+        timed = [(c, p) for c, p in timed if any(m in c.key() for m in subs)]
+        if not timed:
+            ap.error(f"--match {args.match!r}: no case of grid {grid_name!r} matches")
     small = grid_name in ("quick", "smoke")
     fixed = small or grid_name == "hidden"
     # Quick and smoke runs (CI) do a fixed amount of work: every listed measurement, exactly 3
