@@ -6,6 +6,7 @@ same seed, so they see bit-identical tensors without passing gigabytes between p
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional
 
@@ -52,7 +53,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 class Case:
     """One measured configuration.
 
-    task: "logits" (inputs are the (B, T, V) logits) or "linear" (inputs are hidden states
+    task: "logits" (inputs are the (B, T, V) logits) or "hidden" (inputs are hidden states
     (B, T, H) and the LM-head weight (V, H); the providers include the matmul).
     """
 
@@ -89,7 +90,7 @@ class Case:
         return lg.LossConfig(**MODES[self.mode])
 
     def key(self) -> str:
-        h = f"-H{self.H}" if self.task == "linear" else ""
+        h = f"-H{self.H}" if self.task == "hidden" else ""
         return f"{self.task}-{self.mode}-{self.dtype}-V{self.V}-N{self.N}{h}"
 
     def to_dict(self) -> dict:
@@ -110,13 +111,18 @@ def _chunked_logp(logits_fn, B: int, tokens: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def make_inputs(case: Case) -> dict:
+def make_inputs(case: Case, cache_dir: Optional[str] = None) -> dict:
     """Deterministic inputs of a case.
 
     Returns a dict with tokens (B, T) int64, mask (B, T) bool (right-padded rows of random
     length in [T/4, T]), advantages (B,) fp32, old_logp (B, T) fp32, ref_logp (B, T) fp32 or
     None, group_size, lam (float or None); plus logits (B, T, V) in the case dtype for the
-    "logits" task, or hidden (B, T, H) and weight (V, H) for the "linear" task.
+    "logits" task, or hidden (B, T, H) and weight (V, H) for the "hidden" task.
+
+    cache_dir: where the current policy's per-token log-probs (the centre of old/ref) are kept
+    between the processes of one run. They cost one full logits matmul in the hidden task (13 s
+    per process at N = 4 096, V = 151 936, H = 896 here); everything else is regenerated from
+    the seed, so the inputs are the same with or without the cache.
     """
     B, T, V = case.B, case.T, case.V
     g = torch.Generator().manual_seed(1000 + case.seed)
@@ -130,7 +136,7 @@ def make_inputs(case: Case) -> dict:
 
         def logits_fn(b):
             return logits[b]
-    elif case.task == "linear":
+    elif case.task == "hidden":
         H = case.H
         hidden = torch.randn((B, T, H), generator=g, dtype=torch.float32)
         weight = torch.randn((V, H), generator=g, dtype=torch.float32).mul_(LOGIT_SCALE / H**0.5)
@@ -139,13 +145,21 @@ def make_inputs(case: Case) -> dict:
         def logits_fn(b):
             return out["hidden"][b] @ out["weight"].t()
     else:
-        raise ValueError(f"task: expected 'logits' or 'linear', got {case.task!r}")
+        raise ValueError(f"task: expected 'logits' or 'hidden', got {case.task!r}")
     tokens = torch.randint(0, V, (B, T), generator=g)
     lengths = torch.randint(T // 4, T + 1, (B,), generator=g)
     mask = torch.arange(T)[None, :] < lengths[:, None]
     advantages = torch.randn(B, generator=g)
-    with torch.no_grad():
-        logp = _chunked_logp(logits_fn, B, tokens)
+    path = None if cache_dir is None else os.path.join(cache_dir, f"logp-{case.key()}-s{case.seed}.pt")
+    if path is not None and os.path.exists(path):
+        logp = torch.load(path)
+    else:
+        with torch.no_grad():
+            logp = _chunked_logp(logits_fn, B, tokens)
+        if path is not None:
+            os.makedirs(cache_dir, exist_ok=True)
+            torch.save(logp, path + ".tmp")
+            os.replace(path + ".tmp", path)
     old = logp + LOGP_NOISE * torch.randn(B, T, generator=g)
     ref = logp + LOGP_NOISE * torch.randn(B, T, generator=g)
     cfg = case.config()
@@ -153,6 +167,18 @@ def make_inputs(case: Case) -> dict:
                ref_logp=ref if cfg.beta > 0 else None, group_size=GROUP_SIZE,
                lam=LAM if cfg.aggregation == "lambda_grpo" else None)
     return out
+
+
+def hidden_memory_model(case: Case) -> dict:
+    """The memory floor of the fused-linear job (a MODEL from the shapes, not a measurement):
+    dW (V, H) in fp32 (the gradient is accumulated in fp32), dhidden (N, H) in the hidden dtype,
+    and one chunk of logits (our chunk size, `lambda_grpo._linear.chunk_rows` on CPU) in fp32."""
+    from lambda_grpo._linear import chunk_rows
+
+    rows = min(chunk_rows(case.V, case.H, torch.device("cpu")), case.N)
+    parts = {"dW": case.V * case.H * 4, "dhidden": case.N * case.H * case.itemsize,
+             "chunk_logits": rows * case.V * 4}
+    return {"rows": rows, "parts": parts, "bytes": sum(parts.values())}
 
 
 def lam_leaf(inputs: dict) -> Optional[torch.Tensor]:

@@ -1,7 +1,7 @@
 """Agreement check run before anything is timed: every provider against the float64 truth.
 
 The truth is the reference backend's math in float64 on a float64 copy of the very inputs the
-providers get (for the "linear" task the logits are formed in float64 too), with autograd
+providers get (for the "hidden" task the logits are formed in float64 too), with autograd
 gradients. A provider agrees when
 
     |loss - loss*| / max(|loss*|, LOSS_FLOOR)       <= tol[dtype]["loss"]

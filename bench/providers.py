@@ -5,7 +5,7 @@ runs autograd, and `leaves` are the tensors whose gradients are compared and fre
 `skip_reason(case, device)` says, in one printed sentence, why a provider cannot run somewhere.
 
 All providers of the "logits" task compute the SPEC §4-§5 loss of the case's mode from the very
-same (B, T, V) logits; those of the "linear" task start from hidden states and the LM-head weight
+same (B, T, V) logits; those of the "hidden" task start from hidden states and the LM-head weight
 and therefore include the LM-head matmul (forward and both backward matmuls).
 """
 
@@ -36,7 +36,9 @@ from .cases import Case, lam_leaf
 EXPECTED_PEAK_MULTIPLE = {
     "reference": 6.5, "eager_fp32": 4.5, "compile_fp32": 2.5, "trl": 4.5, "torch": 1.2, "triton": 1.2,
     "torch_inplace": 1.2,  # 0.2 for the step, plus the private copy of the logits it restores from
-    "liger_triton": 0.5, "liger_chunked": 0.2, "torch_linear": 2.5, "lm_head_matmul": 2.5, "floor": 2.0,
+    "liger_triton": 0.5, "liger_chunked": 0.2, "torch_linear": 2.5, "floor": 2.0,
+    # hidden task (multiples of one (N, V) fp32 tensor; dW (V, H) is counted in them at these shapes)
+    "fused_linear": 0.6, "trl_head": 1.5, "verl_head": 1.2,
 }
 
 
@@ -269,7 +271,7 @@ def _make_liger_triton(case: Case, inputs: dict, device: str) -> Runner:
 
 def _skip_liger_chunked_logits(case: Case, device: str) -> Optional[str]:
     return ("LigerFusedLinearGRPOLoss takes hidden states and the LM-head weight, not logits: it is timed "
-            "in the 'linear' task, next to our backend preceded by the same matmul")
+            "in the 'hidden' task, next to our backend preceded by the same matmul")
 
 
 def _skip_liger_chunked(case: Case, device: str) -> Optional[str]:
@@ -316,15 +318,127 @@ def _make_torch_linear(case: Case, inputs: dict, device: str) -> Runner:
     return Runner(fwd, leaves)
 
 
-def _make_matmul(case: Case, inputs: dict, device: str) -> Runner:
+def _make_fused_linear(case: Case, inputs: dict, device: str) -> Runner:
+    """Ours from hidden states: lg.fused_linear_grpo_loss (chunks of valid tokens; the logits of
+    one chunk at a time; dhidden and dW computed in the forward)."""
+    cfg = case.config()
     leaves = _linear_leaves(inputs, device)
-    grad = torch.ones((case.B, case.T, case.V), dtype=case.torch_dtype, device=device)
+    lam = lam_leaf(inputs)
+    if lam is not None:
+        leaves["lam"] = lam
+    kw = _common(inputs, device)
 
-    def bwd(out):
-        out.backward(grad)
+    def fwd():
+        return lg.fused_linear_grpo_loss(leaves["hidden"], leaves["weight"], lam=lam, config=cfg, backend="torch",
+                                         **kw).loss
 
-    return Runner(lambda: F.linear(leaves["hidden"], leaves["weight"]), leaves, backward=bwd,
-                  notes=["not a loss: logits = hidden @ W^T, then dhidden and dW from a given dlogits"])
+    return Runner(fwd, leaves)
+
+
+# TRL 1.16's fused LM head: trl/kernels/chunked_logprob.py, called as add_fused_lm_head's forward
+# calls it (trl/trainer/utils.py:1644); on CPU (no Triton device) it scores every position.
+TRL_HEAD_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in 1.16.0
+
+
+def _skip_trl_head(case: Case, device: str) -> Optional[str]:
+    if not _has_module("trl"):
+        return "trl is not installed (pip install trl==1.16.0)"
+    try:
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return f"trl.kernels.chunked_logprob does not import: {type(e).__name__}: {e}"
+    return None
+
+
+def _make_trl_head(case: Case, inputs: dict, device: str) -> Runner:
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction, _use_triton
+
+    cfg = case.config()
+    leaves = _linear_leaves(inputs, device)
+    lam = lam_leaf(inputs)
+    if lam is not None:
+        leaves["lam"] = lam
+    kw = _common(inputs, device)
+    mask = kw["mask"]
+    compact = _use_triton(leaves["hidden"].device)
+
+    def fwd():
+        h = leaves["hidden"]
+        B, T, H = h.shape
+        # as add_fused_lm_head: only the valid positions on a Triton device, every position elsewhere
+        hs = h[mask] if compact else h.reshape(-1, H)
+        toks = kw["tokens"][mask] if compact else kw["tokens"].reshape(-1)
+        lp, ent, *_ = ChunkedLogProbFunction.apply(hs, leaves["weight"], None, toks, cfg.temperature, TRL_HEAD_CHUNK,
+                                                   None, 1.0, ("log_probs", "entropy"))
+        if compact:
+            lp = lp.new_zeros(mask.shape).masked_scatter(mask, lp)
+            ent = ent.new_zeros(mask.shape).masked_scatter(mask, ent)
+        else:
+            lp = lp.view(B, T).masked_fill(~mask, 0)
+            ent = ent.view(B, T).masked_fill(~mask, 0)
+        return lg.grpo_loss_from_logprobs(lp, mask, kw["advantages"], kw["group_size"], old_logp=kw["old_logp"],
+                                          ref_logp=kw["ref_logp"], entropy=ent if cfg.needs_entropy else None,
+                                          lam=lam, config=cfg).loss
+
+    return Runner(fwd, leaves, notes=[
+        f"TRL's ChunkedLogProbFunction (tiles of 4096 tokens x {TRL_HEAD_CHUNK} vocabulary columns, outputs "
+        "log_probs and entropy as GRPOTrainer asks), then grpo_loss_from_logprobs; "
+        + ("valid positions only (Triton device)" if compact else
+           "CPU fallback: torch ops per tile, every position scored (as add_fused_lm_head does off Triton devices)")
+        + "; the backward recomputes each tile's logits (4 matmuls)"])
+
+
+# verl 0.9.1's torch FusedLinearForPPO (verl/utils/experimental/torch_functional.py). That module
+# imports only torch (and, optionally, liger_kernel and flash_attn); importing it through the verl
+# package runs verl/__init__.py, which imports ray. It is loaded from its file instead.
+_VERL_MOD = None
+
+
+def _load_verl_functional():
+    global _VERL_MOD
+    if _VERL_MOD is None:
+        spec = importlib.util.find_spec("verl")  # locates the package without running its __init__
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("verl is not installed (pip install --no-deps verl==0.9.1)")
+        path = os.path.join(list(spec.submodule_search_locations)[0], "utils", "experimental", "torch_functional.py")
+        mspec = importlib.util.spec_from_file_location("_bench_verl_torch_functional", path)
+        if mspec is None or not os.path.exists(path):
+            raise ImportError(f"{path} not found (verl version without FusedLinearForPPO)")
+        mod = importlib.util.module_from_spec(mspec)
+        mspec.loader.exec_module(mod)
+        _VERL_MOD = mod
+    return _VERL_MOD
+
+
+def _skip_verl(case: Case, device: str) -> Optional[str]:
+    try:
+        mod = _load_verl_functional()
+        mod.FusedLinearForPPO  # noqa: B018
+    except Exception as e:  # noqa: BLE001
+        return f"verl's FusedLinearForPPO does not import here: {type(e).__name__}: {e}"
+    return None
+
+
+def _make_verl(case: Case, inputs: dict, device: str) -> Runner:
+    mod = _load_verl_functional()
+    head = mod.FusedLinearForPPO(impl_backend="torch")  # chunk_size=512, verl's default
+    cfg = case.config()
+    leaves = _linear_leaves(inputs, device)
+    lam = lam_leaf(inputs)
+    if lam is not None:
+        leaves["lam"] = lam
+    kw = _common(inputs, device)
+
+    def fwd():
+        lp, ent = head(leaves["hidden"], leaves["weight"], kw["tokens"], temperature=cfg.temperature)
+        return lg.grpo_loss_from_logprobs(lp, kw["mask"], kw["advantages"], kw["group_size"],
+                                          old_logp=kw["old_logp"], ref_logp=kw["ref_logp"],
+                                          entropy=ent if cfg.needs_entropy else None, lam=lam, config=cfg).loss
+
+    return Runner(fwd, leaves, notes=[
+        f"verl 0.9.1 FusedLinearForPPO(impl_backend='torch', chunk_size={head.chunk_size}) loaded from "
+        "verl/utils/experimental/torch_functional.py, then grpo_loss_from_logprobs; chunks of 512 tokens, full "
+        "softmax per chunk, the backward recomputes each chunk's logits (4 matmuls); every position scored"])
 
 
 def _never(case: Case, device: str) -> Optional[str]:
@@ -344,12 +458,16 @@ PROVIDERS: List[Provider] = [
     Provider("triton", "ours: backend='triton'", "logits", _make_backend("triton"), _skip_triton_backend),
     Provider("liger_triton", "Liger 0.8.5 triton_grpo_loss", "logits", _make_liger_triton, _skip_liger_triton),
     Provider("liger_chunked", "Liger 0.8.5 LigerFusedLinearGRPOLoss", "logits", None, _skip_liger_chunked_logits),
-    Provider("liger_chunked", "Liger 0.8.5 LigerFusedLinearGRPOLoss (incl. LM-head matmul)", "linear",
+    Provider("liger_chunked", "Liger 0.8.5 LigerFusedLinearGRPOLoss (incl. LM-head matmul)", "hidden",
              _make_liger_chunked, _skip_liger_chunked),
-    Provider("torch_linear", "ours: F.linear + backend='torch' (incl. LM-head matmul)", "linear",
+    Provider("fused_linear", "ours: fused_linear_grpo_loss (backend='torch')", "hidden", _make_fused_linear,
+             _skip_torch_backend),
+    Provider("torch_linear", "materialised logits: F.linear + our grpo_loss (backend='torch')", "hidden",
              _make_torch_linear, _skip_torch_backend),
-    Provider("lm_head_matmul", "LM-head matmul alone, fwd + both bwd matmuls (context, not a loss)", "linear",
-             _make_matmul, _never, is_loss=False),
+    Provider("trl_head", "TRL 1.16 fused head (ChunkedLogProbFunction) + our grpo_loss_from_logprobs", "hidden",
+             _make_trl_head, _skip_trl_head),
+    Provider("verl_head", "verl 0.9.1 FusedLinearForPPO (torch) + our grpo_loss_from_logprobs", "hidden",
+             _make_verl, _skip_verl),
 ]
 
 

@@ -6,7 +6,7 @@ import csv
 import math
 from typing import Dict, List, Optional
 
-from .cases import Case
+from .cases import Case, hidden_memory_model
 
 GiB = 1024**3
 MiB = 1024**2
@@ -26,7 +26,8 @@ def derive(results: List[dict]) -> None:
     for r in results:
         c = r["case"]
         if r["provider"] == "floor" and r["status"] == "ok":
-            floors.setdefault((c.task, c.dtype, c.V, c.N), r)
+            if c.task == "logits":  # the hidden task's floor depends on H too: its own case only
+                floors.setdefault((c.task, c.dtype, c.V, c.N), r)
             floors[c.key()] = r
         elif r["provider"].startswith("floor@") and r["status"] == "ok":
             floors[(c.key(), r["provider"][len("floor"):])] = r
@@ -45,9 +46,14 @@ def derive(results: List[dict]) -> None:
                 d["x_floor2"] = r["fwdbwd"]["median"] / (2 * exp_out)
                 d["x_floor2_alloc"] = r["fwdbwd"]["median"] / (exp_out + floor["exp_alloc"]["median"])
                 d["fwd_x_floor1"] = r["fwd"]["median"] / exp_out
+            if floor is not None and case.task == "hidden":
+                d["x_mm_valid"] = r["fwdbwd"]["median"] / floor["mm_valid"]["median"]
+                d["x_mm_all"] = r["fwdbwd"]["median"] / floor["mm_all"]["median"]
+            if case.task == "hidden":
+                d["mem_x_model"] = r["mem_fwdbwd"] / hidden_memory_model(case)["bytes"]
             suffix = name[name.index("@"):] if "@" in name else ""
             ours = None
-            for cand in ("torch" + suffix, "torch_linear" + suffix):
+            for cand in ("torch" + suffix, "fused_linear" + suffix):
                 if group.get(cand, {}).get("status") == "ok":
                     ours = group[cand]
                     break
@@ -59,6 +65,15 @@ def derive(results: List[dict]) -> None:
 
 def _metrics(r: dict) -> List[tuple]:
     out = []
+    if r["provider"].startswith("floor") and "mm_all" in r:
+        for v in ("all", "valid"):
+            for part in ("", "_logits", "_dhidden", "_dW"):
+                for s in ("median", "min", "max"):
+                    out.append((f"mm_{v}{part}_{s}", r[f"mm_{v}{part}"][s], "s"))
+            out.append((f"mm_{v}_n", r[f"mm_{v}"]["n"], "count"))
+            out.append((f"mm_{v}_gflops", r[f"mm_{v}_gflops"], "GFLOP/s"))
+        out.append(("n_valid", r["n_valid"], "count"))
+        return out
     if r["provider"].startswith("floor"):
         for k in ("exp_alloc", "exp_out", "read_sum", "copy"):
             for s in ("median", "min", "max"):
@@ -124,14 +139,28 @@ def _x(v: Optional[float], fmt: str = "{:.2f}") -> str:
 
 
 def case_title(case: Case) -> str:
-    extra = f", H={case.H}" if case.task == "linear" else ""
+    extra = f", H={case.H}" if case.task == "hidden" else ""
     return (f"{case.task} · {case.mode} · {case.dtype} · V={case.V} · N={case.N} (B={case.B}, T={case.T}{extra}) · "
             f"one dlogits buffer = {case.logits_bytes / MiB:.0f} MiB")
+
+
+def _hidden_floor_line(floor: dict, case: Case) -> str:
+    def parts(v):
+        return ", ".join(f"{k} {_ms(floor[f'mm_{v}_{k}']['median'])}" for k in ("logits", "dhidden", "dW"))
+
+    m = hidden_memory_model(case)
+    return (f"Floor (the three matmuls alone, `out=` into mapped buffers): all {case.N} tokens "
+            f"{_spread(floor['mm_all'])} ms ({parts('all')}; {floor['mm_all_gflops']:.0f} GFLOP/s), the "
+            f"{floor['n_valid']} valid tokens {_spread(floor['mm_valid'])} ms ({parts('valid')}). Memory model "
+            f"(dW fp32 + dhidden + one chunk of {m['rows']} rows of fp32 logits): {m['bytes'] / MiB:.0f} MiB. "
+            f"Load average at this case: {floor.get('loadavg_1m', '?')}.")
 
 
 def markdown_case(results: List[dict]) -> List[str]:
     """Table of one case; results share the case."""
     case: Case = results[0]["case"]
+    if case.task == "hidden":
+        return _markdown_hidden_case(results)
     lines = [f"**{case_title(case)}**", ""]
     floor = next((r for r in results if r["provider"].startswith("floor") and r["status"] == "ok"), None)
     if floor:
@@ -169,6 +198,116 @@ def markdown_case(results: List[dict]) -> List[str]:
     return lines
 
 
+def _markdown_hidden_case(results: List[dict]) -> List[str]:
+    case: Case = results[0]["case"]
+    lines = [f"**{case_title(case)}**", ""]
+    floor = next((r for r in results if r["provider"] == "floor" and r["status"] == "ok"), None)
+    if floor:
+        lines += [_hidden_floor_line(floor, case), ""]
+    lines += ["| provider | fwd ms | fwd+bwd ms median (min–max, n) | × floor (valid tokens) | × floor (all N) | "
+              "ours is × faster | peak extra MiB | × memory model | load |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    skipped = []
+    for r in results:
+        if r["provider"].startswith("floor"):
+            continue
+        if r["status"] != "ok":
+            skipped.append(f"{r['provider']}: {r['status']} — {r.get('reason', '')}")
+            continue
+        d = r.get("derived", {})
+        lines.append(f"| {r['label']} | {_ms(r['fwd']['median'])} | {_spread(r['fwdbwd'])} | "
+                     f"{_x(d.get('x_mm_valid'))} | {_x(d.get('x_mm_all'))} | {_x(d.get('ours_speedup'))} | "
+                     f"{r['mem_fwdbwd'] / MiB:.0f} | {_x(d.get('mem_x_model'))} | {r.get('loadavg_1m', '?')} |")
+    notes = [f"- {r['provider']}: {n}" for r in results if r["status"] == "ok" for n in r.get("notes", [])]
+    if notes or skipped:
+        lines.append("")
+    lines += notes
+    lines += [f"- not timed: {s}" for s in skipped]
+    lines.append("")
+    return lines
+
+
+HIDDEN_COLS = [("fused_linear", "ours"), ("torch_linear", "materialised logits + ours"), ("liger_chunked", "Liger"),
+               ("trl_head", "TRL head + ours"), ("verl_head", "verl + ours")]
+
+
+def hidden_targets(results: List[dict]) -> List[str]:
+    """Issue 10, point 6: summary tables of the hidden task (one row per case) and each target."""
+    cases: List[Case] = []
+    for r in results:
+        if r["case"].task == "hidden" and r["case"] not in cases:
+            cases.append(r["case"])
+    if not cases:
+        return []
+
+    def row(case, name):
+        return next((r for r in results if r["case"] == case and r["provider"] == name), None)
+
+    def cell(r):
+        if r is None:
+            return "not run"
+        if r["status"] != "ok":
+            return "skipped" if r["status"] == "skipped" else "error"
+        st = r["fwdbwd"]
+        return f"{_ms(st['median'])} ({_ms(st['min'])}–{_ms(st['max'])})"
+
+    def shape(c):
+        return f"V={c.V}, H={c.H}, N={c.N}"
+
+    L = ["## Issue 10, point 6: from hidden states to the loss (fp32, grpo, forward + backward)", "",
+         "Time, ms, median (min–max) of the timed repeats. Floor = the three LM-head matmuls alone "
+         "(logits, dhidden, dW), `out=` into mapped buffers, over all N tokens and over the valid tokens "
+         "(the rows our fused path computes; the others score every position).", "",
+         "| shape | valid tokens | floor, all N | floor, valid | " + " | ".join(lbl for _, lbl in HIDDEN_COLS)
+         + " | load |", "|---|---:|---:|---:|" + "---:|" * len(HIDDEN_COLS) + "---:|"]
+    for c in cases:
+        fl = row(c, "floor")
+        ok = fl is not None and fl["status"] == "ok"
+        fa = f"{_ms(fl['mm_all']['median'])} ({_ms(fl['mm_all']['min'])}–{_ms(fl['mm_all']['max'])})" if ok else "-"
+        fv = (f"{_ms(fl['mm_valid']['median'])} ({_ms(fl['mm_valid']['min'])}–{_ms(fl['mm_valid']['max'])})"
+              if ok else "-")
+        loads = [r.get("loadavg_1m", "?") for r in results if r["case"] == c]
+        L.append(f"| {shape(c)} | {fl['n_valid'] if ok else '-'} | {fa} | {fv} | "
+                 + " | ".join(cell(row(c, n)) for n, _ in HIDDEN_COLS) + f" | {min(loads)}–{max(loads)} |")
+    L += ["", "Peak extra memory, MiB (VmHWM over the baseline; gradients included). Memory model = dW (V×H fp32) + "
+          "dhidden (N×H) + one chunk of our chunk size of fp32 logits, computed from the shapes (a model).", "",
+          "| shape | memory model | " + " | ".join(lbl for _, lbl in HIDDEN_COLS) + " |",
+          "|---|---:|" + "---:|" * len(HIDDEN_COLS)]
+    for c in cases:
+        m = hidden_memory_model(c)
+        cells = []
+        for n, _ in HIDDEN_COLS:
+            r = row(c, n)
+            cells.append(f"{r['mem_fwdbwd'] / MiB:.0f}" if r is not None and r["status"] == "ok" else "-")
+        L.append(f"| {shape(c)} | {m['bytes'] / MiB:.0f} (chunk {m['rows']} rows) | " + " | ".join(cells) + " |")
+
+    def verdict(ok):
+        return "**met**" if ok else "**missed**"
+
+    L += ["", "| shape | ours / floor (valid tokens), target ≤ 1.15 | ours / floor (all N) | ours peak / memory model, "
+          "target ≤ 1.1 | Liger time / ours, target ≥ 1 | ours peak / Liger peak, target ≤ 1 |",
+          "|---|---|---:|---|---|---|"]
+    for c in cases:
+        ours, liger = row(c, "fused_linear"), row(c, "liger_chunked")
+        if ours is None or ours["status"] != "ok":
+            L.append(f"| {shape(c)} | ours not measured: {'' if ours is None else ours.get('reason', '')} | | | | |")
+            continue
+        d = ours.get("derived", {})
+        xv, xa, xm = d.get("x_mm_valid"), d.get("x_mm_all"), d.get("mem_x_model")
+        t1 = "-" if xv is None else f"{xv:.2f} {verdict(xv <= 1.15)}"
+        t2 = "-" if xa is None else f"{xa:.2f}"
+        t3 = "-" if xm is None else f"{xm:.2f} {verdict(xm <= 1.1)}"
+        if liger is not None and liger["status"] == "ok":
+            sp = liger["fwdbwd"]["median"] / ours["fwdbwd"]["median"]
+            mr = ours["mem_fwdbwd"] / max(liger["mem_fwdbwd"], 1)
+            t4, t5 = f"{sp:.2f} {verdict(sp >= 1)}", f"{mr:.2f} {verdict(mr <= 1)}"
+        else:
+            t4 = t5 = "Liger not measured"
+        L.append(f"| {shape(c)} | {t1} | {t2} | {t3} | {t4} | {t5} |")
+    L.append("")
+    return L
+
+
 def plot(path: str, results: List[dict]) -> Optional[str]:
     """Time and peak memory vs N per provider (log-log), fp32 grpo at the largest and smallest V."""
     try:
@@ -178,6 +317,8 @@ def plot(path: str, results: List[dict]) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError as e:
         return f"matplotlib not importable ({e}); no plot"
+    if any(r["case"].task == "hidden" for r in results) and not any(r["case"].task == "logits" for r in results):
+        return plot_hidden(path, results, plt)
     sel = [r for r in results if r["case"].task == "logits" and r["case"].dtype == "fp32"
            and r["case"].mode == "grpo" and r["status"] == "ok"]
     vs = sorted({r["case"].V for r in sel}, reverse=True)
@@ -230,6 +371,55 @@ def plot(path: str, results: List[dict]) -> Optional[str]:
         ax_m.legend(fontsize=7.5, loc="upper left")
     fig.suptitle("lambda-grpo benchmark, measured on this machine\n(CPU; each provider in its own process; "
                  "dotted: same provider with 1 intra-op thread)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def plot_hidden(path: str, results: List[dict], plt) -> Optional[str]:
+    """The hidden task: per shape, each provider's fwd+bwd time over the valid-token matmul floor
+    (bars: median, whiskers: min-max) and its peak extra memory over the memory model."""
+    cases: List[Case] = []
+    for r in results:
+        if r["case"].task == "hidden" and r["case"] not in cases:
+            cases.append(r["case"])
+    floors = {r["case"]: r for r in results if r["provider"] == "floor" and r["status"] == "ok"}
+    cases = [c for c in cases if c in floors]
+    if not cases:
+        return "no hidden-task case with a floor; no plot"
+    names = [(n, lbl) for n, lbl in HIDDEN_COLS if any(r["provider"] == n and r["status"] == "ok" for r in results)]
+    fig, (ax_t, ax_m) = plt.subplots(2, 1, figsize=(max(9.0, 1.6 * len(cases) + 3), 9))
+    width = 0.8 / max(len(names), 1)
+    colors = ["tab:blue", "tab:orange", "tab:pink", "tab:brown", "tab:green"]
+    for j, (n, lbl) in enumerate(names):
+        xs, med, lo, hi, mem = [], [], [], [], []
+        for i, c in enumerate(cases):
+            r = next((r for r in results if r["case"] == c and r["provider"] == n and r["status"] == "ok"), None)
+            if r is None:
+                continue
+            f = floors[c]["mm_valid"]["median"]
+            st = r["fwdbwd"]
+            xs.append(i + (j - (len(names) - 1) / 2) * width)
+            med.append(st["median"] / f)
+            lo.append((st["median"] - st["min"]) / f)
+            hi.append((st["max"] - st["median"]) / f)
+            mem.append(r["mem_fwdbwd"] / hidden_memory_model(c)["bytes"])
+        ax_t.bar(xs, med, width, yerr=[lo, hi], capsize=2, color=colors[j % len(colors)], label=lbl)
+        ax_m.bar(xs, mem, width, color=colors[j % len(colors)], label=lbl)
+    ax_t.axhline(1.15, color="k", ls="--", lw=1.2, label="target for ours: 1.15 x floor")
+    ax_m.axhline(1.1, color="k", ls="--", lw=1.2, label="target for ours: 1.1 x model")
+    labels = [f"V={c.V}\nH={c.H}\nN={c.N}" for c in cases]
+    for ax, ylab in ((ax_t, "fwd+bwd time / three-matmul floor (valid tokens)"),
+                     (ax_m, "peak extra memory / model (dW + dhidden + one chunk)")):
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_ylabel(ylab)
+        ax.set_yscale("log")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=7.5, loc="upper left")
+    fig.suptitle("lambda-grpo benchmark, hidden states -> GRPO loss, fp32, measured on this machine (CPU)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

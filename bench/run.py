@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -162,12 +163,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="CI-sized run: small shapes, a fixed amount of work (3 timed repeats, no time budget)")
-    ap.add_argument("--grid", choices=["quick", "full", "smoke", "key", "cpu"],
+    ap.add_argument("--grid", choices=["quick", "full", "smoke", "key", "cpu", "hidden"],
                     help="which grid to run (default: full, or quick with --quick; smoke = pipeline test; "
                          "key = only the acceptance case V=151936, N=2048, fp32; cpu = issue 9's CPU step: "
-                         "fused and two-pass schedules with and without inplace_backward at that shape)")
+                         "fused and two-pass schedules with and without inplace_backward at that shape; "
+                         "hidden = issue 10's hidden-states job: N 2048/4096 x H 576/896 x V 49152/151936, "
+                         "fp32, ours fused-linear next to the three-matmul floor, Liger, materialised logits, "
+                         "TRL's and verl's fused heads)")
     ap.add_argument("--out", help="output directory (default bench/results/<utc time>[-quick])")
     ap.add_argument("--providers", help="comma-separated provider names to include (default: all)")
+    ap.add_argument("--match", help="comma-separated substrings: time only the cases whose key (e.g. "
+                    "hidden-grpo-fp32-V49152-N2048-H576) contains one of them (the checks still run in full)")
     ap.add_argument("--check-only", action="store_true", help="run the agreement check and stop")
     ap.add_argument("--max-minutes", type=float,
                     help="wall-time budget of the whole run; no new measurement starts after it (default: "
@@ -188,20 +194,30 @@ def main(argv: Optional[List[str]] = None) -> int:
             ap.error(f"--providers: unknown {unknown}; known: {sorted({p.name for p in PROVIDERS} | {'floor'})}")
     grid_name = args.grid or ("quick" if args.quick else "full")
     checks_cases, timed = getattr(grid_mod, grid_name)()
+    if args.match:
+        subs = [m for m in args.match.split(",") if m]
+        timed = [(c, p) for c, p in timed if any(m in c.key() for m in subs)]
+        if not timed:
+            ap.error(f"--match {args.match!r}: no case of grid {grid_name!r} matches")
     small = grid_name in ("quick", "smoke")
+    fixed = small or grid_name == "hidden"
     # Quick and smoke runs (CI) do a fixed amount of work: every listed measurement, exactly 3
     # timed repeats, no wall-time budget. A loaded machine makes them slower, never different
     # (a budget once cut the floor's timing on a loaded CI machine). Timeouts are hang guards.
+    # The hidden grid too: each fwd+bwd there is seconds to a minute of matmuls, so 3 repeats and
+    # no budget (about an hour on this machine when it is quiet).
     if args.max_minutes is not None:
         max_s = 60 * args.max_minutes
     else:
-        max_s = float("inf") if small else 60 * 12.5
-    reps = dict(reps_min=3, reps_max=3, budget_s=0.0) if small else dict(reps_min=3, reps_max=7, budget_s=12.0)
+        max_s = float("inf") if fixed else 60 * 12.5
+    reps = dict(reps_min=3, reps_max=3, budget_s=0.0) if fixed else dict(reps_min=3, reps_max=7, budget_s=12.0)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     run_id = stamp + ("" if grid_name == "full" else f"-{grid_name}")
     out_dir = args.out or os.path.join(REPO, "bench", "results", run_id)
     os.makedirs(out_dir, exist_ok=True)
     meta = machine_meta(device, argv, run_id)
+    # old/ref log-probs of a case are computed once per run and shared by its worker processes
+    cache_dir = os.path.join(out_dir, ".inputs")
     if args.threads:
         meta["worker_threads"] = str(args.threads)
     t_start = time.perf_counter()
@@ -248,12 +264,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif not args.check_only:
         # 3. Timing, each provider in its own process.
         for case, provs in timed:
+            if results and fixed and not small:
+                # a long run (--grid hidden: about an hour) leaves what it has measured so far
+                _write_partial(out_dir, meta, results, checks)
             print(f"\n{report.case_title(case)}")
             wanted = [n for n in provs if names is None or split_threads(n)[0] in names]
             for name in wanted:
                 base = split_threads(name)[0]
-                label = ("floor: torch.exp / sum / copy over the logits" if base == "floor"
-                         else get(name, case.task).label)
+                if base == "floor":
+                    label = ("floor: the three LM-head matmuls alone (logits, dhidden, dW)" if case.task == "hidden"
+                             else "floor: torch.exp / sum / copy over the logits")
+                else:
+                    label = get(name, case.task).label
                 r = {"case": case, "provider": name, "label": label, "loadavg_1m": _loadavg().split(" ")[0]}
                 reason = None
                 if base != "floor":
@@ -271,7 +293,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     print(f"  {name:<15} skipped: {reason}")
                     results.append(r)
                     continue
-                spec = {"case": case.to_dict(), "provider": name, "device": device, "threads": args.threads, **reps}
+                spec = {"case": case.to_dict(), "provider": name, "device": device, "threads": args.threads,
+                        "cache_dir": cache_dir, **reps}
                 t0 = time.perf_counter()
                 res = run_worker(spec, timeout=600)  # a hang guard, not a speed limit
                 r.update(res)
@@ -280,6 +303,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if r["status"] != "ok":
                     failed.append(f"{case.key()} {name}: {r.get('reason')}")
                     print(f"  {name:<15} ERROR: {r.get('reason')}")
+                elif base == "floor" and case.task == "hidden":
+                    print(f"  {name:<15} 3 matmuls: all {case.N} tokens "
+                          f"{report._spread(r['mm_all'])} ms ({r['mm_all_gflops']:.0f} GFLOP/s), valid "
+                          f"{r['n_valid']} tokens {report._spread(r['mm_valid'])} ms  [{r['wall_s']:.0f} s, load "
+                          f"{r['loadavg_1m']}]")
                 elif base == "floor":
                     print(f"  {name:<15} exp(out=) {report._ms(r['exp_out']['median'])} ms, exp(alloc) "
                           f"{report._ms(r['exp_alloc']['median'])} ms, read {r['gbps_read']:.1f} GB/s, copy "
@@ -289,7 +317,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                           f"{report._spread(r['fwdbwd'])} ms, peak extra {r['mem_fwdbwd'] / 2**20:.0f} MiB "
                           f"[{r['wall_s']:.0f} s, load {r['loadavg_1m']}]")
         report.derive([r for r in results if r["status"] == "ok"])
-        for line in cpu_targets(results):
+        for line in cpu_targets(results) + report.hidden_targets(results):
             print(line)
 
     meta["loadavg_end"] = _loadavg()
@@ -305,6 +333,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         png = os.path.join(out_dir, "bench.png")
         err = report.plot(png, results)
         print(f"wrote {png}" if err is None else f"plot skipped: {err}")
+    if os.path.isdir(cache_dir):
+        shutil.rmtree(cache_dir, ignore_errors=True)
     print(f"total {time.perf_counter() - t_start:.0f} s, load average at end {meta['loadavg_end']}")
     if failed:
         print(f"FAILED: {len(failed)} problem(s)")
@@ -312,6 +342,26 @@ def main(argv: Optional[List[str]] = None) -> int:
             print("  " + f_)
         return 1
     return 0
+
+
+def _write_partial(out_dir: str, meta: dict, results: List[dict], checks: List[dict]) -> None:
+    """results-partial.csv and report-partial.md of the cases measured so far (derived ratios
+    recomputed); the final results.csv and report.md replace nothing of these."""
+    done = [dict(r) for r in results]
+    report.derive([r for r in done if r["status"] == "ok"])
+    m = dict(meta, loadavg_end=_loadavg(), wall_s="(partial)")
+    report.write_csv(os.path.join(out_dir, "results-partial.csv"), m, done, checks)
+    L = [f"# Partial report of run {meta['run_id']} (cases measured so far)", "",
+         f"Command: `{meta['command']}`. Load average at start {meta['loadavg_start']}, now {m['loadavg_end']}.", ""]
+    L += report.hidden_targets(done)
+    seen = []
+    for r in done:
+        if r["case"] not in seen:
+            seen.append(r["case"])
+    for case in seen:
+        L += report.markdown_case([r for r in done if r["case"] == case])
+    with open(os.path.join(out_dir, "report-partial.md"), "w") as f:
+        f.write("\n".join(L))
 
 
 def _targets(results: List[dict], case: Optional[Case]) -> List[str]:
@@ -459,9 +509,10 @@ def render_markdown(meta, checks, results, timed, device, args, out_dir) -> str:
     L.append("")
     L += _targets(results, grid_mod.key_case(timed))
     L += cpu_targets(results)
+    L += report.hidden_targets(results)
     if results:
         L += ["## Timings", "",
-              "'ours is × faster' = provider's fwd+bwd median / ours (backend='torch'; in the linear task "
+              "'ours is × faster' = provider's fwd+bwd median / ours (backend='torch'; in the hidden task "
               "F.linear + backend='torch'). '× dlogits' = peak extra memory / one (N, V) buffer in the logits' dtype.",
               ""]
         seen = []
@@ -474,7 +525,7 @@ def render_markdown(meta, checks, results, timed, device, args, out_dir) -> str:
     if not args.no_gpu_model:
         L += gpu_model_section()
     if (args.grid or ("quick" if args.quick else "full")) != "full":
-        text = ("(kernel report not run in a quick run: `python -m bench.kernels` compiles every kernel "
+        text = ("(kernel report not run in this grid: `python -m bench.kernels` compiles every kernel "
                 "ahead of time, about a minute here; a full run includes it)")
     else:
         text = kernel_report()

@@ -136,6 +136,56 @@ def measure_floor(case: Case, inputs: dict, spec: dict) -> dict:
     return res
 
 
+def measure_matmul_floor(case: Case, inputs: dict, spec: dict) -> dict:
+    """The hidden task's floor: the three LM-head matmuls alone, in the case's dtype, with the
+    worker's threads: logits = h W^T, dhidden = dlogits W, dW = dlogits^T h, each into a
+    preallocated, already-mapped output (`out=`: no page faults, no allocation), dlogits a
+    separate (n, V) buffer of random values (not the logits: a fresh dlogits-shaped buffer, as a
+    backward gets). Measured over all N tokens ("all") and over the valid (unmasked) tokens only
+    ("valid": the rows our fused path computes). One small warm-up (the first 256 rows), then
+    reps_min timed repeats of the three; each matmul's time is kept too."""
+    dev, clock = spec["device"], Clock(spec["device"])
+    B, T, H = inputs["hidden"].shape
+    h_all = inputs["hidden"].to(dev).reshape(B * T, H)
+    W = inputs["weight"].to(dev)
+    idx = inputs["mask"].to(dev).reshape(-1).nonzero().squeeze(1)
+    res: dict = {"n_valid": int(idx.numel())}
+    g = torch.Generator(device=dev).manual_seed(7)
+    for name, h in (("all", h_all), ("valid", h_all.index_select(0, idx).contiguous())):
+        n = h.shape[0]
+        logits = torch.zeros((n, W.shape[0]), dtype=h.dtype, device=dev)
+        dl = torch.empty((n, W.shape[0]), dtype=h.dtype, device=dev).normal_(generator=g).mul_(1e-3)
+        dh = torch.zeros((n, H), dtype=h.dtype, device=dev)
+        dW = torch.zeros_like(W)
+        w = min(n, 256)
+        torch.mm(h[:w], W.t(), out=logits[:w])
+        torch.mm(dl[:w], W, out=dh[:w])
+        torch.mm(dl[:w].t(), h[:w], out=dW)
+        parts: Dict[str, List[float]] = {"logits": [], "dhidden": [], "dW": []}
+        tot: List[float] = []
+        for _ in range(spec["reps_min"]):
+            t0 = clock.mark()
+            torch.mm(h, W.t(), out=logits)
+            t1 = clock.mark()
+            torch.mm(dl, W, out=dh)
+            t2 = clock.mark()
+            torch.mm(dl.t(), h, out=dW)
+            t3 = clock.mark()
+            a, b, c = clock.between(t0, t1), clock.between(t1, t2), clock.between(t2, t3)
+            parts["logits"].append(a)
+            parts["dhidden"].append(b)
+            parts["dW"].append(c)
+            tot.append(a + b + c)
+        res[f"mm_{name}"] = _stats(tot)
+        for k, v in parts.items():
+            res[f"mm_{name}_{k}"] = _stats(v)
+        res[f"mm_{name}_gflops"] = 3 * 2 * n * W.shape[0] * H / res[f"mm_{name}"]["median"] / 1e9
+        del logits, dl, dh, dW
+        gc.collect()
+        _trim()
+    return res
+
+
 def measure_provider(case: Case, inputs: dict, spec: dict) -> dict:
     dev, clock = spec["device"], Clock(spec["device"])
     p = get(spec["provider"], case.task)
@@ -205,9 +255,11 @@ def main(argv: List[str]) -> int:
         else:
             case = Case.from_dict(spec["case"])
             t0 = time.perf_counter()
-            inputs = make_inputs(case)
+            inputs = make_inputs(case, spec.get("cache_dir"))
             result["inputs_s"] = time.perf_counter() - t0
-            if split_threads(spec["provider"])[0] == "floor":
+            if split_threads(spec["provider"])[0] == "floor" and case.task == "hidden":
+                result.update(measure_matmul_floor(case, inputs, spec))
+            elif split_threads(spec["provider"])[0] == "floor":
                 result.update(measure_floor(case, inputs, spec))
             else:
                 result.update(measure_provider(case, inputs, spec))

@@ -38,11 +38,22 @@ from ._rowmath import FusedInputs, fused_inputs, token_constants
 CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}
 
 
+# Rows per chunk at least min(H, MIN_ROWS). Every chunk repacks W for the logits and the dhidden
+# GEMMs and reads and writes dW once: about 16·V·H bytes and a fixed share of GEMM setup against
+# 6·rows·V·H flops. Measured on this project's 2-core CPU (fp32, valid tokens of N = 2 048, the
+# three matmuls alone, min of interleaved repeats): 256-row chunks took 1.23x (V = 49 152,
+# H = 576) and 1.31x (V = 151 936, H = 896) the one-shot matmuls, 448-896 rows 0.83-1.06x
+# (within the noise of a loaded machine), 512 rows 1.06x at H = 576. 512 keeps the chunk below
+# dW's size (rows < H) at H >= 576, so the peak stays under that of a second dW buffer.
+MIN_ROWS = 512
+
+
 def chunk_rows(V: int, H: int, device: torch.device) -> int:
-    """Tokens per chunk for a vocabulary of V and hidden size H (H only bounds it from below:
-    a chunk narrower than the hidden size would make the dW matmul skinny)."""
+    """Tokens per chunk for a vocabulary of V and hidden size H: CHUNK_ELEMENTS // V, and at least
+    min(H, MIN_ROWS) (H bounds it from below: a chunk narrower than the hidden size would make
+    the dW matmul skinny; MIN_ROWS amortises the per-chunk cost of repacking W)."""
     elems = CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cuda"])
-    return max(1, min(elems // max(V, 1), 1 << 16), min(H, 256))
+    return max(1, min(elems // max(V, 1), 1 << 16), min(H, MIN_ROWS))
 
 
 class LinearGrads(NamedTuple):
@@ -51,9 +62,20 @@ class LinearGrads(NamedTuple):
     dbias: Optional[torch.Tensor]  # (V,) bias dtype, or None (no bias, or head_grad=False)
 
 
-def _logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    x = h @ weight.T
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            buf: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """h @ W^T (+ b), into buf[:rows] when given: one chunk buffer for the whole walk, so its pages
+    are mapped once instead of once per chunk (a chunk is far above glibc's mmap threshold, so a new
+    tensor per chunk is a new mapping, page-faulted row by row)."""
+    if buf is None:
+        x = h @ weight.T
+    else:
+        x = torch.mm(h, weight.T, out=buf[: h.shape[0]])
     return x if bias is None else x.add_(bias)
+
+
+def _chunk_buffer(step: int, n: int, V: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty((min(step, n), V), dtype=like.dtype, device=like.device)
 
 
 def _take(x: Optional[torch.Tensor], idx: torch.Tensor) -> Optional[torch.Tensor]:
@@ -95,13 +117,14 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
         if db is not None:
             db.add_(dl.sum(0, dtype=db.dtype))
 
+    buf = _chunk_buffer(step, n, V, hidden) if n else None
     if fused:
         fin = fused_inputs(consts, batch, dtype)
         fin = FusedInputs(*(_take(v, idx) for v in fin))
         for s in range(0, n, step):
             e = min(s + step, n)
             hc = h2.index_select(0, idx[s:e])
-            xc = _logits(hc, weight, bias)
+            xc = _logits(hc, weight, bias, buf)
             chunk_in = FusedInputs(*(None if v is None else v[s:e] for v in fin))
             lp, H, dl = eng.vocab_fused(xc, tokens[s:e], ones[: e - s], tau, cfg.needs_entropy, chunk_in, cfg, out=xc)
             logp.index_copy_(0, idx[s:e], lp.to(dtype))
@@ -114,7 +137,7 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
         lse = torch.zeros(2, n, dtype=dtype, device=dev)  # [max, log sum] per token (vocab_forward)
         for s in range(0, n, step):
             e = min(s + step, n)
-            xc = _logits(h2.index_select(0, idx[s:e]), weight, bias)
+            xc = _logits(h2.index_select(0, idx[s:e]), weight, bias, buf)
             lp, H, ls = eng.vocab_forward(xc, tokens[s:e], ones[: e - s], tau, cfg.needs_entropy, want_lse=need_grad)
             logp.index_copy_(0, idx[s:e], lp.to(dtype))
             if ent is not None:
@@ -132,7 +155,7 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
             for s in range(0, n, step):
                 e = min(s + step, n)
                 hc = h2.index_select(0, idx[s:e])
-                xc = _logits(hc, weight, bias)
+                xc = _logits(hc, weight, bias, buf)
                 dl = eng.vocab_backward(xc, tokens[s:e], ones[: e - s], lse[:, s:e], gl[s:e],
                                         None if gh is None else gh[s:e], None if Hv is None else Hv[s:e], tau, one,
                                         out=xc)
@@ -154,9 +177,10 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     ones = torch.ones(N, dtype=torch.bool, device=hidden.device)
     parts = []
     step = chunk_rows(V, Hd, hidden.device)
+    buf = _chunk_buffer(step, N, V, hidden) if N else None
     for s in range(0, N, step):
         e = min(s + step, N)
-        parts.append(eng.vocab_forward(_logits(h2[s:e], weight, bias), toks[s:e], ones[: e - s], tau, want_entropy,
+        parts.append(eng.vocab_forward(_logits(h2[s:e], weight, bias, buf), toks[s:e], ones[: e - s], tau, want_entropy,
                                        want_lse=True))
     dtype = compute_dtype(hidden.dtype)
     def cat(i, dim=0):
@@ -187,10 +211,11 @@ def linear_logprobs_backward(hidden, weight, bias, tokens, lse, g_logp, g_ent, e
     db = None if bias is None else torch.zeros(V, dtype=dW.dtype, device=dev)
     one = torch.ones((), dtype=dtype, device=dev)
     step = chunk_rows(V, Hd, dev)
+    buf = _chunk_buffer(step, N, V, hidden) if N else None
     for s in range(0, N, step):
         e = min(s + step, N)
         hc = h2[s:e]
-        xc = _logits(hc, weight, bias)
+        xc = _logits(hc, weight, bias, buf)
         dl = eng.vocab_backward(xc, toks[s:e], ones[: e - s], lse[:, s:e], gl[s:e], None if gh is None else gh[s:e],
                                 None if Hv is None else Hv[s:e], tau, one, out=xc)
         dh[s:e] = (dl @ weight).to(hidden.dtype)
