@@ -2,7 +2,8 @@
 `torchrun --standalone --nproc_per_node 2 -m tests._trl_dist MODEL_DIR OUT_DIR` (gloo, use_cpu=True).
 
 One launch does everything, so the imports are paid once:
-- parity: TRL's GRPOTrainer and LambdaGRPOTrainer, 3 steps each, for grpo, bnpo, dapo, dr_grpo;
+- parity: TRL's GRPOTrainer and LambdaGRPOTrainer, 3 steps each, for grpo, bnpo, dapo, dr_grpo and
+  the VARIANTS of tests/_trl_tiny.py (cispo, sapo, luspo, delta, KL x ratio);
 - a λ-GRPO run and a GRPO-λ run (loss_type="lambda_grpo", trace="both") with G = 16, so that each
   group spans both ranks, checkpointing every step, then each resumed from checkpoint-2 and
   trained to step 3 again; and TRL's dapo with G = 16 for one step (λ = 0 is dapo).
@@ -18,7 +19,7 @@ import time
 
 import torch
 
-from tests._trl_tiny import dump, run
+from tests._trl_tiny import VARIANTS, dump, run
 
 LAMBDA_RUN = dict(num_generations=16)
 
@@ -61,12 +62,14 @@ def main(model_dir, out_dir):
     rank = int(os.environ["RANK"])
     res = {"world": int(os.environ["WORLD_SIZE"]), "times": {}}
     only = os.environ.get("LG_TRL_ONLY")
-    for lt in ("grpo", "bnpo", "dapo", "dr_grpo"):
+    runs = {lt: (lt, {}) for lt in ("grpo", "bnpo", "dapo", "dr_grpo")}
+    runs.update(VARIANTS)
+    for lt, (loss_type, extra) in runs.items():
         if only and lt not in only.split(","):
             continue
         for kind in ("trl", "ours"):
             t = time.time()
-            steps, tr = run(kind, lt, os.path.join(out_dir, f"{kind}-{lt}"), model_dir)
+            steps, tr = run(kind, loss_type, os.path.join(out_dir, f"{kind}-{lt}"), model_dir, **extra)
             res[f"{kind}-{lt}"] = steps
             res["times"][f"{kind}-{lt}"] = time.time() - t
             assert tr.accelerator.num_processes == 2, "not a 2-process run"

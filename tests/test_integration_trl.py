@@ -3,13 +3,16 @@
 - Training parity, 1 process and 2 processes (torchrun, gloo): LambdaGRPOTrainer reproduces
   TRL's loss and grad_norm for grpo, bnpo, dapo and dr_grpo over 3 steps to >= 6 significant
   digits relative to max(|loss|, 0.1), with μ = 2, β = 0.04, use_bias_correction_kl=False, lengths
-  1-12 (tests/_trl_tiny.py's eos trick) and clipping active (about half of the tokens at step 2).
+  1-12 (tests/_trl_tiny.py's eos trick) and clipping active (about half of the tokens at step 2);
+  and for the loss types and options beyond the clip surrogate (tests/_trl_tiny.py's VARIANTS:
+  cispo, sapo, luspo with delta, grpo with delta, all with TRL's default use_bias_correction_kl=True).
 - λ-GRPO and GRPO-λ (trace="both") in 2 processes: every row carries its group's lengths, λ is
   identical on both ranks, saved into each checkpoint and restored on resume; at λ = 0 the first
   step equals TRL's dapo.
 - One `_compute_loss` call of each trainer on the same inputs with TRL's extra terms switched on
-  (entropy bonus, high-entropy mask, off-policy mask, vLLM importance ratio, delta, tool mask):
-  equal loss, gradients and metrics, through both routes.
+  (entropy bonus, high-entropy mask, off-policy mask, vLLM importance ratio, delta, tool mask,
+  KL x ratio) for every loss type lambda_grpo computes: equal loss, gradients and metrics, through
+  both routes.
 - Refusals, the import without trl, and the built wheel shipping lambda_grpo/integrations.
 
 Everything runs on the tiny offline Llama of tests/_trl_tiny.py (built once per session).
@@ -35,7 +38,7 @@ pytest.importorskip("trl")
 pytest.importorskip("tokenizers")
 
 from tests._trl_dist import LAMBDA_RUN  # noqa: E402
-from tests._trl_tiny import PARITY, build_tiny, run  # noqa: E402
+from tests._trl_tiny import PARITY, VARIANTS, build_tiny, run  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LOSS_TYPES = ["grpo", "bnpo", "dapo", "dr_grpo"]
@@ -51,8 +54,11 @@ def assert_steps_match(ours, theirs, what):
     for k, (a, b) in enumerate(zip(ours, theirs), 1):
         for key in ("loss", "grad_norm"):
             assert rel_err(a[key], b[key]) <= DIGITS, f"{what} step {k} {key}: ours {a[key]!r} TRL {b[key]!r}"
-        for key in ("kl", "entropy", "clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean"):
-            assert abs(a[key] - b[key]) <= 1e-5 * max(abs(b[key]), 1.0), f"{what} step {k} {key}"
+        # every metric TRL logs for the loss type (kl, entropy, clip_ratio/* or cispo_clip_ratio)
+        for key in ("kl", "entropy", "clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                    "clip_ratio/low_min", "clip_ratio/high_max", "cispo_clip_ratio"):
+            if key in b:
+                assert abs(a[key] - b[key]) <= 1e-5 * max(abs(b[key]), 1.0), f"{what} step {k} {key}"
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +75,12 @@ def trl_steps(loss_type, tiny, tmp_path):
     return _TRL_RUNS[loss_type]
 
 
+def digits(got, want):
+    """Significant digits of agreement, relative to max(|want|, 0.1) (inf: identical)."""
+    d = rel_err(got, want)
+    return math.inf if d == 0 else -math.log10(d)
+
+
 # ------------------------------------------------------------------------------------------------
 # training parity, one process
 # ------------------------------------------------------------------------------------------------
@@ -82,6 +94,25 @@ def test_parity_one_process(loss_type, route, tiny, tmp_path):
     got, trainer = run("ours", loss_type, tmp_path / "ours", tiny, loss_route=route)
     assert trainer.accelerator.num_processes == 1
     assert_steps_match(got, want, f"{loss_type}/{route}")
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_parity_variants_one_process(name, tiny, tmp_path):
+    """cispo, sapo, luspo and delta with TRL's default KL x ratio, computed by lambda_grpo: TRL's loss,
+    grad_norm and metrics over 3 steps (log-prob route)."""
+    loss_type, extra = VARIANTS[name]
+    want = run("trl", loss_type, tmp_path / "trl", tiny, **extra)[0]
+    assert max(s["kl"] for s in want) > 0
+    if loss_type == "cispo":
+        assert max(s["cispo_clip_ratio"] for s in want) > 0.02  # the cap binds
+    elif loss_type != "sapo":
+        assert max(s["clip_ratio/region_mean"] for s in want) > 0.1
+    got, trainer = run("ours", loss_type, tmp_path / "ours", tiny, **extra)
+    assert trainer.loss_config.kl_ratio_weighted
+    assert_steps_match(got, want, name)
+    print(f"{name}: digits loss {min(digits(a['loss'], b['loss']) for a, b in zip(got, want)):.1f}, grad_norm "
+          f"{min(digits(a['grad_norm'], b['grad_norm']) for a, b in zip(got, want)):.1f}; TRL's losses "
+          f"{[round(s['loss'], 7) for s in want]}")
 
 
 @pytest.mark.parametrize("route", ["logprobs", "logits"])
@@ -123,7 +154,7 @@ def dist(tiny, tmp_path_factory):
     return ranks
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES + list(VARIANTS))
 def test_parity_two_processes(loss_type, dist):
     assert dist[0]["world"] == 2
     for r in dist:
@@ -251,10 +282,23 @@ def _loss_and_grads(trainer, inputs):
     ("dr_grpo", "logprobs", dict(entropy_coef=0.01, delta=1.3, epsilon=0.1)),
     ("dapo", "logits", dict(delta=1.5)),
     ("dr_grpo", "logits", dict()),
-], ids=["dapo-all", "grpo-entropy-opm", "bnpo-topent-delta", "drgrpo-entropy-delta", "dapo-logits", "drgrpo-logits"])
+    # issue 12: the loss types beyond the clip surrogate, KL x ratio (TRL's default) on
+    ("cispo", "logprobs", dict(epsilon_high=1.3, use_bias_correction_kl=True, entropy_coef=0.05,
+                               top_entropy_quantile=0.5, off_policy_mask_threshold=0.02)),
+    ("cispo", "logits", dict(epsilon_high=1.3, use_bias_correction_kl=True)),
+    ("sapo", "logprobs", dict(sapo_temperature_pos=1.5, sapo_temperature_neg=2.0, use_bias_correction_kl=True,
+                              entropy_coef=0.05, off_policy_mask_threshold=0.02)),
+    ("sapo", "logits", dict(use_bias_correction_kl=True)),
+    ("luspo", "logprobs", dict(delta=1.5, use_bias_correction_kl=True, top_entropy_quantile=0.5)),
+    ("luspo", "logits", dict(delta=1.5, use_bias_correction_kl=True)),
+    ("dapo", "logprobs", dict(delta=1.5, epsilon_high=0.28, use_bias_correction_kl=True)),
+], ids=["dapo-all", "grpo-entropy-opm", "bnpo-topent-delta", "drgrpo-entropy-delta", "dapo-logits", "drgrpo-logits",
+        "cispo-all", "cispo-logits", "sapo-entropy-opm", "sapo-logits", "luspo-topent-delta", "luspo-logits",
+        "dapo-delta-klratio"])
 def test_one_loss_call_with_trl_extras(loss_type, route, extra, tiny, tmp_path):
     theirs, ours = _trainers(tiny, tmp_path, loss_type, route, **extra)
-    inputs = _inputs(theirs)
+    # seed 0 has no token with A > 0 above CISPO's cap; seed 2 has 10 % of them
+    inputs = _inputs(theirs, 2 if loss_type == "cispo" else 0)
     l1, g1, m1 = _loss_and_grads(theirs, inputs)
     l2, g2, m2 = _loss_and_grads(ours, inputs)
     assert rel_err(l2, l1) <= DIGITS, (l2, l1)
@@ -265,7 +309,28 @@ def test_one_loss_call_with_trl_extras(loss_type, route, extra, tiny, tmp_path):
     assert m2.keys() >= m1.keys()
     for k in m1:
         assert m2[k] == pytest.approx(m1[k], rel=1e-5, abs=1e-7), k
-    assert m1["clip_ratio/region_mean"] > 0
+    # the case is not degenerate: the clip (or CISPO's cap) binds somewhere
+    if loss_type == "cispo":
+        assert m1["cispo_clip_ratio"] > 0
+        assert not any(k.startswith("clip_ratio/") for k in m2)  # TRL's names for the loss type, not others
+    elif loss_type == "sapo":
+        assert not any(k.startswith("clip_ratio/") or k == "cispo_clip_ratio" for k in m2)
+    else:
+        assert m1["clip_ratio/region_mean"] > 0
+    assert ours.loss_config.kl_ratio_weighted == bool(extra.get("use_bias_correction_kl", False))
+
+
+@pytest.mark.parametrize("option", ["delta", "use_bias_correction_kl"])
+def test_options_change_the_loss(option, tiny, tmp_path):
+    """delta and the KL x ratio act in these inputs: each changes the loss (so the parity above is not
+    the parity of a no-op)."""
+    base = dict(use_bias_correction_kl=False, beta=0.5)  # β large enough for the KL x ratio to show
+    changed = dict(delta=1.5) if option == "delta" else dict(use_bias_correction_kl=True)
+    _, a = _trainers(tiny, tmp_path / "a", "luspo", **base)
+    _, b = _trainers(tiny, tmp_path / "b", "luspo", **dict(base, **changed))
+    inputs = _inputs(a)
+    la, lb = _loss_and_grads(a, inputs)[0], _loss_and_grads(b, inputs)[0]
+    assert rel_err(lb, la) > 1e2 * DIGITS, (la, lb)
 
 
 def test_lambda_grpo_loss_call_at_zero_is_dapo(tiny, tmp_path):
@@ -283,7 +348,7 @@ def test_lambda_grpo_loss_call_at_zero_is_dapo(tiny, tmp_path):
 
 
 def test_delegated_loss_type_is_trls_own(tiny, tmp_path):
-    theirs, ours = _trainers(tiny, tmp_path, "cispo", epsilon_high=5.0)
+    theirs, ours = _trainers(tiny, tmp_path, "vespo")
     assert ours.loss_config is None and ours.lam is None
     inputs = _inputs(theirs)
     l1, g1, _ = _loss_and_grads(theirs, inputs)
@@ -303,7 +368,10 @@ def _config(**kw):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(beta=0.04), "use_bias_correction_kl"),
+    (dict(loss_type="cispo", delta=2.0), "delta with loss_type='cispo'"),
+    (dict(loss_type="sapo", dual_clip=3.0), "dual_clip with loss_type='sapo'"),
+    (dict(loss_type="cispo", epsilon_high=0.0), "eps_high"),
+    (dict(loss_type="sapo", sapo_temperature_neg=0.0), "sapo_tau_neg"),
     (dict(importance_sampling_level="sequence"), "importance_sampling_level"),
     (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
     (dict(delta=1.1), "delta=1.1 <= 1 \\+ epsilon_high"),
@@ -312,7 +380,7 @@ def _config(**kw):
     (dict(loss_route="logits", entropy_coef=0.01), "entropy_coef"),
     (dict(loss_route="logits", top_entropy_quantile=0.2), "top_entropy_quantile"),
     (dict(loss_route="logits", off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
-    (dict(loss_type="sapo", trace="recent"), "TRL's own loss"),
+    (dict(loss_type="vespo", trace="recent"), "TRL's own loss"),
     (dict(loss_type="vespo", adv_clamp_min=-0.1), "TRL's own loss"),
     (dict(loss_type="gspo"), "loss_type"),
     (dict(trace="all"), "trace"),
@@ -334,9 +402,21 @@ def test_config_accepts_and_maps():
                 delta=2.0, beta=0.04, use_bias_correction_kl=False, temperature=0.7)
     lc = c.loss_config()
     assert (lc.aggregation, lc.trace, lc.trace_decay, lc.adv_clamp_min) == ("lambda_grpo", "both", 0.95, -0.1)
-    assert (lc.eps_low, lc.eps_high, lc.dual_clip, lc.beta, lc.temperature) == (0.2, 0.28, 2.0, 0.04, 0.7)
+    assert (lc.eps_low, lc.eps_high, lc.dual_clip, lc.delta, lc.beta, lc.temperature) == (0.2, 0.28, None, 2.0, 0.04,
+                                                                                           0.7)
+    assert (lc.surrogate, lc.kl_ratio_weighted, lc.dual_floor) == ("clip", False, 2.0)
     assert lc.max_completion_length is None
     assert _config(loss_type="dr_grpo", max_completion_length=77).loss_config().max_completion_length == 77
+    # TRL's default use_bias_correction_kl=True is the KL x ratio
+    assert _config(beta=0.04).loss_config().kl_ratio_weighted
+    # the loss types beyond the clip surrogate: aggregation (TRL's normaliser) and surrogate
+    cispo = _config(loss_type="cispo", epsilon_high=5.0).loss_config()
+    assert (cispo.aggregation, cispo.surrogate, cispo.eps_high) == ("dapo", "cispo", 5.0)
+    assert _config(loss_type="cispo").loss_config().eps_high == 0.2  # TRL: epsilon_high defaults to epsilon
+    sapo = _config(loss_type="sapo", sapo_temperature_pos=1.5, sapo_temperature_neg=2.0).loss_config()
+    assert (sapo.aggregation, sapo.surrogate, sapo.sapo_tau_pos, sapo.sapo_tau_neg) == ("grpo", "sapo", 1.5, 2.0)
+    luspo = _config(loss_type="luspo", delta=1.5).loss_config()
+    assert (luspo.aggregation, luspo.surrogate, luspo.delta) == ("seq_mean_token_sum", "clip", 1.5)
     assert (c.lambda_lr, c.lambda_init, c.loss_route, c.loss_backend) == (0.1, 0.0, "logprobs", "auto")
 
 
@@ -356,7 +436,7 @@ def test_delegated_warns_about_unused_fields(tiny, tmp_path):
     from lambda_grpo.integrations.trl import LambdaGRPOConfig, LambdaGRPOTrainer
     from tests._trl_tiny import reward_len
 
-    args = LambdaGRPOConfig(**dict(PARITY, loss_type="sapo", output_dir=str(tmp_path), lambda_lr=1.0))
+    args = LambdaGRPOConfig(**dict(PARITY, loss_type="vespo", output_dir=str(tmp_path), lambda_lr=1.0))
     with pytest.warns(UserWarning, match="lambda_lr have no effect"):
         LambdaGRPOTrainer(model=tiny, reward_funcs=reward_len, args=args,
                           train_dataset=Dataset.from_dict({"prompt": ["a"] * 4}))

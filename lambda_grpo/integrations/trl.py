@@ -11,8 +11,9 @@
 TRL has no name for (``trace``, ``trace_decay``, ``trace_mode``, ``adv_clamp_min``, ``dual_clip``,
 ``length_r``), λ's own optimiser (``lambda_lr``, ``lambda_init``) and where the loss gets its
 inputs (``loss_route``, ``loss_backend``). ``loss_type`` takes TRL's ``grpo``, ``bnpo``, ``dapo``,
-``dr_grpo`` (computed by lambda_grpo, equal to TRL's own numbers) and ``lambda_grpo``; TRL's other
-loss types (``cispo``, ``sapo``, ``luspo``, ``vespo``) are handed to TRL's own loss unchanged.
+``dr_grpo``, ``cispo``, ``sapo``, ``luspo`` (computed by lambda_grpo, equal to TRL's own numbers,
+with TRL's ``delta``, ``use_bias_correction_kl``, ``sapo_temperature_pos/neg``) and
+``lambda_grpo``; TRL's ``vespo`` is handed to TRL's own loss unchanged.
 
 ``LambdaGRPOTrainer`` overrides four private methods of TRL 1.16's GRPOTrainer (there is no public
 loss hook in 1.16), which is why the extra pins ``trl>=1.16,<1.17``:
@@ -62,8 +63,14 @@ if not trl.__version__.startswith(TESTED_TRL + "."):
                   f"of GRPOTrainer; trl {trl.__version__} is installed, so the numbers may differ. Run "
                   f"tests/test_integration_trl.py against it before trusting a run.", stacklevel=2)
 
-OURS = ("grpo", "bnpo", "dapo", "dr_grpo", "lambda_grpo")
-DELEGATED = ("cispo", "sapo", "luspo", "vespo")  # TRL's own loss, unchanged
+OURS = ("grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "luspo", "lambda_grpo")
+DELEGATED = ("vespo",)  # TRL's own loss, unchanged
+# TRL loss_type -> (LossConfig.aggregation, LossConfig.surrogate). The aggregation carries TRL's
+# normaliser (docs/integrations.md, "Normalisers"): cispo divides like dapo, sapo like grpo, luspo
+# is the clip surrogate summed per sequence and averaged over the micro-batch's rows.
+LOSS_TYPES = {"grpo": ("grpo", "clip"), "bnpo": ("bnpo", "clip"), "dapo": ("dapo", "clip"),
+              "dr_grpo": ("dr_grpo", "clip"), "cispo": ("dapo", "cispo"), "sapo": ("grpo", "sapo"),
+              "luspo": ("seq_mean_token_sum", "clip"), "lambda_grpo": ("lambda_grpo", "clip")}
 ROUTES = ("logprobs", "logits")
 LAMBDA_STATE = "lambda_grpo_state.pt"
 _DEFAULT_LAMBDA_LR = 0.1
@@ -81,11 +88,11 @@ def _is_number(v) -> bool:
 class LambdaGRPOConfig(GRPOConfig):
     r"""TRL's ``GRPOConfig`` with lambda_grpo's loss options.
 
-    ``loss_type``: ``"grpo"``, ``"bnpo"``, ``"dapo"`` (TRL's default), ``"dr_grpo"`` or
-    ``"lambda_grpo"`` are computed by lambda_grpo; ``"cispo"``, ``"sapo"``, ``"luspo"``,
-    ``"vespo"`` go to TRL's own loss. The fields below have :class:`lambda_grpo.LossConfig`'s
-    meanings and defaults; clip range, β, temperature and ``max_completion_length`` come from
-    TRL's own fields (``epsilon``, ``epsilon_high``, ``beta``, ``temperature``, ...).
+    ``loss_type``: ``"grpo"``, ``"bnpo"``, ``"dapo"`` (TRL's default), ``"dr_grpo"``, ``"cispo"``,
+    ``"sapo"``, ``"luspo"`` or ``"lambda_grpo"`` are computed by lambda_grpo; ``"vespo"`` goes to
+    TRL's own loss. The fields below have :class:`lambda_grpo.LossConfig`'s meanings and defaults;
+    clip range (CISPO's cap: ``epsilon_high``), β, ``use_bias_correction_kl``, ``delta``, SAPO's
+    temperatures, temperature and ``max_completion_length`` come from TRL's own fields.
     """
 
     trace: Optional[str] = field(default=None, metadata={
@@ -97,8 +104,8 @@ class LambdaGRPOConfig(GRPOConfig):
     adv_clamp_min: Optional[float] = field(default=None, metadata={
         "help": "If set, advantages are clamped from below at this value (GRPO-λ uses -0.1)."})
     dual_clip: Optional[float] = field(default=None, metadata={
-        "help": "Dual clip c > 1 for negative advantages (LossConfig.dual_clip). TRL's `delta` is the same clip "
-                "and is mapped onto it."})
+        "help": "Dual clip c > 1 for negative advantages (LossConfig.dual_clip); clip surrogates only. TRL's "
+                "`delta` is the same clip (set one of them)."})
     length_r: float = field(default=_DEFAULT_LENGTH_R, metadata={
         "help": "λ-GRPO length transform h = max(1 + r·z, 1e-6) (LossConfig.length_r)."})
     lambda_lr: float = field(default=_DEFAULT_LAMBDA_LR, metadata={
@@ -135,18 +142,20 @@ class LambdaGRPOConfig(GRPOConfig):
         if self.loss_type in OURS:
             self.loss_config()  # LossConfig validates the remaining fields (trace_decay, dual_clip, ...)
 
-    @property
-    def effective_dual_clip(self) -> Optional[float]:
-        """``dual_clip``, or TRL's ``delta`` (the same clip for ρ > δ > 1 + ε_high, see _refusals)."""
-        return self.dual_clip if self.dual_clip is not None else self.delta
-
     def loss_config(self) -> LossConfig:
-        """The :class:`lambda_grpo.LossConfig` this config describes (for the loss types lambda_grpo computes)."""
+        """The :class:`lambda_grpo.LossConfig` this config describes (for the loss types lambda_grpo computes):
+        the aggregation and surrogate of ``LOSS_TYPES``, TRL's ``delta`` as ``LossConfig.delta`` (its
+        literal two-sided clip), ``use_bias_correction_kl`` as ``kl_ratio_weighted``,
+        ``sapo_temperature_pos/neg`` as ``sapo_tau_pos/neg``, and for cispo ``epsilon_high`` (which
+        defaults to ``epsilon``, as in TRL) as the absolute cap on the ratio."""
         if self.loss_type not in OURS:
             raise ValueError(f"loss_config: loss_type {self.loss_type!r} is computed by TRL, not lambda_grpo")
         eps_high = self.epsilon_high if self.epsilon_high is not None else self.epsilon
+        aggregation, surrogate = LOSS_TYPES[self.loss_type]
         return LossConfig(
-            aggregation=self.loss_type, eps_low=self.epsilon, eps_high=eps_high, dual_clip=self.effective_dual_clip,
+            aggregation=aggregation, surrogate=surrogate, eps_low=self.epsilon, eps_high=eps_high,
+            dual_clip=self.dual_clip, delta=self.delta, kl_ratio_weighted=bool(self.use_bias_correction_kl),
+            sapo_tau_pos=self.sapo_temperature_pos, sapo_tau_neg=self.sapo_temperature_neg,
             beta=self.beta, kl_estimator="k3", temperature=self.temperature, entropy_coef=0.0,
             length_r=self.length_r, trace=self.trace, trace_decay=self.trace_decay, trace_mode=self.trace_mode,
             adv_clamp_min=self.adv_clamp_min,
@@ -163,7 +172,8 @@ def _refusals(args) -> list:
     token mask (top_entropy_quantile) and vLLM's importance-sampling ratio all multiply TRL's
     surrogate term only, which is lambda_grpo's ``token_weights``; TRL's entropy bonus
     (``entropy_coef``) and MoE aux loss are added outside the aggregation exactly as TRL adds them;
-    ``delta`` (two-sided clipping) equals dual clipping with c = delta when delta > 1 + epsilon_high.
+    ``delta`` (two-sided clipping) is ``LossConfig.delta`` (for delta > 1 + epsilon_high);
+    ``use_bias_correction_kl`` (KL x ratio, TRL's default) is ``LossConfig.kl_ratio_weighted``.
     """
     out = []
     if args.loss_type in DELEGATED:
@@ -174,22 +184,24 @@ def _refusals(args) -> list:
                        f"them, or use one of {OURS}")
         return out
     eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-    if args.beta != 0 and args.use_bias_correction_kl:
-        out.append("use_bias_correction_kl=True with beta != 0 multiplies TRL's KL by the ratio, which "
-                   "lambda_grpo's LossConfig has no option for yet: set use_bias_correction_kl=False (the plain k3 KL "
-                   "of GRPO), or beta=0")
     if args.importance_sampling_level != "token":
         out.append(f"importance_sampling_level={args.importance_sampling_level!r} (GSPO's sequence-level ratio) is "
                    "not in lambda_grpo's math: use 'token', or TRL's GRPOTrainer")
     if args.use_adaptive_entropy:
         out.append("use_adaptive_entropy=True (TRL's adaptive entropy controller) is not reproduced: set it to False "
                    "(a fixed entropy_coef is supported)")
-    if args.delta is not None:
+    if args.loss_type in ("cispo", "sapo"):
+        given = [n for n in ("delta", "dual_clip") if getattr(args, n) is not None]
+        if given:
+            out.append(f"{' and '.join(given)} with loss_type={args.loss_type!r}: both clip the clip surrogate's "
+                       f"ratio, which {args.loss_type} does not have (TRL ignores delta there): unset "
+                       f"{'them' if len(given) > 1 else 'it'}")
+    elif args.delta is not None:
         if args.dual_clip is not None and args.dual_clip != args.delta:
             out.append(f"delta={args.delta} and dual_clip={args.dual_clip} are the same clip: set one of them")
         elif not args.delta > 1 + eps_high:
-            out.append(f"delta={args.delta} <= 1 + epsilon_high = {1 + eps_high}: only delta > 1 + epsilon_high is "
-                       "the dual clip lambda_grpo computes (TRL recommends delta > 1 + epsilon as well)")
+            out.append(f"delta={args.delta} <= 1 + epsilon_high = {1 + eps_high}: lambda_grpo's delta must exceed "
+                       "1 + epsilon_high (TRL recommends delta > 1 + epsilon as well)")
     if args.loss_type == "dr_grpo" and args.max_completion_length is None:
         out.append("loss_type='dr_grpo' divides by max_completion_length: set it")
     if args.loss_route == "logits":
@@ -294,14 +306,15 @@ class LambdaGRPOTrainer(GRPOTrainer):
         old_logp = inputs.get("old_per_token_logps")
         ref_logp = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
 
-        # Normalisers: exactly TRL's (docs/integrations.md, "Normalisers").
+        # Normalisers: exactly TRL's (docs/integrations.md, "Normalisers"). cispo is dapo's, sapo grpo's;
+        # luspo: (ℓ·m).sum(-1).mean() / GA is seq_mean_token_sum with N_seq = B·GA.
         norm = {}
         if cfg.aggregation in ("dapo", "lambda_grpo"):
             n_tok = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 n_tok = n_tok * ga / self.args.steps_per_generation
             norm["num_tokens"] = n_tok
-        elif cfg.aggregation in ("grpo", "dr_grpo"):
+        elif cfg.aggregation in ("grpo", "dr_grpo", "seq_mean_token_sum"):
             norm["num_sequences"] = completion_ids.size(0) * ga
         group = {}
         if cfg.uses_lambda:
@@ -336,7 +349,7 @@ class LambdaGRPOTrainer(GRPOTrainer):
         policy_loss = loss.detach()
         if cfg.aggregation == "bnpo":  # local by definition: TRL divides by the accumulation steps
             loss = loss / ga
-        elif cfg.aggregation in ("grpo", "dr_grpo"):  # TRL logs the loss before its division by GA
+        elif cfg.aggregation in ("grpo", "dr_grpo", "seq_mean_token_sum"):  # TRL logs it before its division by GA
             policy_loss = policy_loss * ga
         if lam is not None and lam.requires_grad and mode == "train":
             (dlam,) = torch.autograd.grad(out.loss, lam, retain_graph=True)
@@ -376,15 +389,22 @@ class LambdaGRPOTrainer(GRPOTrainer):
         return w.to(torch.float32).expand(mask.shape).detach()
 
     def _log_loss_metrics(self, mode, out, entropies, maskf, adv2d):
-        """TRL's metric names and values (kl, entropy, clip_ratio/*), gathered over ranks, plus lambda."""
+        """TRL's metric names and values, gathered over ranks, plus lambda: kl (β ≠ 0; times the ratio
+        with use_bias_correction_kl, as TRL logs it), entropy, and per surrogate what TRL logs for
+        its loss type: clip_ratio/* for the clip surrogate, cispo_clip_ratio (A > 0 and ρ above the
+        cap) for cispo, nothing more for sapo."""
         pt = out.per_token
         cfg = self.loss_config
         adv = adv2d if cfg.adv_clamp_min is None else adv2d.clamp(min=cfg.adv_clamp_min)
         ratio = pt["ratio"]
-        low = ((ratio < 1 - cfg.eps_low) & (adv < 0)).float()
-        high = ((ratio > 1 + cfg.eps_high) & (adv > 0)).float()
-        region = ((low + high) > 0).float()
-        parts = [(x * maskf).sum() for x in (entropies, low, high, region)]
+        flags = []  # (B, C) 0/1 tensors whose masked means are logged
+        if cfg.surrogate == "clip":
+            low = ((ratio < 1 - cfg.eps_low) & (adv < 0)).float()
+            high = ((ratio > 1 + cfg.eps_high) & (adv > 0)).float()
+            flags = [low, high, ((low + high) > 0).float()]
+        elif cfg.surrogate == "cispo":
+            flags = [((ratio > cfg.eps_high) & (adv > 0)).float()]
+        parts = [(x * maskf).sum() for x in [entropies] + flags]
         if self.beta != 0.0:
             parts.append((pt["kl"] * maskf).sum())
         parts.append(maskf.sum())
@@ -393,15 +413,19 @@ class LambdaGRPOTrainer(GRPOTrainer):
         means = (totals[:-1] / count).tolist()
         m = self._metrics[mode]
         if self.beta != 0.0:
-            m["kl"].append(means[4])
+            m["kl"].append(means[-1])
         m["entropy"].append(means[0])
-        m["clip_ratio/low_mean"].append(means[1])
-        m["clip_ratio/high_mean"].append(means[2])
-        m["clip_ratio/region_mean"].append(means[3])
-        per_seq = torch.stack([(low * maskf).sum(-1), (high * maskf).sum(-1)], dim=1) / maskf.sum(-1, keepdim=True)
-        per_seq = self.accelerator.gather(per_seq)
-        m["clip_ratio/low_min"].append(nanmin(per_seq[:, 0]).item())
-        m["clip_ratio/high_max"].append(nanmax(per_seq[:, 1]).item())
+        if cfg.surrogate == "clip":
+            low, high = flags[0], flags[1]
+            m["clip_ratio/low_mean"].append(means[1])
+            m["clip_ratio/high_mean"].append(means[2])
+            m["clip_ratio/region_mean"].append(means[3])
+            per_seq = torch.stack([(low * maskf).sum(-1), (high * maskf).sum(-1)], dim=1) / maskf.sum(-1, keepdim=True)
+            per_seq = self.accelerator.gather(per_seq)
+            m["clip_ratio/low_min"].append(nanmin(per_seq[:, 0]).item())
+            m["clip_ratio/high_max"].append(nanmax(per_seq[:, 1]).item())
+        elif cfg.surrogate == "cispo":
+            m["cispo_clip_ratio"].append(means[1])
         if self.lam is not None:
             m["lambda"].append(float(self.lam.detach()))
 
