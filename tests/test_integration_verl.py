@@ -5,14 +5,18 @@ What is checked, and why:
   plug-ins in every Ray worker and swallows their import errors);
 - Tier 1 parity: the registered "lambda_grpo" policy loss, found through verl's own registry,
   equals verl's `vanilla` (dual clip at clip_ratio_c, clip-higher, clipping and the dual clip
-  both active) for token-mean, seq-mean-token-mean and seq-mean-token-sum-norm, with the local
-  counts (global_batch_info empty) and with dp_size = 2 global counts, with and without
-  rollout_is_weights: loss, d(loss)/d(logp) and vanilla's metrics;
+  both active) for all five loss_agg_modes (token-mean, seq-mean-token-mean,
+  seq-mean-token-sum-norm, seq-mean-token-sum, token-sum), with the local counts
+  (global_batch_info empty) and with dp_size = 2 global counts, with and without
+  rollout_is_weights: loss, d(loss)/d(logp) and vanilla's metrics; likewise "lambda_grpo_cispo"
+  against verl's `cispo` (with clip_ratio_low >= 1, where verl's two-sided clip is the one-sided
+  cap, the cap binding) and "lambda_grpo_sapo" against verl's `sapo` (temperatures off the
+  defaults);
 - the same through verl's whole actor loss `ppo_loss` (TensorDict batch, unpadded model output,
   KL and entropy added by verl), and the typed config (`omega_conf_to_dataclass` of the generated
   actor yaml with policy_loss._target_ = LambdaGRPOPolicyLossConfig) reaching the loss;
-- the refusals (modes without an equivalent, a missing loss_scale_factor or global count, a
-  config class whose fields the chosen loss_mode would ignore);
+- the refusals (an unknown mode, a missing loss_scale_factor or global count, cispo with a lower
+  clip that could bind, a config class whose fields the chosen loss_mode would ignore);
 - the entry point: a plain `import verl` in a fresh process registers "lambda_grpo", and a built
   wheel ships the module and the entry point;
 - Tier 2 pieces: group lengths from uid; LambdaState's gradient accumulated over micro-batches and
@@ -45,7 +49,11 @@ import torch
 import lambda_grpo as lg
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "seq-mean-token-sum", "token-sum")
+# the other registered losses, each with the actor-config fields of verl's loss of that name:
+# cispo's cap 1 + clip_ratio_high = 1.28 binds on this batch, and clip_ratio_low = 1 keeps verl's
+# lower clip (at 1 - clip_ratio_low = 0) from binding; SAPO's temperatures are off the defaults
+VARIANTS = {"cispo": dict(clip_ratio_low=1.0, clip_ratio_high=0.28), "sapo": dict(tau_pos=1.5, tau_neg=2.0)}
 SKIP_REASON = ("verl is not importable (install it as `make test` does: pip install --no-deps verl==0.9.1 plus "
                "tensordict omegaconf hydra-core codetiming orjson pillow)")
 RAY_STUB = textwrap.dedent("""
@@ -134,14 +142,20 @@ def _gbi(dp, mask):
     return dict(dp_size=dp, batch_num_tokens=int(mask.sum()) * dp - 7, global_batch_size=B * dp + 3)
 
 
-def _policy_loss(v, name, b, mode, dp, weights):
-    cfg = _actor_config(v, mode, gbi=_gbi(dp, b["mask"]))
+def _policy_loss(v, name, b, mode, dp, weights, **kw):
+    cfg = _actor_config(v, mode, gbi=_gbi(dp, b["mask"]), **kw)
     lp = b["logp"].clone().requires_grad_(True)
     fn = v.core_algos.get_policy_loss_fn(name)
     loss, metrics = fn(old_log_prob=b["old"], log_prob=lp, advantages=b["adv"], response_mask=b["mask"],
                        loss_agg_mode=mode, config=cfg, rollout_is_weights=b["weights"] if weights else None)
     loss.backward()
     return loss.detach(), lp.grad, metrics
+
+
+def _grad_tol(g_ref) -> float:
+    """|Δ dlogp| allowed: 5e-8, or one fp32 ulp of the largest entry where the gradient is not divided
+    by a count (token-sum: entries up to ~9, where an ulp is 5e-7)."""
+    return max(5e-8, 1.2e-7 * g_ref.abs().max().item())
 
 
 def _digits(a: float, b: float) -> float:
@@ -190,12 +204,31 @@ def test_registered_loss_equals_vanilla(verl_mods, mode, dp, weights):
     l_ref, g_ref, m_ref = _policy_loss(verl_mods, "vanilla", b, mode, dp, weights)
     l_ours, g_ours, m_ours = _policy_loss(verl_mods, "lambda_grpo", b, mode, dp, weights)
     assert _digits(l_ref.item(), l_ours.item()) >= 6.5, (l_ref.item(), l_ours.item())
-    assert (g_ref - g_ours).abs().max().item() <= 5e-8
+    assert (g_ref - g_ours).abs().max().item() <= _grad_tol(g_ref)
     assert set(m_ours) == set(m_ref)
     for k in m_ref:
         assert m_ours[k] == pytest.approx(m_ref[k], rel=1e-6, abs=1e-7), k
     # the cases are not degenerate: clipping and the dual clip act, the modes differ
     assert m_ref["actor/pg_clipfrac"] > 0.05 and m_ref["actor/pg_clipfrac_lower"] > 0
+
+
+@pytest.mark.parametrize("weights", [False, True], ids=["no-is-weights", "is-weights"])
+@pytest.mark.parametrize("dp", [1, 2], ids=["local-counts", "dp2"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_registered_variants_equal_verls(verl_mods, variant, mode, dp, weights):
+    """lambda_grpo_cispo = verl's cispo (clip_ratio_low >= 1), lambda_grpo_sapo = verl's sapo (which
+    aggregates seq-mean-token-mean whatever loss_agg_mode says): loss, dlogp, metrics."""
+    b, kw = _batch(), VARIANTS[variant]
+    l_ref, g_ref, m_ref = _policy_loss(verl_mods, variant, b, mode, dp, weights, **kw)
+    l_ours, g_ours, m_ours = _policy_loss(verl_mods, f"lambda_grpo_{variant}", b, mode, dp, weights, **kw)
+    assert _digits(l_ref.item(), l_ours.item()) >= 6.5, (l_ref.item(), l_ours.item())
+    assert (g_ref - g_ours).abs().max().item() <= _grad_tol(g_ref)
+    assert set(m_ours) == set(m_ref)
+    for k in m_ref:
+        assert m_ours[k] == pytest.approx(m_ref[k], rel=1e-6, abs=1e-7), k
+    if variant == "cispo":
+        assert m_ref["actor/pg_clipfrac"] > 0.05  # the cap binds
 
 
 def test_modes_and_normalisers_matter(verl_mods):
@@ -278,6 +311,40 @@ def test_ppo_loss_with_kl_and_entropy_equals_vanilla(verl_mods, mode):
     assert ref[3]["kl_loss"].values == ours[3]["kl_loss"].values
 
 
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_ppo_loss_with_variants_equals_verls(verl_mods, variant, mode):
+    """lambda_grpo_cispo / lambda_grpo_sapo through verl's whole actor loss (KL, entropy, dp_size = 2)."""
+    v = verl_mods
+    data, flat_lp, flat_h = _ppo_data(v)
+    kw = dict(use_kl_loss=True, kl_loss_type="low_var_kl", kl_loss_coef=0.05, entropy_coeff=0.01, **VARIANTS[variant])
+    ref = _run_ppo_loss(v, _actor_config(v, mode, variant, **kw), data, flat_lp, flat_h)
+    ours = _run_ppo_loss(v, _actor_config(v, mode, f"lambda_grpo_{variant}", **kw), data, flat_lp, flat_h)
+    assert _digits(ref[0].item(), ours[0].item()) >= 6.5
+    assert (ref[1] - ours[1]).abs().max().item() <= 5e-8
+    assert (ref[2] - ours[2]).abs().max().item() == 0
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_traces_reach_the_variants(verl_mods, lv, variant):
+    """LambdaGRPOPolicyLossConfig's trace and adv_clamp_min reach lambda_grpo_cispo / _sapo: the loss is
+    a direct grpo_loss_from_logprobs call with the mapped config, and differs from verl's own."""
+    v, b = verl_mods, _batch()
+    pl = lv.LambdaGRPOPolicyLossConfig(loss_mode=f"lambda_grpo_{variant}", trace="recent", trace_decay=0.9,
+                                       adv_clamp_min=-0.1)
+    cfg = _actor_config(v, "seq-mean-token-mean", policy_loss=pl, gbi=_gbi(2, b["mask"]), **VARIANTS[variant])
+    loss, _ = v.core_algos.get_policy_loss_fn(f"lambda_grpo_{variant}")(
+        old_log_prob=b["old"], log_prob=b["logp"], advantages=b["adv"], response_mask=b["mask"],
+        loss_agg_mode="seq-mean-token-mean", config=cfg)
+    fields = dict(eps_high=1.28) if variant == "cispo" else dict(sapo_tau_pos=1.5, sapo_tau_neg=2.0)
+    want = lg.grpo_loss_from_logprobs(b["logp"], b["mask"], b["adv"], 1, old_logp=b["old"], config=lg.LossConfig(
+        aggregation="grpo", surrogate=variant, trace="recent", trace_decay=0.9, adv_clamp_min=-0.1, **fields),
+        num_sequences=(B * 2 + 3) / 2).loss
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    plain = _policy_loss(v, variant, b, "seq-mean-token-mean", 2, False, **VARIANTS[variant])[0]
+    assert abs(loss.item() - plain.item()) > 1e-3
+
+
 def _actor_yaml(v):
     import verl
 
@@ -319,13 +386,6 @@ def test_typed_config_from_the_actor_yaml(verl_mods, lv):
 # --------------------------------------------------------------------------------------------
 # refusals
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", ["token-sum", "seq-mean-token-sum"])
-def test_modes_without_equivalent_are_refused(verl_mods, mode):
-    b = _batch()
-    with pytest.raises(ValueError, match=f"loss_agg_mode '{mode}' has no equivalent"):
-        _policy_loss(verl_mods, "lambda_grpo", b, mode, 1, False)
-
-
 def test_refusals(verl_mods, lv):
     v, b = verl_mods, _batch()
     fn = v.core_algos.get_policy_loss_fn("lambda_grpo")
@@ -345,8 +405,15 @@ def test_refusals(verl_mods, lv):
     cfg = _actor_config(v, "token-mean", clip_ratio_c=1.0)
     with pytest.raises(ValueError, match="clip_ratio_c"):
         fn(**args, loss_agg_mode="token-mean", config=cfg)
-    with pytest.raises(ValueError, match="loss_mode: expected 'lambda_grpo'"):
+    with pytest.raises(ValueError, match="loss_mode: expected one of"):
         lv.LambdaGRPOPolicyLossConfig(loss_mode="vanilla", trace="recent")
+    # verl's cispo clips below at 1 - clip_ratio_low too (verl's default 0.2): not our one-sided CISPO
+    cispo = v.core_algos.get_policy_loss_fn("lambda_grpo_cispo")
+    with pytest.raises(ValueError, match="clip_ratio_low=1.0"):
+        cispo(**args, loss_agg_mode="token-mean", config=_actor_config(v, "token-mean"))
+    with pytest.raises(ValueError, match="tau_pos"):
+        v.core_algos.get_policy_loss_fn("lambda_grpo_sapo")(**args, loss_agg_mode="token-mean",
+                                                            config=_actor_config(v, "token-mean", tau_pos=0.0))
     with pytest.raises(ValueError, match="LossConfig.trace"):
         lv.LambdaGRPOPolicyLossConfig(trace="all")
     with pytest.raises(ValueError, match="LossConfig.trace_decay"):
@@ -366,7 +433,8 @@ def test_plain_import_verl_registers_the_loss(verl_mods, tmp_path):
         assert ("lambda_grpo", "lambda_grpo.integrations.verl") in eps, eps
         import verl
         from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
-        assert "lambda_grpo" in POLICY_LOSS_REGISTRY, sorted(POLICY_LOSS_REGISTRY)
+        for name in ("lambda_grpo", "lambda_grpo_cispo", "lambda_grpo_sapo"):
+            assert name in POLICY_LOSS_REGISTRY, sorted(POLICY_LOSS_REGISTRY)
         assert "lambda_grpo.integrations.verl" in sys.modules
         print("ok")
     """)

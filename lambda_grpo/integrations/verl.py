@@ -1,25 +1,38 @@
 """lambda_grpo inside verl 0.9 (tested with verl 0.9.1; docs/integrations.md, "verl").
 
-**Tier 1: a registered policy loss.** Where verl is importable, importing this module registers
-``"lambda_grpo"`` with verl's ``register_policy_loss``. verl imports it by itself: the
-``verl.plugins`` entry point in lambda-grpo's pyproject.toml makes every process that runs
-``import verl`` (every Ray worker) load it. Select it with
-``actor_rollout_ref.actor.policy_loss.loss_mode=lambda_grpo``. It is verl's ``vanilla`` PPO
-loss (clip from ``clip_ratio_low``/``clip_ratio_high``, dual clip at ``clip_ratio_c``,
-``rollout_is_weights`` as per-token weights) computed by :func:`lambda_grpo.grpo_loss_from_logprobs`,
-plus GRPO-λ eligibility traces and ``adv_clamp_min`` from :class:`LambdaGRPOPolicyLossConfig`.
-verl's ``loss_agg_mode`` maps to our aggregation, with verl's ``global_batch_info`` counts
-divided by ``dp_size`` (each rank's loss is averaged over the data-parallel ranks):
+**Tier 1: registered policy losses.** Where verl is importable, importing this module registers
+three losses with verl's ``register_policy_loss``, each verl's own loss of the same suffix computed
+by :func:`lambda_grpo.grpo_loss_from_logprobs` from verl's config fields, plus GRPO-λ eligibility
+traces and ``adv_clamp_min`` from :class:`LambdaGRPOPolicyLossConfig`:
 
-==========================  ==========  ============================================================
-verl ``loss_agg_mode``      ours        normaliser
-==========================  ==========  ============================================================
-``token-mean``              ``dapo``    ``num_tokens = batch_num_tokens / dp_size``
-``seq-mean-token-mean``     ``grpo``    ``num_sequences = global_batch_size / dp_size``
-``seq-mean-token-sum-norm`` ``dr_grpo`` the same, and ``max_completion_length = loss_scale_factor``
-``token-sum``,              refused     no equivalent aggregation (docs/math.md §4): ValueError
-``seq-mean-token-sum``
-==========================  ==========  ============================================================
+- ``"lambda_grpo"``: verl's ``vanilla`` PPO loss (clip from ``clip_ratio_low``/``clip_ratio_high``,
+  dual clip at ``clip_ratio_c``);
+- ``"lambda_grpo_cispo"``: verl's ``cispo`` (MiniMax-M1), ``-sg(clip(ρ)) A log π``. verl clips
+  the ratio on both sides, to [1 - clip_ratio_low, 1 + clip_ratio_high]; lambda_grpo's CISPO
+  (TRL's and the paper's) caps it above only, at ``eps_high = 1 + clip_ratio_high``. The two are
+  the same loss when the lower bound cannot bind, ``clip_ratio_low >= 1``; a smaller
+  ``clip_ratio_low`` (verl's default 0.2) is refused with that fix, never computed differently;
+- ``"lambda_grpo_sapo"``: verl's ``sapo`` (soft gate, temperatures ``tau_pos``/``tau_neg`` of the
+  actor config). As verl's ``sapo`` it always aggregates ``seq-mean-token-mean``, whatever
+  ``loss_agg_mode`` says.
+
+``rollout_is_weights`` are per-token weights of the surrogate in all three. verl finds the
+module by itself: the ``verl.plugins`` entry point in lambda-grpo's pyproject.toml makes every
+process that runs ``import verl`` (every Ray worker) load it. Select a loss with
+``actor_rollout_ref.actor.policy_loss.loss_mode=lambda_grpo`` (or ``lambda_grpo_cispo``,
+``lambda_grpo_sapo``). verl's ``loss_agg_mode`` maps to our aggregation, with verl's
+``global_batch_info`` counts divided by ``dp_size`` (each rank's loss is averaged over the
+data-parallel ranks):
+
+==========================  ======================  ================================================
+verl ``loss_agg_mode``      ours                    normaliser
+==========================  ======================  ================================================
+``token-mean``              ``dapo``                ``num_tokens = batch_num_tokens / dp_size``
+``seq-mean-token-mean``     ``grpo``                ``num_sequences = global_batch_size / dp_size``
+``seq-mean-token-sum-norm`` ``dr_grpo``             the same, and ``max_completion_length = loss_scale_factor``
+``seq-mean-token-sum``      ``seq_mean_token_sum``  ``num_sequences = global_batch_size / dp_size``
+``token-sum``               ``token_sum``           none; the loss times ``dp_size``, as verl's
+==========================  ======================  ================================================
 
 A count that is ``None`` (verl outside its trainer, or ``global_batch_info`` empty) means the
 local count of the call, as verl's ``agg_loss`` does: the call's valid tokens for ``token-mean``,
@@ -55,15 +68,21 @@ import torch
 from ..api import grpo_loss_from_logprobs
 from ..config import LossConfig
 
-__all__ = ["LOSS_NAME", "AGG_MODES", "VERL_TESTED", "verl_available", "register", "compute_policy_loss_lambda_grpo",
-           "loss_config_from_verl", "normalisers_from_verl", "group_lengths_from_uid", "LambdaState",
-           "lambda_grpo_actor_loss", "GROUP_LENGTHS_KEY", "GROUP_INDEX_KEY"]  # + LambdaGRPOPolicyLossConfig with verl
+__all__ = ["LOSS_NAME", "LOSS_NAMES", "AGG_MODES", "VERL_TESTED", "verl_available", "register",
+           "compute_policy_loss_lambda_grpo", "compute_policy_loss_lambda_grpo_cispo",
+           "compute_policy_loss_lambda_grpo_sapo", "loss_config_from_verl", "normalisers_from_verl",
+           "group_lengths_from_uid", "LambdaState", "lambda_grpo_actor_loss", "GROUP_LENGTHS_KEY",
+           "GROUP_INDEX_KEY"]  # + LambdaGRPOPolicyLossConfig with verl
 
 VERL_TESTED = "0.9.1"
 LOSS_NAME = "lambda_grpo"
+# registered name -> LossConfig.surrogate (verl's vanilla, cispo, sapo)
+LOSS_NAMES = {LOSS_NAME: "clip", "lambda_grpo_cispo": "cispo", "lambda_grpo_sapo": "sapo"}
 # verl loss_agg_mode -> our aggregation (docs/math.md §6)
-AGG_MODES = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "seq-mean-token-sum-norm": "dr_grpo"}
-_REFUSED_MODES = ("token-sum", "seq-mean-token-sum")
+AGG_MODES = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "seq-mean-token-sum-norm": "dr_grpo",
+             "seq-mean-token-sum": "seq_mean_token_sum", "token-sum": "token_sum"}
+# verl's sapo aggregates so whatever loss_agg_mode is
+SAPO_AGG_MODE = "seq-mean-token-mean"
 # verl kl_loss_type -> our kl_estimator (Tier 2; verl's "abs", "full" and the "+" straight-through
 # variants have no equivalent)
 KL_ESTIMATORS = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
@@ -100,11 +119,6 @@ def _count(x, name: str):
 def _map_mode(loss_agg_mode: str) -> str:
     if loss_agg_mode in AGG_MODES:
         return AGG_MODES[loss_agg_mode]
-    if loss_agg_mode in _REFUSED_MODES:
-        raise _error(f"loss_agg_mode {loss_agg_mode!r} has no equivalent aggregation in lambda_grpo (a sum that is "
-                     "not divided by a token count, docs/math.md §4); use 'token-mean' (dapo), "
-                     "'seq-mean-token-mean' (grpo) or 'seq-mean-token-sum-norm' (dr_grpo, with "
-                     "actor.loss_scale_factor set)")
     raise _error(f"unknown loss_agg_mode {loss_agg_mode!r}; expected one of {sorted(AGG_MODES)}")
 
 
@@ -123,12 +137,19 @@ def _loss_scale_factor(config) -> int:
 
 
 def loss_config_from_verl(config, loss_agg_mode: str, *, aggregation: Optional[str] = None, beta: float = 0.0,
-                          kl_estimator: str = "k3", entropy_coef: float = 0.0) -> LossConfig:
-    """The LossConfig equal to verl's ``vanilla`` policy loss under ``config`` (an actor config):
-    clip from ``clip_ratio_low``/``clip_ratio_high`` (each falling back to ``clip_ratio``, as
-    ``vanilla``), ``dual_clip = clip_ratio_c`` (``vanilla`` always dual-clips), traces and
-    ``adv_clamp_min`` from ``config.policy_loss`` (:class:`LambdaGRPOPolicyLossConfig`; a plain
-    PolicyLossConfig means none), the aggregation mapped from ``loss_agg_mode`` (or
+                          kl_estimator: str = "k3", entropy_coef: float = 0.0, surrogate: str = "clip") -> LossConfig:
+    """The LossConfig equal to verl's policy loss under ``config`` (an actor config): ``vanilla``
+    (``surrogate="clip"``), ``cispo`` or ``sapo``.
+
+    - clip: ``eps_low``/``eps_high`` from ``clip_ratio_low``/``clip_ratio_high`` (each falling back
+      to ``clip_ratio``, as ``vanilla``), ``dual_clip = clip_ratio_c`` (``vanilla`` always
+      dual-clips);
+    - cispo: ``eps_high = 1 + clip_ratio_high``, the cap of verl's clip(ρ, 1 - low, 1 + high);
+      refused unless ``clip_ratio_low >= 1`` (verl's lower bound must not bind: ours has none);
+    - sapo: ``sapo_tau_pos/neg = tau_pos/tau_neg``; no clip.
+
+    Traces and ``adv_clamp_min`` come from ``config.policy_loss`` (:class:`LambdaGRPOPolicyLossConfig`;
+    a plain PolicyLossConfig means none), the aggregation is mapped from ``loss_agg_mode`` (or
     ``aggregation`` when given: Tier 2 passes "lambda_grpo"). β and the entropy bonus are 0: verl
     adds them outside the policy loss."""
     if aggregation is None:
@@ -136,12 +157,22 @@ def loss_config_from_verl(config, loss_agg_mode: str, *, aggregation: Optional[s
     clip = _get(config, "clip_ratio", 0.2)
     low = _get(config, "clip_ratio_low")
     high = _get(config, "clip_ratio_high")
+    low, high = float(clip if low is None else low), float(clip if high is None else high)
     pl = _get(config, "policy_loss")
-    fields = dict(
-        aggregation=aggregation,
-        eps_low=float(clip if low is None else low),
-        eps_high=float(clip if high is None else high),
-        dual_clip=float(_get(config, "clip_ratio_c", 3.0)),
+    fields = dict(aggregation=aggregation, surrogate=surrogate, eps_low=low, eps_high=high)
+    if surrogate == "clip":
+        fields["dual_clip"] = float(_get(config, "clip_ratio_c", 3.0))
+    elif surrogate == "cispo":
+        if not low >= 1:
+            raise _error(f"loss_mode 'lambda_grpo_cispo' with clip_ratio_low = {low}: verl's cispo clips the ratio "
+                         f"below at 1 - clip_ratio_low as well, lambda_grpo's CISPO (MiniMax-M1's, TRL's) caps it "
+                         f"above only, at 1 + clip_ratio_high. They are the same loss when the lower bound cannot "
+                         f"bind: set actor.clip_ratio_low=1.0 (or use verl's own loss_mode=cispo)")
+        fields["eps_high"] = 1.0 + high
+    else:  # sapo
+        fields.update(sapo_tau_pos=float(_get(config, "tau_pos", 1.0)),
+                      sapo_tau_neg=float(_get(config, "tau_neg", 1.05)))
+    fields.update(
         beta=float(beta), kl_estimator=kl_estimator, entropy_coef=float(entropy_coef),
         trace=_get(pl, "trace"), trace_decay=float(_get(pl, "trace_decay", 0.99)),
         trace_mode=_get(pl, "trace_mode", "ratio"), adv_clamp_min=_get(pl, "adv_clamp_min"),
@@ -154,13 +185,11 @@ def loss_config_from_verl(config, loss_agg_mode: str, *, aggregation: Optional[s
         return LossConfig(**fields)
     except ValueError as e:  # name verl's field, not ours
         raise _error(f"the actor config does not give a valid loss ({e}); clip_ratio_c is the dual clip and must be "
-                     "> 1, the trace fields are those of lambda_grpo.LossConfig") from e
+                     "> 1, tau_pos/tau_neg are SAPO's temperatures (> 0), the trace fields are those of "
+                     "lambda_grpo.LossConfig") from e
 
 
-def normalisers_from_verl(config, loss_agg_mode: str, response_mask: torch.Tensor) -> dict:
-    """``num_tokens`` / ``num_sequences`` for our call from verl's ``config.global_batch_info``:
-    the global counts divided by ``dp_size``; ``None`` counts mean the local ones (as verl's
-    ``agg_loss``: valid tokens of the call, or its non-empty rows), refused with ``dp_size > 1``."""
+def _dp_size(config) -> int:
     gbi = _get(config, "global_batch_info") or {}
     dp = gbi.get("dp_size", 1)
     dp = 1 if dp is None else dp
@@ -168,7 +197,20 @@ def normalisers_from_verl(config, loss_agg_mode: str, response_mask: torch.Tenso
         dp = int(dp.item())
     if isinstance(dp, bool) or not isinstance(dp, numbers.Integral) or dp < 1:
         raise _error(f"global_batch_info['dp_size']: expected a positive int, got {dp!r}")
+    return int(dp)
+
+
+def normalisers_from_verl(config, loss_agg_mode: str, response_mask: torch.Tensor) -> dict:
+    """``num_tokens`` / ``num_sequences`` for our call from verl's ``config.global_batch_info``:
+    the global counts divided by ``dp_size``; ``None`` counts mean the local ones (as verl's
+    ``agg_loss``: valid tokens of the call, or its non-empty rows), refused with ``dp_size > 1``.
+    ``token-sum`` has none (empty dict): verl multiplies that sum by ``dp_size`` instead, which the
+    policy losses here do after the call."""
+    gbi = _get(config, "global_batch_info") or {}
+    dp = _dp_size(config)
     mode = _map_mode(loss_agg_mode)
+    if mode == "token_sum":
+        return {}
     if mode == "dapo":
         n = _count(gbi.get("batch_num_tokens"), "batch_num_tokens")
         if n is None:
@@ -209,19 +251,73 @@ def _pg_metrics(out, log_prob, old_log_prob, advantages, mask, cfg: LossConfig) 
         return {k: float(v) for k, v in vals.items()}
 
 
-def compute_policy_loss_lambda_grpo(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
-                                    response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config=None,
-                                    rollout_is_weights: Optional[torch.Tensor] = None):
-    """verl policy loss ``"lambda_grpo"`` (the signature of verl's ``PolicyLossFn``; verl calls it by
-    keyword). Returns ``(pg_loss, metrics)`` with ``vanilla``'s metric names."""
+def _pg_metrics_no_clip(out, log_prob, old_log_prob, mask, cfg: LossConfig) -> dict:
+    """verl's ``cispo`` and ``sapo`` metrics: pg_clipfrac the fraction of tokens whose ratio the clip
+    changed (cispo: above the cap 1 + clip_ratio_high; the lower bound cannot bind here; sapo: 0),
+    pg_clipfrac_lower 0, ppo_kl the mean of old - logp."""
+    with torch.no_grad():
+        x = (log_prob.detach() - old_log_prob.detach()).clamp(-20.0, 20.0)
+        clipfrac = 0.0
+        if cfg.surrogate == "cispo":
+            clipfrac = float(_masked_mean((out.per_token["ratio"] > cfg.eps_high).to(x.dtype), mask))
+        return {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": float(_masked_mean(-x, mask)),
+                "actor/pg_clipfrac_lower": 0.0}
+
+
+def _policy_loss(surrogate: str, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                 rollout_is_weights):
     if config is None:
         raise _error("the policy loss needs the actor config (config=None)")
+    if surrogate == "sapo":
+        loss_agg_mode = SAPO_AGG_MODE
     mask = response_mask if response_mask.dtype == torch.bool else response_mask != 0
-    cfg = loss_config_from_verl(config, loss_agg_mode)
+    cfg = loss_config_from_verl(config, loss_agg_mode, surrogate=surrogate)
     norms = normalisers_from_verl(config, loss_agg_mode, mask)
     out = grpo_loss_from_logprobs(log_prob, mask, advantages, 1, old_logp=old_log_prob, config=cfg,
                                   token_weights=rollout_is_weights, return_per_token=True, **norms)
-    return out.loss, _pg_metrics(out, log_prob, old_log_prob, advantages, mask, cfg)
+    loss = out.loss
+    if cfg.aggregation == "token_sum":  # verl: the local sum times dp_size (DP averages the gradients)
+        dp = _dp_size(config)
+        loss = loss * dp if dp != 1 else loss
+    if surrogate == "clip":
+        return loss, _pg_metrics(out, log_prob, old_log_prob, advantages, mask, cfg)
+    return loss, _pg_metrics_no_clip(out, log_prob, old_log_prob, mask, cfg)
+
+
+def compute_policy_loss_lambda_grpo(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                                    response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config=None,
+                                    rollout_is_weights: Optional[torch.Tensor] = None):
+    """verl policy loss ``"lambda_grpo"``: verl's ``vanilla`` (the signature of verl's
+    ``PolicyLossFn``; verl calls it by keyword). Returns ``(pg_loss, metrics)`` with ``vanilla``'s
+    metric names."""
+    return _policy_loss("clip", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                        rollout_is_weights)
+
+
+def compute_policy_loss_lambda_grpo_cispo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
+                                          advantages: torch.Tensor, response_mask: torch.Tensor,
+                                          loss_agg_mode: str = "token-mean", config=None,
+                                          rollout_is_weights: Optional[torch.Tensor] = None):
+    """verl policy loss ``"lambda_grpo_cispo"``: verl's ``cispo`` with ``clip_ratio_low >= 1`` (the
+    one-sided CISPO of MiniMax-M1 and TRL, cap ``1 + clip_ratio_high``; a smaller
+    ``clip_ratio_low`` is refused). Returns ``(pg_loss, metrics)`` with ``cispo``'s metric names."""
+    return _policy_loss("cispo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                        rollout_is_weights)
+
+
+def compute_policy_loss_lambda_grpo_sapo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
+                                         advantages: torch.Tensor, response_mask: torch.Tensor,
+                                         loss_agg_mode: str = SAPO_AGG_MODE, config=None,
+                                         rollout_is_weights: Optional[torch.Tensor] = None):
+    """verl policy loss ``"lambda_grpo_sapo"``: verl's ``sapo`` (temperatures ``tau_pos``,
+    ``tau_neg``), aggregated ``seq-mean-token-mean`` whatever ``loss_agg_mode`` is, as verl's.
+    Returns ``(pg_loss, metrics)`` with ``sapo``'s metric names."""
+    return _policy_loss("sapo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                        rollout_is_weights)
+
+
+_LOSS_FNS = {LOSS_NAME: compute_policy_loss_lambda_grpo, "lambda_grpo_cispo": compute_policy_loss_lambda_grpo_cispo,
+             "lambda_grpo_sapo": compute_policy_loss_lambda_grpo_sapo}
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,7 +332,7 @@ except ImportError as e:  # verl absent (or not importable here): Tier 2 helpers
 
 
 def verl_available() -> bool:
-    """Whether verl could be imported (and ``"lambda_grpo"`` was registered)."""
+    """Whether verl could be imported (and the losses of ``LOSS_NAMES`` were registered)."""
     return _VERL_ERROR is None
 
 
@@ -246,11 +342,15 @@ def _require_verl(what: str):
                           f"which could not be imported: {_VERL_ERROR}") from _VERL_ERROR
 
 
-def register(name: str = LOSS_NAME):
-    """Register :func:`compute_policy_loss_lambda_grpo` under ``name`` in verl's policy-loss
-    registry (done for ``"lambda_grpo"`` at import when verl is importable)."""
+def register(name: str = LOSS_NAME, loss: Optional[str] = None):
+    """Register one of our policy losses under ``name`` in verl's policy-loss registry: ``loss`` is
+    one of ``LOSS_NAMES`` (default: ``name`` itself when it is one, else ``"lambda_grpo"``). Done for
+    every name of ``LOSS_NAMES`` at import when verl is importable."""
     _require_verl("lambda_grpo.integrations.verl.register")
-    return _register_policy_loss(name)(compute_policy_loss_lambda_grpo)
+    loss = loss if loss is not None else (name if name in _LOSS_FNS else LOSS_NAME)
+    if loss not in _LOSS_FNS:
+        raise _error(f"register: loss must be one of {sorted(_LOSS_FNS)}, got {loss!r}")
+    return _register_policy_loss(name)(_LOSS_FNS[loss])
 
 
 if _VERL_ERROR is None:
@@ -262,10 +362,10 @@ if _VERL_ERROR is None:
 
         Select it in the actor config with
         ``actor_rollout_ref.actor.policy_loss._target_=lambda_grpo.integrations.verl.LambdaGRPOPolicyLossConfig``,
-        ``actor_rollout_ref.actor.policy_loss.loss_mode=lambda_grpo`` and e.g.
-        ``+actor_rollout_ref.actor.policy_loss.trace=recent``. ``loss_mode`` must be a loss that
-        reads these fields (``lambda_grpo``): any other is refused, so that a trace is never
-        silently dropped."""
+        ``actor_rollout_ref.actor.policy_loss.loss_mode=lambda_grpo`` (or ``lambda_grpo_cispo``,
+        ``lambda_grpo_sapo``) and e.g. ``+actor_rollout_ref.actor.policy_loss.trace=recent``.
+        ``loss_mode`` must be a loss that reads these fields (one of ``LOSS_NAMES``): any other is
+        refused, so that a trace is never silently dropped."""
 
         loss_mode: str = LOSS_NAME
         trace: Optional[str] = None
@@ -274,17 +374,18 @@ if _VERL_ERROR is None:
         adv_clamp_min: Optional[float] = None
 
         def __post_init__(self):
-            if self.loss_mode != LOSS_NAME:
-                raise _error(f"LambdaGRPOPolicyLossConfig.loss_mode: expected {LOSS_NAME!r} (the only loss that reads "
-                             f"trace, trace_decay, trace_mode and adv_clamp_min), got {self.loss_mode!r}; set "
-                             f"actor_rollout_ref.actor.policy_loss.loss_mode={LOSS_NAME}")
+            if self.loss_mode not in LOSS_NAMES:
+                raise _error(f"LambdaGRPOPolicyLossConfig.loss_mode: expected one of {sorted(LOSS_NAMES)} (the losses "
+                             f"that read trace, trace_decay, trace_mode and adv_clamp_min), got {self.loss_mode!r}; "
+                             f"set actor_rollout_ref.actor.policy_loss.loss_mode={LOSS_NAME}")
             try:
                 LossConfig(trace=self.trace, trace_decay=self.trace_decay, trace_mode=self.trace_mode,
-                           adv_clamp_min=self.adv_clamp_min)
+                           adv_clamp_min=self.adv_clamp_min, surrogate=LOSS_NAMES[self.loss_mode])
             except ValueError as e:
                 raise _error(f"LambdaGRPOPolicyLossConfig: {e}") from e
 
-    register(LOSS_NAME)
+    for _name in LOSS_NAMES:
+        register(_name)
     __all__.append("LambdaGRPOPolicyLossConfig")
 
 
