@@ -99,7 +99,7 @@ def test_parity_one_process(loss_type, route, tiny, tmp_path):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_parity_variants_one_process(name, tiny, tmp_path):
     """cispo, sapo, luspo and delta with TRL's default KL x ratio, computed by lambda_grpo: TRL's loss,
-    grad_norm and metrics over 3 steps (log-prob route)."""
+    grad_norm and metrics over 3 steps (log-prob route); the clip, CISPO's cap and delta bind."""
     loss_type, extra = VARIANTS[name]
     want = run("trl", loss_type, tmp_path / "trl", tiny, **extra)[0]
     assert max(s["kl"] for s in want) > 0
@@ -107,6 +107,10 @@ def test_parity_variants_one_process(name, tiny, tmp_path):
         assert max(s["cispo_clip_ratio"] for s in want) > 0.02  # the cap binds
     elif loss_type != "sapo":
         assert max(s["clip_ratio/region_mean"] for s in want) > 0.1
+    if "delta" in extra:  # the two-sided clip binds in this run: TRL's loss without it differs
+        plain = run("trl", loss_type, tmp_path / "trl-no-delta", tiny,
+                    **{k: v for k, v in extra.items() if k != "delta"})[0]
+        assert max(rel_err(a["loss"], b["loss"]) for a, b in zip(plain, want)) > 1e3 * DIGITS
     got, trainer = run("ours", loss_type, tmp_path / "ours", tiny, **extra)
     assert trainer.loss_config.kl_ratio_weighted
     assert_steps_match(got, want, name)
