@@ -43,18 +43,21 @@ def _lin(a1, v1, a2, v2):
     return a1 * a2, v1 * a2 + v2
 
 
-@triton.jit(do_not_specialize=["T", "kl_est", "has_old", "has_ref", "has_ent", "has_c", "write_coef", "write_tok",
-                                "surr", "kl_rw"])
-def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, len_ptr, roww_ptr,
-               coef_lp_ptr, coef_h_ptr, part_ptr, scr_ptr, pos_ptr, tok_loss_ptr, tok_rho_ptr, tok_kl_ptr,
+@triton.jit(do_not_specialize=["T", "kl_est", "has_old", "has_ref", "has_ent", "has_c", "has_z", "write_coef",
+                                "write_tok", "surr", "kl_rw"])
+def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, len_ptr, roww_ptr, z_ptr,
+               coef_lp_ptr, coef_h_ptr, gz_ptr, part_ptr, scr_ptr, pos_ptr, tok_loss_ptr, tok_rho_ptr, tok_kl_ptr,
                T, a: tl.float64, ln_a: tl.float64, eps_low, eps_high, dual_clip, tau_pos, tau_neg,
-               beta, ent_coef, kl_est, surr, kl_rw, has_old, has_ref, has_ent, has_c, write_coef, write_tok,
+               beta, ent_coef, kl_est, surr, kl_rw, has_old, has_ref, has_ent, has_c, has_z, write_coef, write_tok,
                BLOCK_T: tl.constexpr, TRACE: tl.constexpr):
     """One row. Inputs (B, T) fp32 unless noted: logp, entropy, old/ref log-probs, A (clamped),
     mask (u8), c (weight-mode coefficients); len (B,) int32 n_i; roww (B,) fp32 w_i (the loss
     weight of each valid token of the row, normaliser included). Outputs: coef_lp = dL/dlogp,
     coef_h = dL/dH (B, T) when write_coef; parts (B, NPARTS) per-row sums; per-token l, rho, kl
-    (B, T) when write_tok. A disabled dual clip is +inf; absent inputs are flagged by has_*."""
+    (B, T) when write_tok. A disabled dual clip is +inf; absent inputs are flagged by has_*.
+    has_z (no ratio-mode trace): z (B, T) is given (the sequence ratio, computed in torch from
+    the row's log-ratios) instead of logp - old; coef_lp then holds only the direct slope and
+    gz = w dl/dz (B, T) is written for the caller's VJP of that z."""
     row = tl.program_id(0).to(tl.int64)
     base = row * T
     # scratch: 4 planes of (B, T) float64, indexed by valid-token ordinal within the row. The
@@ -75,6 +78,7 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
     use_ref = (tl.zeros([BLOCK_T], tl.int32) + has_ref) != 0
     use_ent = (tl.zeros([BLOCK_T], tl.int32) + has_ent) != 0
     use_c = (tl.zeros([BLOCK_T], tl.int32) + has_c) != 0
+    use_z = (tl.zeros([BLOCK_T], tl.int32) + has_z) != 0
     if TRACE != 0:
         # phase A: compact x_t = logp_t - old_t of the valid tokens by ordinal
         carry = tl.zeros([], tl.int32)
@@ -134,7 +138,7 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
         A = tl.load(adv_ptr + base + cols, mask=mk, other=0.0)
         if TRACE == 0:
             old = tl.where(use_old, tl.load(old_ptr + base + cols, mask=mk & use_old, other=0.0), lp)
-            z = tl.where(mk, lp - old, 0.0)
+            z = tl.where(mk, tl.where(use_z, tl.load(z_ptr + base + cols, mask=mk & use_z, other=0.0), lp - old), 0.0)
         else:
             o = tl.cumsum(mk.to(tl.int32), 0) + carry - 1
             carry += tl.sum(mk.to(tl.int32), 0)
@@ -161,8 +165,12 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
             tl.store(tok_kl_ptr + base + cols, tl.where(mk, kl, 0.0), mask=cm)
         if TRACE == 0:
             if write_coef != 0:
-                # z = logp - old: the z-slope and the direct slope both land on logp
-                tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * (bdkl - c * dsl + bkz - c * ds), 0.0), mask=cm)
+                # z = logp - old: the z-slope and the direct slope both land on logp; a given z
+                # (has_z): the z-slope goes to gz for the caller's VJP
+                gz = w * (bkz - c * ds)
+                tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * (bdkl - c * dsl) + tl.where(use_z, 0.0, gz), 0.0),
+                         mask=cm)
+                tl.store(gz_ptr + base + cols, tl.where(mk, gz, 0.0), mask=cm & use_z)
         else:
             tl.store(coef_lp_ptr + base + cols, tl.where(mk, w * (bdkl - c * dsl), 0.0), mask=cm)
             tl.store(s3 + o, (bkz - c * ds).to(tl.float64), mask=mk)  # g = dl/dz (c: token weights in ratio mode)
@@ -227,7 +235,8 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
 
 def launch_rows(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, lengths: torch.Tensor,
                 row_weight: torch.Tensor, *, entropy: Optional[torch.Tensor], old_logp: Optional[torch.Tensor],
-                ref_logp: Optional[torch.Tensor], trace_coef: Optional[torch.Tensor], ratio_trace: Optional[str],
+                ref_logp: Optional[torch.Tensor], trace_coef: Optional[torch.Tensor], z: Optional[torch.Tensor],
+                ratio_trace: Optional[str],
                 trace_decay: float, eps_low: float, eps_high: float, dual_clip: Optional[float],
                 surrogate: str, sapo_tau_pos: float, sapo_tau_neg: float, beta: float,
                 kl_estimator: str, kl_ratio_weighted: bool, entropy_coef: float, write_coef: bool,
@@ -236,8 +245,10 @@ def launch_rows(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor
     row_weight fp32 (B,)). Every hyper-parameter is required: the defaults live in LossConfig.
 
     Returns (coef_lp (B, T), coef_h (B, T), parts (B, NPARTS), tokens (3, B, T) [l, rho, kl]
-    or None). ratio_trace: None, "recent" or "both" (trace_mode="ratio"); weight mode passes
-    trace_coef instead.
+    or None, gz (B, T) or None). ratio_trace: None, "recent" or "both" (trace_mode="ratio");
+    weight mode passes trace_coef instead. z: the log-ratio of each token when it is not
+    logp - old (the sequence ratio; not with ratio_trace): coef_lp is then the direct slope
+    only and gz = dL/dz is returned (when write_coef).
     """
     B, T = mask.shape
     dev = mask.device
@@ -245,6 +256,9 @@ def launch_rows(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor
         raise ValueError(f"kl_estimator: expected one of {tuple(KL_CODES)}, got {kl_estimator!r}")
     coef_lp = torch.zeros(B, T, device=dev, dtype=torch.float32)
     coef_h = torch.zeros(B, T, device=dev, dtype=torch.float32)
+    if z is not None and ratio_trace:
+        raise ValueError(f"z: expected None with ratio_trace={ratio_trace!r} (the trace defines the ratio)")
+    gz = torch.zeros(B, T, device=dev, dtype=torch.float32) if z is not None and write_coef else None
     parts = torch.zeros(B, NPARTS, device=dev, dtype=torch.float32)
     toks = torch.zeros(3, B, T, device=dev, dtype=torch.float32) if write_tokens else None
     tok_arg = coef_lp.view(1, B, T).expand(3, B, T) if toks is None else toks
@@ -254,13 +268,15 @@ def launch_rows(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor
         cfg = row_launch(ratio_trace)
         row_kernel[(B,)](logp, logp if entropy is None else entropy, logp if old_logp is None else old_logp,
                          logp if ref_logp is None else ref_logp, advantages, as_u8(mask),
-                         logp if trace_coef is None else trace_coef, lengths, row_weight,
-                         coef_lp, coef_h, parts, scratch, pos, tok_arg[0], tok_arg[1], tok_arg[2],
+                         logp if trace_coef is None else trace_coef, lengths, row_weight, logp if z is None else z,
+                         coef_lp, coef_h, coef_h if gz is None else gz, parts, scratch, pos,
+                         tok_arg[0], tok_arg[1], tok_arg[2],
                          T, float(trace_decay), math.log(float(trace_decay)), float(eps_low), float(eps_high),
                          float("inf") if dual_clip is None else float(dual_clip),
                          float(sapo_tau_pos), float(sapo_tau_neg),
                          float(beta), float(entropy_coef), KL_CODES[kl_estimator], SURROGATE_CODES[surrogate],
                          int(kl_ratio_weighted),
                          int(old_logp is not None), int(ref_logp is not None), int(entropy is not None),
-                         int(trace_coef is not None), int(write_coef), int(write_tokens), **cfg.kwargs())
-    return coef_lp, coef_h, parts, toks
+                         int(trace_coef is not None), int(z is not None), int(write_coef), int(write_tokens),
+                         **cfg.kwargs())
+    return coef_lp, coef_h, parts, toks, gz

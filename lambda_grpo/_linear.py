@@ -102,7 +102,7 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     logp = torch.zeros(N, dtype=dtype, device=dev)
     ent = torch.zeros(N, dtype=dtype, device=dev) if cfg.needs_entropy else None
     step = chunk_rows(V, Hd, dev)
-    fused = need_grad and not cfg.ratio_trace
+    fused = need_grad and not cfg.row_coupled
     grads = None
     if need_grad:
         dh = torch.zeros(N, Hd, dtype=hidden.dtype, device=dev)

@@ -14,8 +14,8 @@ lambda_grpo/_vocab_triton.py); both have the same interface. The config travels 
 string (hashable, part of the graph), so a new hyper-parameter value is a new constant, never
 new code; lambda, the advantages and the normalisers are runtime tensors (no recompilation).
 
-Schedules. fused (no ratio-mode trace, logits need a gradient): the forward writes
-`grad` = dL/dlogits for an upstream gradient of 1 while the softmax is in cache; the backward
+Schedules. fused (no row coupling, see LossConfig.row_coupled; logits need a gradient): the
+forward writes `grad` = dL/dlogits for an upstream gradient of 1 while the softmax is in cache; the backward
 only applies the upstream gradient g. two-pass: the forward keeps `rows` = [max, log sum, dL/dlogp,
 dL/dH, H] (5, B*T) and the backward recomputes the softmax once (`loss_bwd`).
 
@@ -82,7 +82,7 @@ def _loss_forward(batch: Batch, cfg: LossConfig, eng, need_grad: bool, inplace: 
     tokens = batch.tokens.reshape(-1)
     mask = batch.mask.reshape(-1)
     tau = float(cfg.temperature)
-    fused = need_grad and not cfg.ratio_trace
+    fused = need_grad and not cfg.row_coupled
     grad, rows = _empty(logits), _empty(logits, dtype)  # two tensors: op outputs may not alias
     if fused:
         # a (B, T, V) base tensor, not a view, so that autograd can hand it on as .grad uncopied
@@ -142,7 +142,7 @@ def _(logits, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num
     cfg = config_from_str(config)
     B, T, V = logits.shape
     dtype = compute_dtype(logits.dtype)
-    fused = need_grad and not cfg.ratio_trace
+    fused = need_grad and not cfg.row_coupled
     grad = logits.new_empty(B, T, V) if (fused and not inplace) else logits.new_empty(0)
     rows = logits.new_empty(5, B * T, dtype=dtype) if (need_grad and not fused) else logits.new_empty(0, dtype=dtype)
     loss, metrics, seq_weight, dlam, toks = _fake_row_outputs(cfg, ref_logp is not None, per_token, logits, B, T, dtype)
@@ -192,7 +192,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
     ctx.config, ctx.engine, ctx.inplace = config, engine, inplace
-    ctx.fused = need_grad and not cfg.ratio_trace
+    ctx.fused = need_grad and not cfg.row_coupled
     ctx.lam_meta = None if lam is None else (lam.dtype, lam.device)
     ctx.used = False
     # The backward reads only the loss's gradient. Without this, autograd hands it a zero tensor

@@ -21,7 +21,8 @@ from typing import Dict, NamedTuple, Optional
 
 import torch
 
-from .config import LENGTH_H_MIN, LENGTH_SIGMA_MIN, LOG_RATIO_CLAMP, LossConfig
+from .config import (LENGTH_H_MIN, LENGTH_SIGMA_MIN, LOG_RATIO_CLAMP, VESPO_LAMBDA_MIN, VESPO_LOG_W_MIN,
+                     LossConfig)
 from ._batch import Batch
 
 SCAN_BLOCK = 128  # block length of the blocked linear scan (an L x L matrix per block)
@@ -305,6 +306,66 @@ def trace_backward(g: torch.Tensor, mask: torch.Tensor, cfg: LossConfig) -> torc
     return uncompact(dx, mask).to(g.dtype)
 
 
+def log_ratio(logp: torch.Tensor, batch: Batch, mask: torch.Tensor) -> torch.Tensor:
+    """x = logp - old (B, T), zeros where masked; on-policy x = logp - logp (0, NaN for a
+    non-finite logp)."""
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    old = logp if batch.old_logp is None else torch.where(mask, batch.old_logp.to(logp.dtype), zero)
+    return torch.where(mask, logp - old, zero)
+
+
+def sequence_log_ratio(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's z_i = sum_t m_t x_t / max(1, n_i), broadcast over the row's valid tokens (B, T)."""
+    n = mask.sum(dim=1, keepdim=True).clamp(min=1).to(x.dtype)
+    zbar = torch.where(mask, x, torch.zeros_like(x)).sum(dim=1, keepdim=True) / n
+    return torch.where(mask, zbar.expand_as(x), torch.zeros_like(x))
+
+
+def ratio_map(x: torch.Tensor, mask: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """The log-ratio z that enters rho = exp(clamp(z)): the ratio-mode trace of x, GSPO's
+    sequence mean, or x itself (docs/math.md §2)."""
+    if cfg.ratio_trace:
+        return trace_forward(x, mask, cfg)
+    if cfg.sequence_ratio:
+        return sequence_log_ratio(x, mask)
+    return x
+
+
+def ratio_map_backward(g: torch.Tensor, mask: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """VJP of `ratio_map`: g = dL/dz (B, T) -> dL/dx. The sequence mean's adjoint spreads the
+    row's sum of g evenly: dL/dx_k = sum_t g_t / max(1, n_i) at every valid k."""
+    if cfg.ratio_trace:
+        return trace_backward(g, mask, cfg)
+    if cfg.sequence_ratio:
+        return sequence_log_ratio(g, mask)  # the mean operator is symmetric (m m^T / n)
+    return g
+
+
+def vespo_weight(x: torch.Tensor, mask: torch.Tensor, A: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """VESPO's detached weight phi (B, T) (TRL 1.16's get_gamma_weights): with the row's
+    log w = clamp(sum_t m clamp(x_t, +-20), ln 1e-8, 20), phi = exp(l + k log w - l e^(log w)),
+    (k, l) by the sign of the token's advantage (A >= 0: the _pos pair), l >= 1e-4. Zeros where
+    masked. A non-finite x gives a non-finite phi (TRL maps it to 0; here it must reach the loss)."""
+    xc = torch.clamp(x, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    log_w = torch.where(mask, xc, torch.zeros_like(xc)).sum(dim=1, keepdim=True)
+    log_w = torch.clamp(log_w, VESPO_LOG_W_MIN, LOG_RATIO_CLAMP)
+    pos = A >= 0
+    k = torch.where(pos, torch.full_like(A, cfg.vespo_k_pos), torch.full_like(A, cfg.vespo_k_neg))
+    lam = torch.where(pos, torch.full_like(A, max(cfg.vespo_lambda_pos, VESPO_LAMBDA_MIN)),
+                      torch.full_like(A, max(cfg.vespo_lambda_neg, VESPO_LAMBDA_MIN)))
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    return torch.where(mask, phi, torch.zeros_like(phi))
+
+
+def row_coefficients(x: torch.Tensor, consts: "TokenConstants", cfg: LossConfig) -> Optional[torch.Tensor]:
+    """The token coefficient c that multiplies the surrogate, with VESPO's phi folded in (it
+    depends on the row's log-probs, so it is known only after the vocabulary pass)."""
+    if cfg.surrogate != "vespo":
+        return consts.coef
+    phi = vespo_weight(x, consts.mask, consts.A, cfg)
+    return phi if consts.coef is None else consts.coef * phi
+
+
 # --------------------------------------------------------------------------------------------
 # Elementwise token terms
 # --------------------------------------------------------------------------------------------
@@ -334,6 +395,8 @@ def token_terms(z, logp, ref, entropy, A, W, coef, cfg: LossConfig) -> TokenTerm
       torch.minimum splits it).
     - cispo: s = w A logp with w = min(rho, eps_high) a constant: ds/dz = 0, ds/dlogp = w A.
     - sapo: s = sigmoid(tau (rho - 1)) 4 / tau A: ds/drho = 4 sig (1 - sig) A.
+    - vespo: s = A logp: ds/dz = 0, ds/dlogp = A; its weight phi arrives in coef
+      (`row_coefficients`).
     The KL term times rho (kl_ratio_weighted) adds beta kl drho/dz to the z-slope.
     """
     zc = torch.clamp(z, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -357,6 +420,9 @@ def token_terms(z, logp, ref, entropy, A, W, coef, cfg: LossConfig) -> TokenTerm
         w = torch.clamp(rho, max=cfg.eps_high)
         s, ds_dz, ds_dlogp = w * A * logp, zero, w * A
         clip_low, clip_high = no, (A > 0) & (rho > cfg.eps_high)
+    elif cfg.surrogate == "vespo":
+        s, ds_dz, ds_dlogp = A * logp, zero, A
+        clip_low = clip_high = no
     else:  # sapo
         tau = torch.where(A > 0, torch.full_like(A, cfg.sapo_tau_pos), torch.full_like(A, cfg.sapo_tau_neg))
         sig = torch.sigmoid(tau * (rho - 1))
@@ -423,14 +489,14 @@ def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, 
     mask = k.mask
     zero = torch.zeros((), dtype=dtype, device=logp.device)
     logp = torch.where(mask, logp, zero)
-    old = logp if batch.old_logp is None else torch.where(mask, batch.old_logp.to(dtype), zero)
-    x = torch.where(mask, logp - old, zero)
-    z = trace_forward(x, mask, cfg) if cfg.ratio_trace else x
+    x = log_ratio(logp, batch, mask)
+    z = ratio_map(x, mask, cfg)
+    coef = row_coefficients(x, k, cfg)
     ref = None if batch.ref_logp is None else torch.where(mask, batch.ref_logp.to(dtype), zero)
-    terms = token_terms(z, logp, ref, entropy, k.A, k.W, k.coef, cfg)
+    terms = token_terms(z, logp, ref, entropy, k.A, k.W, coef, cfg)
     token_loss = torch.where(mask, terms.loss, zero)
     loss = (k.W * token_loss).sum()
-    g_x = trace_backward(terms.g_z, mask, cfg) if cfg.ratio_trace else terms.g_z
+    g_x = ratio_map_backward(terms.g_z, mask, cfg)
     dlogp = torch.where(mask, g_x + terms.g_logp, zero)
     dent = None if terms.g_entropy is None else torch.where(mask, terms.g_entropy, zero)
     dlam = None
@@ -452,6 +518,8 @@ def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, 
         metrics["kl_mean"] = mean(terms.kl)
     if entropy is not None:
         metrics["entropy_mean"] = mean(entropy)
+    if cfg.surrogate == "vespo":
+        metrics["phi_mean"] = mean(coef if k.coef is None else vespo_weight(x, mask, k.A, cfg))
     if cfg.uses_lambda:
         metrics["lambda"] = batch.lam.detach().to(device=logp.device, dtype=dtype)
     metrics["seq_weight"] = k.seq_weight

@@ -17,7 +17,8 @@ import torch
 
 from .config import LossConfig
 from ._batch import Batch
-from ._rowmath import FusedInputs, RowPass, TokenConstants
+from ._rowmath import (FusedInputs, RowPass, TokenConstants, log_ratio, ratio_map, ratio_map_backward,
+                       row_coefficients, vespo_weight)
 from ._validate import fail
 from .kernels._config import LOGITS_DTYPES
 from .kernels.rows import PART, launch_rows
@@ -84,19 +85,30 @@ def scale_(d2d: torch.Tensor, mask: torch.Tensor, g: torch.Tensor) -> torch.Tens
 
 def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, cfg: LossConfig,
              consts: TokenConstants, per_token: bool = False, want_coef: bool = True) -> RowPass:
-    """`_rowmath.row_pass` computed by the row kernel (fp32)."""
+    """`_rowmath.row_pass` computed by the row kernel (fp32). The sequence ratio (GSPO) and
+    VESPO's weight are row reductions of the log-ratio done here with the torch engine's own
+    functions (`_rowmath.ratio_map`, `row_coefficients`, O(B T)); the kernel takes the given z
+    and returns dL/dz, whose VJP (`ratio_map_backward`) is added to dL/dlogp."""
     B, T = batch.mask.shape
-    coef_lp, coef_h, parts, toks = launch_rows(
-        logp.contiguous(), batch.mask.contiguous(), _f32(consts.A).view(B, T), consts.lengths.contiguous(),
+    mask = batch.mask
+    coef, z, x = consts.coef, None, None
+    if cfg.sequence_ratio or cfg.surrogate == "vespo":
+        x = log_ratio(logp.detach(), batch, mask)
+        coef = row_coefficients(x, consts, cfg)
+        z = ratio_map(x, mask, cfg) if cfg.sequence_ratio else None
+    coef_lp, coef_h, parts, toks, gz = launch_rows(
+        logp.contiguous(), mask.contiguous(), _f32(consts.A).view(B, T), consts.lengths.contiguous(),
         _f32(consts.w_row), entropy=None if entropy is None else entropy.contiguous(),
         old_logp=None if batch.old_logp is None else _f32(batch.old_logp).view(B, T),
         ref_logp=None if batch.ref_logp is None else _f32(batch.ref_logp).view(B, T),
-        trace_coef=None if consts.coef is None else _f32(consts.coef).view(B, T),
+        trace_coef=None if coef is None else _f32(coef).view(B, T), z=None if z is None else _f32(z).view(B, T),
         ratio_trace=cfg.trace if cfg.ratio_trace else None, trace_decay=cfg.trace_decay, eps_low=cfg.eps_low,
         eps_high=cfg.eps_high, dual_clip=cfg.dual_floor, surrogate=cfg.surrogate,
         sapo_tau_pos=cfg.sapo_tau_pos, sapo_tau_neg=cfg.sapo_tau_neg, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
         kl_ratio_weighted=cfg.kl_ratio_weighted, entropy_coef=cfg.entropy_coef, write_coef=want_coef,
         write_tokens=per_token)
+    if gz is not None:
+        coef_lp = coef_lp + ratio_map_backward(gz, mask, cfg)
     sums = parts.sum(0)
     loss = sums[PART["wS"]]
     dlam = None
@@ -110,6 +122,9 @@ def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, 
         metrics["kl_mean"] = sums[PART["kl"]] / count
     if entropy is not None:
         metrics["entropy_mean"] = sums[PART["entropy"]] / count
+    if cfg.surrogate == "vespo":
+        phi = coef if consts.coef is None else vespo_weight(x, mask, consts.A, cfg)
+        metrics["phi_mean"] = torch.where(mask, phi, torch.zeros((), dtype=phi.dtype, device=phi.device)).sum() / count
     if cfg.uses_lambda:
         metrics["lambda"] = batch.lam.detach().to(device=logp.device, dtype=torch.float32).reshape(())
     metrics["seq_weight"] = consts.seq_weight

@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 AGGREGATIONS = ("grpo", "bnpo", "dapo", "dr_grpo", "lambda_grpo", "token_sum", "seq_mean_token_sum")
-SURROGATES = ("clip", "cispo", "sapo")
+SURROGATES = ("clip", "cispo", "sapo", "vespo")
+IMPORTANCE_SAMPLING = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 TRACE_STYLES = (None, "recent", "both")
 TRACE_MODES = ("ratio", "weight")
@@ -18,6 +19,10 @@ TRACE_MODES = ("ratio", "weight")
 LOG_RATIO_CLAMP = 20.0  # rho = exp(clamp(z, -20, 20))
 LENGTH_SIGMA_MIN = 1e-6  # sigma_g below this: z_i = 0 (all lengths equal)
 LENGTH_H_MIN = 1e-6  # h_i = max(1 + r z_i, h_min)
+# VESPO (TRL 1.16's get_gamma_weights): log w = clamp(sum_t clamp(x_t, +-20), ln 1e-8, 20), and
+# its lambda is floored at 1e-4.
+VESPO_LOG_W_MIN = math.log(1e-8)
+VESPO_LAMBDA_MIN = 1e-4
 
 
 def _fail(name: str, expected: str, actual) -> None:
@@ -52,6 +57,15 @@ class LossConfig:
         accepted, as TRL and verl use them.
       kl_ratio_weighted: the KL term is multiplied by the ratio rho, with its gradient (TRL
         1.16's use_bias_correction_kl, its default; Liger 0.8.5).
+      importance_sampling: "token" (rho_t of each token) or "sequence" (GSPO; TRL's
+        importance_sampling_level="sequence"): every token of row i takes the ratio of the row's
+        mean log-ratio, z_i = sum_t m x_t / max(1, n_i), with its gradient (1/n_i per token).
+        Not with a ratio-mode trace (both would define z), nor with surrogate="vespo" (which
+        builds its own sequence weight).
+      surrogate "vespo" (TRL 1.16's vespo): s = phi A logp with phi = exp(l + k ln w - l w) a
+        detached weight per row, w = exp(clamp(sum_t clamp(x_t, +-20), ln 1e-8, 20)) the row's
+        sequence ratio, (k, l) = (vespo_k_pos, vespo_lambda_pos) where A >= 0, else the _neg
+        pair, l floored at 1e-4 (TRL's defaults k 2/3, lambda 3/2).
     Aggregations beyond SPEC §5: "token_sum" (W = 1, verl's token-sum) and "seq_mean_token_sum"
     (W = 1 / N_seq, verl's seq-mean-token-sum; TRL's luspo with the clip surrogate).
     """
@@ -76,6 +90,11 @@ class LossConfig:
     sapo_tau_pos: float = 1.0
     sapo_tau_neg: float = 1.05
     kl_ratio_weighted: bool = False
+    importance_sampling: str = "token"
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -123,6 +142,21 @@ class LossConfig:
             _fail("dual_clip", "None unless surrogate='clip'", self.dual_clip)
         if self.surrogate == "cispo" and not self.eps_high > 0:
             _fail("eps_high", "> 0 with surrogate='cispo' (it is CISPO's cap on the ratio, e.g. 5.0)", self.eps_high)
+        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                _fail(name, "a finite real number", v)
+        if self.importance_sampling not in IMPORTANCE_SAMPLING:
+            _fail("importance_sampling", f"one of {IMPORTANCE_SAMPLING}", self.importance_sampling)
+        if self.importance_sampling == "sequence" and self.ratio_trace:
+            _fail("importance_sampling", "'token' with a ratio-mode trace (trace_mode='ratio' defines the ratio; "
+                  "use trace_mode='weight' with 'sequence')", self.importance_sampling)
+        if self.importance_sampling == "sequence" and self.surrogate == "vespo":
+            _fail("importance_sampling", "'token' with surrogate='vespo' (VESPO builds its own sequence weight, "
+                  "as TRL requires importance_sampling_level='token' for it)", self.importance_sampling)
+        if self.surrogate == "vespo" and self.ratio_trace:
+            _fail("trace_mode", "'weight' with surrogate='vespo' (its weight comes from the untraced sequence "
+                  "ratio)", self.trace_mode)
         if not isinstance(self.kl_ratio_weighted, bool):
             _fail("kl_ratio_weighted", "a bool", self.kl_ratio_weighted)
         if not isinstance(self.compute_entropy, bool):
@@ -142,6 +176,18 @@ class LossConfig:
     def ratio_trace(self) -> bool:
         """The log-ratio is traced (GRPO-lambda epsilon-trace): z is a scan over the row."""
         return self.trace is not None and self.trace_mode == "ratio"
+
+    @property
+    def sequence_ratio(self) -> bool:
+        """GSPO: every token of a row takes the ratio of the row's mean log-ratio."""
+        return self.importance_sampling == "sequence"
+
+    @property
+    def row_coupled(self) -> bool:
+        """A token's d(loss)/d(logp) needs the log-probs of other tokens of its row (a ratio-mode
+        trace, the sequence ratio, VESPO's sequence weight): the loss then runs the two-pass
+        schedule (the row pass between the vocabulary forward and the dlogits pass)."""
+        return self.ratio_trace or self.sequence_ratio or self.surrogate == "vespo"
 
     @property
     def weight_trace(self) -> bool:

@@ -17,6 +17,8 @@ def metric_names(cfg, has_ref: bool, with_seq_weight: bool = False) -> List[str]
         names.append("kl_mean")
     if cfg.needs_entropy:
         names.append("entropy_mean")
+    if cfg.surrogate == "vespo":
+        names.append("phi_mean")
     if cfg.uses_lambda:
         names.append("lambda")
     if with_seq_weight:
@@ -31,7 +33,8 @@ class LossOutput:
     `metrics`: detached tensors computed without a host sync (SPEC §6): 0-d means over the
     valid tokens of the local batch (`clip_frac_low`, `clip_frac_high`, `clip_frac`,
     `ratio_mean`, `kl_mean` when ref_logp is given, `entropy_mean` when entropy is computed,
-    `lambda` for lambda_grpo) and `seq_weight` of shape (B,).
+    `lambda` for lambda_grpo, `phi_mean` (VESPO's weight phi) for surrogate="vespo") and
+    `seq_weight` of shape (B,).
 
     `per_token`: with `return_per_token=True`, detached (B, T) tensors in the compute dtype,
     zero where masked: `loss` (l_t, unweighted), `ratio` (rho_t, the ratio that enters the

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import LENGTH_H_MIN, LENGTH_SIGMA_MIN, LOG_RATIO_CLAMP, LossConfig
+from .config import (LENGTH_H_MIN, LENGTH_SIGMA_MIN, LOG_RATIO_CLAMP, VESPO_LAMBDA_MIN, VESPO_LOG_W_MIN,
+                     LossConfig)
 from .output import LossOutput
 from ._batch import Batch, compute_dtype
 
@@ -135,7 +136,14 @@ def reference_rows(logp: torch.Tensor, entropy, batch: Batch, cfg: LossConfig, o
     old = logp.detach() if batch.old_logp is None else torch.where(mask, batch.old_logp.to(dtype), zero)
     x = logp - old
 
-    z = traced_log_ratio(x, mask, cfg) if cfg.ratio_trace else x
+    maskf = mask.to(dtype)
+    lengths = maskf.sum(dim=1)
+    if cfg.ratio_trace:
+        z = traced_log_ratio(x, mask, cfg)
+    elif cfg.importance_sampling == "sequence":  # GSPO: the row's mean log-ratio for every token
+        z = torch.where(mask, ((x * maskf).sum(dim=1) / torch.clamp(lengths, min=1))[:, None], zero)
+    else:
+        z = x
     rho = torch.exp(torch.clamp(z, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
     A = torch.where(mask, batch.advantages.to(dtype), zero)
@@ -150,6 +158,15 @@ def reference_rows(logp: torch.Tensor, entropy, batch: Batch, cfg: LossConfig, o
     elif cfg.surrogate == "cispo":  # the clipped ratio is a constant weight of the log-prob's gradient
         surrogate = torch.clamp(rho, max=cfg.eps_high).detach() * A * logp
         clip_low, clip_high = torch.zeros_like(mask), (A > 0) & (rho > cfg.eps_high)
+    elif cfg.surrogate == "vespo":  # TRL's get_gamma_weights: a detached weight of the sequence ratio
+        log_w = (torch.clamp(x, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP) * maskf).sum(dim=1, keepdim=True)
+        log_w = torch.clamp(log_w, VESPO_LOG_W_MIN, LOG_RATIO_CLAMP)
+        k = torch.where(A >= 0, torch.full_like(A, cfg.vespo_k_pos), torch.full_like(A, cfg.vespo_k_neg))
+        lam_v = torch.clamp(torch.where(A >= 0, torch.full_like(A, cfg.vespo_lambda_pos),
+                                        torch.full_like(A, cfg.vespo_lambda_neg)), min=VESPO_LAMBDA_MIN)
+        phi = torch.exp(lam_v + k * log_w - lam_v * torch.exp(log_w)).detach()
+        surrogate = phi * A * logp
+        clip_low = clip_high = torch.zeros_like(mask)
     else:  # sapo: a soft gate instead of the clip
         tau = torch.where(A > 0, torch.full_like(A, cfg.sapo_tau_pos), torch.full_like(A, cfg.sapo_tau_neg))
         surrogate = torch.sigmoid(tau * (rho - 1)) * 4 / tau * A
@@ -172,8 +189,6 @@ def reference_rows(logp: torch.Tensor, entropy, batch: Batch, cfg: LossConfig, o
     token_loss = torch.where(mask, token_loss, zero)
 
     # §5 aggregation
-    maskf = mask.to(dtype)
-    lengths = maskf.sum(dim=1)
     local_tokens = maskf.sum()
     n_tok = local_tokens if batch.num_tokens is None else batch.num_tokens.to(dtype)
     n_seq = (torch.tensor(float(B), dtype=dtype, device=mask.device) if batch.num_sequences is None
@@ -217,6 +232,8 @@ def reference_rows(logp: torch.Tensor, entropy, batch: Batch, cfg: LossConfig, o
             metrics["kl_mean"] = mean(kl)
         if entropy is not None:
             metrics["entropy_mean"] = mean(entropy)
+        if cfg.surrogate == "vespo":
+            metrics["phi_mean"] = mean(phi)
         if cfg.uses_lambda:
             metrics["lambda"] = batch.lam.detach().to(dtype)
         metrics["seq_weight"] = seq_weight.detach()

@@ -1,5 +1,6 @@
 """The policy losses beyond PPO-clip (issue 12): CISPO, SAPO, TRL's two-sided delta clip, the KL
-times the ratio, and verl's token-sum aggregations, on every backend.
+times the ratio, verl's token-sum aggregations, GSPO's sequence-level ratio and VESPO, on every
+backend.
 
 Grid, and why each case is there:
 - by hand: one row of 3 tokens with ratios 1, 2, 4 (old_logp set so), equal logits over V = 2
@@ -22,6 +23,7 @@ import lambda_grpo as lg
 from lambda_grpo._validate import validate
 from lambda_grpo.reference import reference_loss
 from tests._compare import assert_backend_matches, make_batch
+from tests.test_linear import tiny_chunks  # noqa: F401  (the fixture: chunks of 3 tokens)
 
 BACKENDS = ("reference", "torch", "triton")
 LN2 = math.log(2.0)
@@ -104,6 +106,41 @@ def test_token_sum_aggregations_by_hand(backend):
         assert float(out.loss) == pytest.approx(want, rel=1e-6), agg
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequence_ratio_by_hand(backend):
+    # GSPO. x = ln(1, 2, 4) = (0, ln 2, 2 ln 2): mean ln 2, so rho = 2 for every token. A = -1:
+    # s = min(-2, -clip(2) = -1.2) = -2 (unclipped), loss (dapo) = -mean(s) = 2. dL/dz_t =
+    # W (-A rho) = 2/3 for each t; dz_t/dx_k = 1/3: dL/dlogp_k = 3 * 2/3 * 1/3 = 2/3 for every k
+    # (token-level: loss 7/3, dL/dlogp = (1, 2, 4)/3). clip_frac_low: rho = 2 is not < 0.8: 0.
+    cfg = lg.LossConfig(aggregation="dapo", importance_sampling="sequence")
+    loss, dlogp, m = _row(backend, cfg, -1.0)
+    assert loss == pytest.approx(2.0, rel=1e-6)
+    torch.testing.assert_close(dlogp, torch.full((3,), 2 / 3), rtol=1e-5, atol=1e-6)
+    assert float(m["ratio_mean"]) == pytest.approx(2.0, rel=1e-6) and float(m["clip_frac"]) == 0
+    # A = +1: s = min(2, 1.2) = 1.2 clipped for all three: loss -1.2, no gradient, clip_frac_high 1
+    loss, dlogp, m = _row(backend, cfg, 1.0)
+    assert loss == pytest.approx(-1.2, rel=1e-6)
+    torch.testing.assert_close(dlogp, torch.zeros(3), rtol=0, atol=1e-7)
+    assert float(m["clip_frac_high"]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vespo_by_hand(backend):
+    # VESPO. ratios (1, 2, 1): log w = sum x = ln 2, w = 2. A = -1 < 0: k = 3, lambda = 2 (TRL's
+    # _neg defaults): phi = exp(2 + 3 ln 2 - 2 * 2) = 8 e^-2. l_t = -phi A logp_t = -phi ln 2;
+    # loss (dapo) = -phi ln 2. phi is detached: dL/dlogp_t = -phi A / 3 = phi / 3.
+    phi = 8 * math.exp(-2.0)
+    loss, dlogp, m = _row(backend, lg.LossConfig(aggregation="dapo", surrogate="vespo"), -1.0, ratios=(1.0, 2.0, 1.0))
+    assert loss == pytest.approx(-phi * LN2, rel=1e-6)
+    torch.testing.assert_close(dlogp, torch.full((3,), phi / 3), rtol=1e-5, atol=1e-6)
+    assert float(m["phi_mean"]) == pytest.approx(phi, rel=1e-6) and float(m["clip_frac"]) == 0
+    # A = +1: k = 2, lambda = 3: phi = exp(3 + 2 ln 2 - 6) = 4 e^-3; loss = phi ln 2, dL/dlogp = -phi / 3
+    phi = 4 * math.exp(-3.0)
+    loss, dlogp, _ = _row(backend, lg.LossConfig(aggregation="dapo", surrogate="vespo"), 1.0, ratios=(1.0, 2.0, 1.0))
+    assert loss == pytest.approx(phi * LN2, rel=1e-6)
+    torch.testing.assert_close(dlogp, torch.full((3,), -phi / 3), rtol=1e-5, atol=1e-6)
+
+
 VARIANTS = {
     "cispo": dict(surrogate="cispo", eps_high=1.4),
     "sapo": dict(surrogate="sapo", sapo_tau_pos=1.5, sapo_tau_neg=0.8),
@@ -111,11 +148,29 @@ VARIANTS = {
     "kl_x_ratio": dict(kl_ratio_weighted=True, beta=0.2),
     "token_sum": dict(aggregation="token_sum"),
     "seq_mean_token_sum": dict(aggregation="seq_mean_token_sum", beta=0.1),
+    "gspo": dict(importance_sampling="sequence", kl_ratio_weighted=True, beta=0.1),
+    "gspo_sapo": dict(importance_sampling="sequence", surrogate="sapo"),
+    "vespo": dict(surrogate="vespo", vespo_k_neg=1.5),
 }
+# a ratio-mode trace defines the ratio: with GSPO's sequence ratio or VESPO it is refused, so
+# those run with the weight-mode trace instead (the refusal is tested below)
+TRACES = [(None, "ratio"), ("both", "ratio"), ("recent", "weight")]
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("trace", [(None, "ratio"), ("both", "ratio"), ("recent", "weight")])
+def _traces(variant):
+    if variant.startswith(("gspo", "vespo")):
+        return [(None, "ratio"), ("both", "weight"), ("recent", "weight")]
+    return TRACES
+
+
+def _grid(variants):
+    return [(v, t) for v in variants for t in _traces(v)]
+
+
+# VESPO's phi is detached by definition and depends on every log-prob of its row: its gradient
+# is not the loss's derivative anywhere phi is not constant, so it has no gradcheck (its gradient
+# is checked by hand above and the fast backends against the reference below).
+@pytest.mark.parametrize("variant,trace", _grid([v for v in VARIANTS if v != "vespo"]))
 def test_reference_gradcheck(variant, trace):
     kw = dict(VARIANTS[variant])
     if variant == "cispo":
@@ -138,8 +193,7 @@ def test_reference_gradcheck(variant, trace):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("trace", [(None, "ratio"), ("both", "ratio"), ("recent", "weight")])
+@pytest.mark.parametrize("variant,trace", _grid(VARIANTS))
 @pytest.mark.parametrize("agg", ["lambda_grpo", "grpo"])
 def test_fast_backends_match_reference(backend, variant, trace, agg):
     cfg = lg.LossConfig(**{**dict(aggregation=agg, beta=0.05, entropy_coef=0.01, trace=trace[0],
@@ -150,9 +204,10 @@ def test_fast_backends_match_reference(backend, variant, trace, agg):
         assert_backend_matches(backend, inp, cfg, lam=0.6)
 
 
-@pytest.mark.parametrize("variant", ["cispo", "sapo", "delta", "kl_x_ratio"])
+@pytest.mark.parametrize("variant", ["cispo", "sapo", "delta", "kl_x_ratio", "gspo", "vespo"])
 def test_triton_bf16(variant):
-    cfg = lg.LossConfig(**{**dict(aggregation="dapo", beta=0.05, trace="recent"), **VARIANTS[variant]})
+    mode = _traces(variant)[2][1]
+    cfg = lg.LossConfig(**{**dict(aggregation="dapo", beta=0.05, trace="recent", trace_mode=mode), **VARIANTS[variant]})
     inp = make_batch(B=4, T=5, V=37, G=2, seed=4, mask="holes", dtype=torch.bfloat16)
     assert_backend_matches("triton", inp, cfg, lam=0.0)
 
@@ -167,7 +222,48 @@ def test_triton_bf16(variant):
     (dict(sapo_tau_neg=float("inf")), "sapo_tau_neg"),
     (dict(kl_ratio_weighted=1), "kl_ratio_weighted"),
     (dict(aggregation="token-sum"), "aggregation"),
+    (dict(importance_sampling="seq"), "importance_sampling"),
+    (dict(importance_sampling="sequence", trace="both"), "importance_sampling"),  # ratio-mode trace
+    (dict(importance_sampling="sequence", surrogate="vespo"), "importance_sampling"),
+    (dict(surrogate="vespo", trace="recent"), "trace_mode"),
+    (dict(surrogate="vespo", dual_clip=2.0), "dual_clip"),
+    (dict(vespo_k_pos=float("nan")), "vespo_k_pos"),
+    (dict(vespo_lambda_neg=True), "vespo_lambda_neg"),
 ])
 def test_refused_configurations(kw, field):
     with pytest.raises(ValueError, match=f"LossConfig.{field}"):
         lg.LossConfig(**kw)
+
+
+# --------------------------------------------------------------------------------------------
+# The other two entry points (log-probs, hidden states + LM head) take every variant too
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant,trace", _grid(VARIANTS))
+def test_from_logprobs_variants_match_reference(variant, trace):
+    from tests.test_entry_points import _logp_inputs, _rows_run
+    from tests._compare import assert_close_to_truth
+
+    cfg = lg.LossConfig(**{**dict(aggregation="lambda_grpo", beta=0.05, entropy_coef=0.01, trace=trace[0],
+                                  trace_mode=trace[1]), **VARIANTS[variant]})
+    inputs = _logp_inputs(6, 5, 7, 3, 17, "holes", torch.float32, with_entropy=True, token_weights=True)
+    inputs["old_logp"] = inputs["old_logp"] - 0.2
+    truth = _rows_run(inputs, cfg, 0.7, torch.float64)
+    base = _rows_run(inputs, cfg, 0.7, torch.float32)
+    got = _rows_run(inputs, cfg, 0.7)
+    for k in ("loss", "dlogp", "dH", "dlam"):
+        if truth[k] is not None:  # dlam: lambda_grpo only
+            assert_close_to_truth(k, got[k], truth[k], base[k], torch.float32)
+    assert set(got["metrics"]) == set(truth["metrics"])
+
+
+@pytest.mark.usefixtures("tiny_chunks")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("variant,trace", _grid(["gspo", "vespo", "cispo", "delta"]))
+def test_hidden_variants_match_reference(backend, variant, trace):
+    from tests.test_linear import _baseline, _case, _compare, _run
+
+    cfg = lg.LossConfig(**{**dict(aggregation="grpo", beta=0.05, entropy_coef=0.01, trace=trace[0],
+                                  trace_mode=trace[1]), **VARIANTS[variant]})
+    c = _case(4, 5, 6, 37, 2, 23, "empty_rows", torch.float32, True, True)
+    truth, base = _baseline(c, cfg, 0.6)
+    _compare(_run(backend, c, cfg, 0.6), truth, base, torch.float32)

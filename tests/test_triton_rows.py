@@ -196,10 +196,10 @@ def _launch(rows, cfg: lg.LossConfig, consts, write_coef=True, write_tokens=True
               trace_decay=cfg.trace_decay, eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_floor,
               surrogate=cfg.surrogate, sapo_tau_pos=cfg.sapo_tau_pos, sapo_tau_neg=cfg.sapo_tau_neg,
               beta=cfg.beta, kl_estimator=cfg.kl_estimator, kl_ratio_weighted=cfg.kl_ratio_weighted,
-              entropy_coef=cfg.entropy_coef, write_coef=write_coef, write_tokens=write_tokens)
+              entropy_coef=cfg.entropy_coef, write_coef=write_coef, write_tokens=write_tokens, z=None)
     kw.update(override)
     return launch_rows(f32(rows["logp"]), rows["mask"].to(DEV).contiguous(), f32(consts.A), consts.lengths.contiguous(),
-                       f32(consts.w_row), **kw)
+                       f32(consts.w_row), **kw)[:4]  # (the given-z gradient is tested through the engine adapter)
 
 
 # --------------------------------------------------------------------------------------------
@@ -571,13 +571,20 @@ def test_long_row_pure_adjoint():
 # --------------------------------------------------------------------------------------------
 # Through the engine adapter (loss, metrics, dlam, per-token dict)
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("trace,mode", [(None, "ratio"), ("both", "ratio"), ("recent", "weight")])
-def test_engine_row_pass(small_blocks, trace, mode):
+@pytest.mark.parametrize("trace,mode,extra", [
+    (None, "ratio", {}), ("both", "ratio", {}), ("recent", "weight", {}),
+    # the row reductions the adapter makes in torch around the kernel: GSPO's sequence ratio
+    # (the kernel takes z, returns dL/dz) and VESPO's weight (folded into c_t)
+    (None, "ratio", dict(importance_sampling="sequence")), ("both", "weight", dict(importance_sampling="sequence")),
+    (None, "ratio", dict(surrogate="vespo", dual_clip=None)),
+    ("recent", "weight", dict(surrogate="vespo", dual_clip=None)),
+])
+def test_engine_row_pass(small_blocks, trace, mode, extra):
     """`_vocab_triton.row_pass` (the adapter the custom ops call): loss, dlam, every metric and
     the per-token dict, against `_rowmath.row_pass` in float64."""
     from lambda_grpo import _vocab_triton
 
-    cfg = _cfg(aggregation="lambda_grpo", trace=trace, trace_mode=mode, dual_clip=2.0)
+    cfg = _cfg(**{**dict(aggregation="lambda_grpo", trace=trace, trace_mode=mode, dual_clip=2.0), **extra})
     rows = make_rows(("holes", "empty", "full", "len1"), T=40, seed=13)
     rows["entropy"] = torch.where(rows["mask"], rows["entropy"], torch.zeros(()))  # as the vocab pass writes it
     c = Computed(rows, cfg, lam=-1.5, G=2)
@@ -604,6 +611,9 @@ def test_engine_row_pass(small_blocks, trace, mode):
         sc = {"ratio": mag["rho"], "loss": mag["loss"], "kl": mag["kl"]}.get(key)
         bad.append(elementwise_mismatch(phase, f"per_token[{key!r}]", got.per_token[key], truth.per_token[key],
                                         base.per_token[key], scale=sc))
+    if extra:  # dL/dlogp made by the adapter (kernel's direct slope + torch VJP of the given z / phi)
+        bad.append(elementwise_mismatch("dL/dlogp through the engine adapter", "dlogp", got.dlogp, truth.dlogp,
+                                        base.dlogp))
     bad = [b for b in bad if b]
     assert not bad, "\n".join(bad)
 

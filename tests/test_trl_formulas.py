@@ -19,9 +19,13 @@ trl_utils = pytest.importorskip("trl.trainer.utils")
 
 
 def trl_loss(logits, tokens, mask, advantages, old_logp, ref_logp, *, loss_type, temperature, **kw):
-    """trl 1.16.0 GRPOTrainer._compute_loss on TRL's own selective_log_softmax (bench/trl_formula.py)."""
+    """trl 1.16.0 GRPOTrainer._compute_loss on TRL's own selective_log_softmax and (vespo) its own
+    get_gamma_weights (bench/trl_formula.py)."""
+    from trl import GRPOTrainer
+
     per_token_logps = trl_utils.selective_log_softmax(logits / temperature, tokens)
-    return trl_policy_loss(per_token_logps, mask, advantages, old_logp, ref_logp, loss_type=loss_type, **kw)
+    return trl_policy_loss(per_token_logps, mask, advantages, old_logp, ref_logp, loss_type=loss_type,
+                           gamma_weights=GRPOTrainer.get_gamma_weights, **kw)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
@@ -79,6 +83,16 @@ NEW_TYPES = [
     ("dapo", dict(beta=0.04, eps_low=0.2, eps_high=0.28, delta=1.4)),
     ("grpo", dict(beta=0.1, eps_low=0.2, eps_high=0.2, use_bias_correction_kl=True)),
     ("dr_grpo", dict(beta=0.1, eps_low=0.2, eps_high=0.28, delta=1.35, use_bias_correction_kl=True)),
+    # GSPO: TRL's importance_sampling_level="sequence" (grpo and luspo are the types TRL allows it with)
+    ("grpo", dict(beta=0.04, eps_low=0.2, eps_high=0.2, importance_sampling_level="sequence",
+                  use_bias_correction_kl=True)),
+    ("luspo", dict(beta=0.0, eps_low=0.1, eps_high=0.1, importance_sampling_level="sequence")),
+    ("sapo", dict(beta=0.0, eps_low=0.2, eps_high=0.2, importance_sampling_level="sequence",
+                  sapo_temperature_pos=1.5, sapo_temperature_neg=1.25)),
+    # VESPO with TRL's get_gamma_weights itself: defaults, and other k / lambda
+    ("vespo", dict(beta=0.04, eps_low=0.2, eps_high=0.2)),
+    ("vespo", dict(beta=0.0, eps_low=0.2, eps_high=0.2,
+                   vespo_kw=dict(k_pos=1.0, lambda_pos=0.5, k_neg=4.0, lambda_neg=1.0))),
 ]
 
 
@@ -90,10 +104,13 @@ def test_new_loss_types_match_trl(backend, loss_type, setting):
     max_len = 9
     n_items = inp["mask"].sum() + 3
     kw = dict(setting)
+    vk = kw.get("vespo_kw", {})
     cfg = lambda_grpo_config_for(loss_type, beta=kw["beta"], eps_low=kw["eps_low"], eps_high=kw["eps_high"],
                                  delta=kw.get("delta"), kl_ratio_weighted=kw.get("use_bias_correction_kl", False),
                                  sapo_tau_pos=kw.get("sapo_temperature_pos", 1.0),
-                                 sapo_tau_neg=kw.get("sapo_temperature_neg", 1.05), max_completion_length=max_len)
+                                 sapo_tau_neg=kw.get("sapo_temperature_neg", 1.05), max_completion_length=max_len,
+                                 importance_sampling=kw.get("importance_sampling_level", "token"),
+                                 **{f"vespo_{k}": v for k, v in vk.items()})
     x1 = inp["logits"].clone().requires_grad_(True)
     want = trl_loss(x1, inp["tokens"], inp["mask"], inp["advantages"].double(), inp["old_logp"].double(),
                     inp["ref_logp"].double(), loss_type=loss_type, temperature=1.0, max_completion_length=max_len,
