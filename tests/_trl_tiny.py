@@ -99,6 +99,14 @@ VARIANTS = {
     "sapo": ("sapo", dict(sapo_temperature_pos=1.5, sapo_temperature_neg=2.0, use_bias_correction_kl=True)),
     "luspo": ("luspo", dict(use_bias_correction_kl=True)),
     "grpo-delta": ("grpo", dict(delta=1.02, epsilon_high=0.01, use_bias_correction_kl=True)),
+    # the sequence-level ratio (GSPO's, LUSPO's setting) with GSPO-sized clip ranges, and VESPO with
+    # its k / lambda off TRL's defaults
+    "gspo": ("grpo", dict(importance_sampling_level="sequence", epsilon=3e-3, epsilon_high=4e-3,
+                          use_bias_correction_kl=True)),
+    "luspo-seq": ("luspo", dict(importance_sampling_level="sequence", epsilon=3e-3, epsilon_high=4e-3,
+                                use_bias_correction_kl=True)),
+    "vespo": ("vespo", dict(vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=2.5, vespo_lambda_neg=1.5,
+                            use_bias_correction_kl=True)),
 }
 
 

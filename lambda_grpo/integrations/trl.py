@@ -11,9 +11,11 @@
 TRL has no name for (``trace``, ``trace_decay``, ``trace_mode``, ``adv_clamp_min``, ``dual_clip``,
 ``length_r``), λ's own optimiser (``lambda_lr``, ``lambda_init``) and where the loss gets its
 inputs (``loss_route``, ``loss_backend``). ``loss_type`` takes TRL's ``grpo``, ``bnpo``, ``dapo``,
-``dr_grpo``, ``cispo``, ``sapo``, ``luspo`` (computed by lambda_grpo, equal to TRL's own numbers,
-with TRL's ``delta``, ``use_bias_correction_kl``, ``sapo_temperature_pos/neg``) and
-``lambda_grpo``; TRL's ``vespo`` is handed to TRL's own loss unchanged.
+``dr_grpo``, ``cispo``, ``sapo``, ``luspo``, ``vespo`` (computed by lambda_grpo, equal to TRL's own
+numbers, with TRL's ``importance_sampling_level``, ``delta``, ``use_bias_correction_kl``,
+``sapo_temperature_pos/neg``, ``vespo_*``) and ``lambda_grpo``. One case is handed to TRL's own
+loss unchanged: ``vespo`` with vLLM's importance-sampling correction (TRL folds that ratio into
+VESPO's sequence weight, which lambda_grpo's VESPO does not take).
 
 ``LambdaGRPOTrainer`` overrides four private methods of TRL 1.16's GRPOTrainer (there is no public
 loss hook in 1.16), which is why the extra pins ``trl>=1.16,<1.17``:
@@ -44,7 +46,7 @@ from typing import Optional
 import torch
 
 from ..api import grpo_loss, grpo_loss_from_logprobs
-from ..config import TRACE_MODES, TRACE_STYLES, LossConfig
+from ..config import TRACE_MODES, TRACE_STYLES, VESPO_LAMBDA_MIN, VESPO_LOG_W_MIN, LossConfig
 from .._validate import BACKENDS
 
 try:
@@ -63,14 +65,24 @@ if not trl.__version__.startswith(TESTED_TRL + "."):
                   f"of GRPOTrainer; trl {trl.__version__} is installed, so the numbers may differ. Run "
                   f"tests/test_integration_trl.py against it before trusting a run.", stacklevel=2)
 
-OURS = ("grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "luspo", "lambda_grpo")
-DELEGATED = ("vespo",)  # TRL's own loss, unchanged
+OURS = ("grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "luspo", "vespo", "lambda_grpo")
 # TRL loss_type -> (LossConfig.aggregation, LossConfig.surrogate). The aggregation carries TRL's
 # normaliser (docs/integrations.md, "Normalisers"): cispo divides like dapo, sapo like grpo, luspo
 # is the clip surrogate summed per sequence and averaged over the micro-batch's rows.
 LOSS_TYPES = {"grpo": ("grpo", "clip"), "bnpo": ("bnpo", "clip"), "dapo": ("dapo", "clip"),
               "dr_grpo": ("dr_grpo", "clip"), "cispo": ("dapo", "cispo"), "sapo": ("grpo", "sapo"),
-              "luspo": ("seq_mean_token_sum", "clip"), "lambda_grpo": ("lambda_grpo", "clip")}
+              "luspo": ("seq_mean_token_sum", "clip"), "vespo": ("dapo", "vespo"),
+              "lambda_grpo": ("lambda_grpo", "clip")}
+
+
+def delegated(args) -> Optional[str]:
+    """Why this config's loss goes to TRL's own ``_compute_loss`` unchanged, or None (lambda_grpo
+    computes it): ``vespo`` with vLLM's importance-sampling correction, whose ratio TRL multiplies
+    into VESPO's sequence ratio w (get_gamma_weights) instead of the surrogate."""
+    if args.loss_type == "vespo" and args.use_vllm and args.vllm_importance_sampling_correction:
+        return ("loss_type='vespo' with use_vllm and vllm_importance_sampling_correction: TRL folds the vLLM "
+                "importance ratio into VESPO's sequence weight")
+    return None
 ROUTES = ("logprobs", "logits")
 LAMBDA_STATE = "lambda_grpo_state.pt"
 _DEFAULT_LAMBDA_LR = 0.1
@@ -89,8 +101,9 @@ class LambdaGRPOConfig(GRPOConfig):
     r"""TRL's ``GRPOConfig`` with lambda_grpo's loss options.
 
     ``loss_type``: ``"grpo"``, ``"bnpo"``, ``"dapo"`` (TRL's default), ``"dr_grpo"``, ``"cispo"``,
-    ``"sapo"``, ``"luspo"`` or ``"lambda_grpo"`` are computed by lambda_grpo; ``"vespo"`` goes to
-    TRL's own loss. The fields below have :class:`lambda_grpo.LossConfig`'s meanings and defaults;
+    ``"sapo"``, ``"luspo"``, ``"vespo"`` or ``"lambda_grpo"`` are computed by lambda_grpo (``vespo``
+    with vLLM's importance-sampling correction goes to TRL's own loss: :func:`delegated`). The
+    fields below have :class:`lambda_grpo.LossConfig`'s meanings and defaults;
     clip range (CISPO's cap: ``epsilon_high``), β, ``use_bias_correction_kl``, ``delta``, SAPO's
     temperatures, temperature and ``max_completion_length`` come from TRL's own fields.
     """
@@ -121,9 +134,8 @@ class LambdaGRPOConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.loss_type not in OURS + DELEGATED:
-            raise ValueError(f"LambdaGRPOConfig.loss_type: expected one of {OURS} (computed by lambda_grpo) or "
-                             f"{DELEGATED} (TRL's own loss), got {self.loss_type!r}")
+        if self.loss_type not in OURS:
+            raise ValueError(f"LambdaGRPOConfig.loss_type: expected one of {OURS}, got {self.loss_type!r}")
         if self.trace not in TRACE_STYLES:
             raise ValueError(f"LambdaGRPOConfig.trace: expected one of {TRACE_STYLES}, got {self.trace!r}")
         if self.trace_mode not in TRACE_MODES:
@@ -139,7 +151,7 @@ class LambdaGRPOConfig(GRPOConfig):
         problems = _refusals(self)
         if problems:
             raise ValueError("LambdaGRPOConfig: options lambda_grpo cannot honour:\n- " + "\n- ".join(problems))
-        if self.loss_type in OURS:
+        if delegated(self) is None:
             self.loss_config()  # LossConfig validates the remaining fields (trace_decay, dual_clip, ...)
 
     def loss_config(self) -> LossConfig:
@@ -148,14 +160,18 @@ class LambdaGRPOConfig(GRPOConfig):
         literal two-sided clip), ``use_bias_correction_kl`` as ``kl_ratio_weighted``,
         ``sapo_temperature_pos/neg`` as ``sapo_tau_pos/neg``, and for cispo ``epsilon_high`` (which
         defaults to ``epsilon``, as in TRL) as the absolute cap on the ratio."""
-        if self.loss_type not in OURS:
-            raise ValueError(f"loss_config: loss_type {self.loss_type!r} is computed by TRL, not lambda_grpo")
+        reason = delegated(self)
+        if reason is not None:
+            raise ValueError(f"loss_config: {reason}; that loss is computed by TRL, not lambda_grpo")
         eps_high = self.epsilon_high if self.epsilon_high is not None else self.epsilon
         aggregation, surrogate = LOSS_TYPES[self.loss_type]
         return LossConfig(
             aggregation=aggregation, surrogate=surrogate, eps_low=self.epsilon, eps_high=eps_high,
             dual_clip=self.dual_clip, delta=self.delta, kl_ratio_weighted=bool(self.use_bias_correction_kl),
             sapo_tau_pos=self.sapo_temperature_pos, sapo_tau_neg=self.sapo_temperature_neg,
+            importance_sampling=self.importance_sampling_level, vespo_k_pos=self.vespo_k_pos,
+            vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
+            vespo_lambda_neg=self.vespo_lambda_neg,
             beta=self.beta, kl_estimator="k3", temperature=self.temperature, entropy_coef=0.0,
             length_r=self.length_r, trace=self.trace, trace_decay=self.trace_decay, trace_mode=self.trace_mode,
             adv_clamp_min=self.adv_clamp_min,
@@ -176,21 +192,22 @@ def _refusals(args) -> list:
     ``use_bias_correction_kl`` (KL x ratio, TRL's default) is ``LossConfig.kl_ratio_weighted``.
     """
     out = []
-    if args.loss_type in DELEGATED:
+    reason = delegated(args)
+    if reason is not None:
         changed = [n for n, default in (("trace", None), ("adv_clamp_min", None), ("dual_clip", None))
                    if getattr(args, n) != default]
         if changed:
-            out.append(f"loss_type={args.loss_type!r} is TRL's own loss, which has no {', '.join(changed)}: unset "
-                       f"them, or use one of {OURS}")
+            out.append(f"{reason}, so the loss is TRL's own, which has no {', '.join(changed)}: unset them")
         return out
     eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-    if args.importance_sampling_level != "token":
-        out.append(f"importance_sampling_level={args.importance_sampling_level!r} (GSPO's sequence-level ratio) is "
-                   "not in lambda_grpo's math: use 'token', or TRL's GRPOTrainer")
+    if args.loss_type == "vespo" and args.importance_sampling_level != "token":
+        out.append(f"importance_sampling_level={args.importance_sampling_level!r} with loss_type='vespo': VESPO builds "
+                   "its own sequence weight, and TRL asks for 'token' (it would use the sequence ratio only in the "
+                   "KL x ratio and the metrics): set importance_sampling_level='token'")
     if args.use_adaptive_entropy:
         out.append("use_adaptive_entropy=True (TRL's adaptive entropy controller) is not reproduced: set it to False "
                    "(a fixed entropy_coef is supported)")
-    if args.loss_type in ("cispo", "sapo"):
+    if args.loss_type in ("cispo", "sapo", "vespo"):
         given = [n for n in ("delta", "dual_clip") if getattr(args, n) is not None]
         if given:
             out.append(f"{' and '.join(given)} with loss_type={args.loss_type!r}: both clip the clip surrogate's "
@@ -233,13 +250,13 @@ class LambdaGRPOTrainer(GRPOTrainer):
         elif not isinstance(args, LambdaGRPOConfig):
             raise TypeError(f"LambdaGRPOTrainer: args must be a LambdaGRPOConfig (it carries lambda_grpo's options "
                             f"and their checks), got {type(args).__name__}")
-        self._lg_delegate = args.loss_type in DELEGATED
+        self._lg_delegate = delegated(args) is not None
         if self._lg_delegate:
             unused = [n for n, d in (("lambda_lr", _DEFAULT_LAMBDA_LR), ("lambda_init", 0.0),
                                      ("length_r", _DEFAULT_LENGTH_R), ("loss_route", "logprobs"),
                                      ("loss_backend", "auto")) if getattr(args, n) != d]
             if unused:
-                warnings.warn(f"LambdaGRPOTrainer: loss_type={args.loss_type!r} is computed by TRL's own loss; "
+                warnings.warn(f"LambdaGRPOTrainer: {delegated(args)}, so the loss is TRL's own; "
                               f"{', '.join(unused)} have no effect", stacklevel=2)
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
         problems = []
@@ -381,7 +398,14 @@ class LambdaGRPOTrainer(GRPOTrainer):
                                          mask=mask, off_policy_threshold=self.off_policy_mask_threshold)
         if entropy_mask is not None:
             w = entropy_mask if w is None else w * entropy_mask
-        if self.use_vllm and self.vllm_importance_sampling_correction:
+        if self.loss_config.surrogate == "vespo":
+            # TRL folds any importance_sampling_ratio in the inputs into VESPO's weight (the config hands
+            # that case, vLLM's correction, to TRL's own loss: see `delegated`)
+            if "importance_sampling_ratio" in inputs or (self.use_vllm and self.vllm_importance_sampling_correction):
+                raise ValueError("LambdaGRPOTrainer: an importance_sampling_ratio with loss_type='vespo' is TRL's own "
+                                 "loss: build the trainer with use_vllm and vllm_importance_sampling_correction set "
+                                 "in LambdaGRPOConfig")
+        elif self.use_vllm and self.vllm_importance_sampling_correction:
             r = inputs["importance_sampling_ratio"]
             w = r if w is None else w * r
         if w is None:
@@ -392,25 +416,54 @@ class LambdaGRPOTrainer(GRPOTrainer):
         """TRL's metric names and values, gathered over ranks, plus lambda: kl (β ≠ 0; times the ratio
         with use_bias_correction_kl, as TRL logs it), entropy, and per surrogate what TRL logs for
         its loss type: clip_ratio/* for the clip surrogate, cispo_clip_ratio (A > 0 and ρ above the
-        cap) for cispo, nothing more for sapo."""
+        cap) for cispo, vespo/phi_seq_mean (VESPO's weight φ) for vespo, nothing more for sapo.
+
+        As TRL: with the sequence-level ratio and per-sequence advantages the clip flags are one
+        per row (every row counts, an empty one with ratio 1) and their means are over rows; so
+        is VESPO's φ; everything else is a mean over the valid tokens."""
         pt = out.per_token
         cfg = self.loss_config
         adv = adv2d if cfg.adv_clamp_min is None else adv2d.clamp(min=cfg.adv_clamp_min)
         ratio = pt["ratio"]
-        flags = []  # (B, C) 0/1 tensors whose masked means are logged
+        per_row = adv.shape[1] == 1 and (cfg.sequence_ratio or cfg.surrogate == "vespo")
+        n = maskf.sum(-1, keepdim=True)
+        if cfg.sequence_ratio and per_row:  # the row's ratio (TRL: exp(0) = 1 for an empty row)
+            ratio = torch.where(n > 0, (ratio * maskf).sum(-1, keepdim=True) / n.clamp(min=1.0),
+                                torch.ones_like(n))
+        flags = []  # 0/1 tensors whose (masked, or per-row) means are logged
         if cfg.surrogate == "clip":
             low = ((ratio < 1 - cfg.eps_low) & (adv < 0)).float()
             high = ((ratio > 1 + cfg.eps_high) & (adv > 0)).float()
             flags = [low, high, ((low + high) > 0).float()]
         elif cfg.surrogate == "cispo":
             flags = [((ratio > cfg.eps_high) & (adv > 0)).float()]
-        parts = [(x * maskf).sum() for x in [entropies] + flags]
+        elif cfg.surrogate == "vespo":  # TRL's get_gamma_weights, from the (clamped) token log-ratios
+            x = torch.where(maskf > 0, torch.log(pt["ratio"].clamp(min=1e-30)), torch.zeros_like(maskf))
+            log_w = x.sum(-1, keepdim=True).clamp(VESPO_LOG_W_MIN, 20.0)
+            pos = adv >= 0
+            k = torch.where(pos, torch.full_like(adv, cfg.vespo_k_pos), torch.full_like(adv, cfg.vespo_k_neg))
+            lam_v = torch.where(pos, torch.full_like(adv, cfg.vespo_lambda_pos),
+                                torch.full_like(adv, cfg.vespo_lambda_neg)).clamp(min=VESPO_LAMBDA_MIN)
+            phi = torch.exp(lam_v + k * log_w - lam_v * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0,
+                                                                                    neginf=0.0)
+            flags = [phi]
+        if per_row:  # one value per row: sums over rows, counted by rows
+            sums = [(x * maskf).sum() for x in [entropies]] + [x.sum() for x in flags]
+            row_count = torch.tensor(float(adv.shape[0]), device=maskf.device)
+        else:
+            sums = [(x * maskf).sum() for x in [entropies] + [f.expand_as(maskf) for f in flags]]
+            row_count = None
         if self.beta != 0.0:
-            parts.append((pt["kl"] * maskf).sum())
-        parts.append(maskf.sum())
-        totals = self.accelerator.reduce(torch.stack(parts).float(), reduction="sum")
-        count = totals[-1].clamp(min=1.0)
-        means = (totals[:-1] / count).tolist()
+            sums.append((pt["kl"] * maskf).sum())
+        sums.append(maskf.sum())
+        if row_count is not None:
+            sums.append(row_count)
+        totals = self.accelerator.reduce(torch.stack(sums).float(), reduction="sum")
+        tokens = totals[-2 if row_count is not None else -1].clamp(min=1.0)
+        rows = totals[-1].clamp(min=1.0) if row_count is not None else tokens
+        means = [float(totals[0] / tokens)] + [float(t / rows) for t in totals[1:1 + len(flags)]]
+        if self.beta != 0.0:
+            means.append(float(totals[1 + len(flags)] / tokens))
         m = self._metrics[mode]
         if self.beta != 0.0:
             m["kl"].append(means[-1])
@@ -420,12 +473,17 @@ class LambdaGRPOTrainer(GRPOTrainer):
             m["clip_ratio/low_mean"].append(means[1])
             m["clip_ratio/high_mean"].append(means[2])
             m["clip_ratio/region_mean"].append(means[3])
-            per_seq = torch.stack([(low * maskf).sum(-1), (high * maskf).sum(-1)], dim=1) / maskf.sum(-1, keepdim=True)
+            if per_row:
+                per_seq = torch.cat([low, high], dim=1)
+            else:
+                per_seq = torch.stack([(low * maskf).sum(-1), (high * maskf).sum(-1)], dim=1) / n
             per_seq = self.accelerator.gather(per_seq)
             m["clip_ratio/low_min"].append(nanmin(per_seq[:, 0]).item())
             m["clip_ratio/high_max"].append(nanmax(per_seq[:, 1]).item())
         elif cfg.surrogate == "cispo":
             m["cispo_clip_ratio"].append(means[1])
+        elif cfg.surrogate == "vespo":
+            m["vespo/phi_seq_mean"].append(means[1])
         if self.lam is not None:
             m["lambda"].append(float(self.lam.detach()))
 
