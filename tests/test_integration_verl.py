@@ -10,8 +10,9 @@ What is checked, and why:
   (global_batch_info empty) and with dp_size = 2 global counts, with and without
   rollout_is_weights: loss, d(loss)/d(logp) and vanilla's metrics; likewise "lambda_grpo_cispo"
   against verl's `cispo` (with clip_ratio_low >= 1, where verl's two-sided clip is the one-sided
-  cap, the cap binding) and "lambda_grpo_sapo" against verl's `sapo` (temperatures off the
-  defaults);
+  cap, the cap binding), "lambda_grpo_sapo" against verl's `sapo` (temperatures off the
+  defaults) and "lambda_grpo_gspo" against verl's `gspo` (sequence-level ratio; advantages and IS
+  weights constant along rows, where the two agree; varying ones refused);
 - the same through verl's whole actor loss `ppo_loss` (TensorDict batch, unpadded model output,
   KL and entropy added by verl), and the typed config (`omega_conf_to_dataclass` of the generated
   actor yaml with policy_loss._target_ = LambdaGRPOPolicyLossConfig) reaching the loss;
@@ -53,7 +54,8 @@ MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "seq-me
 # the other registered losses, each with the actor-config fields of verl's loss of that name:
 # cispo's cap 1 + clip_ratio_high = 1.28 binds on this batch, and clip_ratio_low = 1 keeps verl's
 # lower clip (at 1 - clip_ratio_low = 0) from binding; SAPO's temperatures are off the defaults
-VARIANTS = {"cispo": dict(clip_ratio_low=1.0, clip_ratio_high=0.28), "sapo": dict(tau_pos=1.5, tau_neg=2.0)}
+VARIANTS = {"cispo": dict(clip_ratio_low=1.0, clip_ratio_high=0.28), "sapo": dict(tau_pos=1.5, tau_neg=2.0),
+            "gspo": dict(clip_ratio_low=0.1, clip_ratio_high=0.12)}
 SKIP_REASON = ("verl is not importable (install it as `make test` does: pip install --no-deps verl==0.9.1 plus "
                "tensordict omegaconf hydra-core codetiming orjson pillow)")
 RAY_STUB = textwrap.dedent("""
@@ -220,6 +222,8 @@ def test_registered_variants_equal_verls(verl_mods, variant, mode, dp, weights):
     """lambda_grpo_cispo = verl's cispo (clip_ratio_low >= 1), lambda_grpo_sapo = verl's sapo (which
     aggregates seq-mean-token-mean whatever loss_agg_mode says): loss, dlogp, metrics."""
     b, kw = _batch(), VARIANTS[variant]
+    if variant == "gspo":  # sequence-level IS weights: one per row (per-token ones are refused, below)
+        b["weights"] = b["weights"][:, :1].expand(B, T).contiguous()
     l_ref, g_ref, m_ref = _policy_loss(verl_mods, variant, b, mode, dp, weights, **kw)
     l_ours, g_ours, m_ours = _policy_loss(verl_mods, f"lambda_grpo_{variant}", b, mode, dp, weights, **kw)
     assert _digits(l_ref.item(), l_ours.item()) >= 6.5, (l_ref.item(), l_ours.item())
@@ -227,8 +231,8 @@ def test_registered_variants_equal_verls(verl_mods, variant, mode, dp, weights):
     assert set(m_ours) == set(m_ref)
     for k in m_ref:
         assert m_ours[k] == pytest.approx(m_ref[k], rel=1e-6, abs=1e-7), k
-    if variant == "cispo":
-        assert m_ref["actor/pg_clipfrac"] > 0.05  # the cap binds
+    if variant in ("cispo", "gspo"):
+        assert m_ref["actor/pg_clipfrac"] > 0.05  # the cap / the clip binds
 
 
 def test_modes_and_normalisers_matter(verl_mods):
@@ -330,15 +334,18 @@ def test_traces_reach_the_variants(verl_mods, lv, variant):
     """LambdaGRPOPolicyLossConfig's trace and adv_clamp_min reach lambda_grpo_cispo / _sapo: the loss is
     a direct grpo_loss_from_logprobs call with the mapped config, and differs from verl's own."""
     v, b = verl_mods, _batch()
+    mode = "weight" if variant == "gspo" else "ratio"  # the sequence ratio takes no ratio-mode trace
     pl = lv.LambdaGRPOPolicyLossConfig(loss_mode=f"lambda_grpo_{variant}", trace="recent", trace_decay=0.9,
-                                       adv_clamp_min=-0.1)
+                                       trace_mode=mode, adv_clamp_min=-0.1)
     cfg = _actor_config(v, "seq-mean-token-mean", policy_loss=pl, gbi=_gbi(2, b["mask"]), **VARIANTS[variant])
     loss, _ = v.core_algos.get_policy_loss_fn(f"lambda_grpo_{variant}")(
         old_log_prob=b["old"], log_prob=b["logp"], advantages=b["adv"], response_mask=b["mask"],
         loss_agg_mode="seq-mean-token-mean", config=cfg)
-    fields = dict(eps_high=1.28) if variant == "cispo" else dict(sapo_tau_pos=1.5, sapo_tau_neg=2.0)
+    fields = {"cispo": dict(surrogate="cispo", eps_high=1.28),
+              "sapo": dict(surrogate="sapo", sapo_tau_pos=1.5, sapo_tau_neg=2.0),
+              "gspo": dict(importance_sampling="sequence", eps_low=0.1, eps_high=0.12)}[variant]
     want = lg.grpo_loss_from_logprobs(b["logp"], b["mask"], b["adv"], 1, old_logp=b["old"], config=lg.LossConfig(
-        aggregation="grpo", surrogate=variant, trace="recent", trace_decay=0.9, adv_clamp_min=-0.1, **fields),
+        aggregation="grpo", trace="recent", trace_decay=0.9, trace_mode=mode, adv_clamp_min=-0.1, **fields),
         num_sequences=(B * 2 + 3) / 2).loss
     assert loss.item() == pytest.approx(want.item(), rel=1e-6)
     plain = _policy_loss(v, variant, b, "seq-mean-token-mean", 2, False, **VARIANTS[variant])[0]
@@ -414,6 +421,16 @@ def test_refusals(verl_mods, lv):
     with pytest.raises(ValueError, match="tau_pos"):
         v.core_algos.get_policy_loss_fn("lambda_grpo_sapo")(**args, loss_agg_mode="token-mean",
                                                             config=_actor_config(v, "token-mean", tau_pos=0.0))
+    # gspo: per-token advantages or IS weights (where verl's GSPO-token gradient differs from ours)
+    gspo = v.core_algos.get_policy_loss_fn("lambda_grpo_gspo")
+    cfg = _actor_config(v, "token-mean")
+    with pytest.raises(ValueError, match="rollout_is_weights vary along a row"):
+        gspo(**args, loss_agg_mode="token-mean", config=cfg, rollout_is_weights=b["weights"])
+    with pytest.raises(ValueError, match="advantages vary along a row"):
+        gspo(**dict(args, advantages=b["adv"] + torch.rand(B, T)), loss_agg_mode="token-mean", config=cfg)
+    gspo(**args, loss_agg_mode="token-mean", config=cfg)  # row-constant advantages (GRPO's): fine
+    with pytest.raises(ValueError, match="LossConfig.importance_sampling"):
+        lv.LambdaGRPOPolicyLossConfig(loss_mode="lambda_grpo_gspo", trace="recent")
     with pytest.raises(ValueError, match="LossConfig.trace"):
         lv.LambdaGRPOPolicyLossConfig(trace="all")
     with pytest.raises(ValueError, match="LossConfig.trace_decay"):
@@ -433,7 +450,7 @@ def test_plain_import_verl_registers_the_loss(verl_mods, tmp_path):
         assert ("lambda_grpo", "lambda_grpo.integrations.verl") in eps, eps
         import verl
         from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
-        for name in ("lambda_grpo", "lambda_grpo_cispo", "lambda_grpo_sapo"):
+        for name in ("lambda_grpo", "lambda_grpo_cispo", "lambda_grpo_sapo", "lambda_grpo_gspo"):
             assert name in POLICY_LOSS_REGISTRY, sorted(POLICY_LOSS_REGISTRY)
         assert "lambda_grpo.integrations.verl" in sys.modules
         print("ok")

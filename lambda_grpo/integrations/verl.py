@@ -1,7 +1,7 @@
 """lambda_grpo inside verl 0.9 (tested with verl 0.9.1; docs/integrations.md, "verl").
 
 **Tier 1: registered policy losses.** Where verl is importable, importing this module registers
-three losses with verl's ``register_policy_loss``, each verl's own loss of the same suffix computed
+four losses with verl's ``register_policy_loss``, each verl's own loss of the same suffix computed
 by :func:`lambda_grpo.grpo_loss_from_logprobs` from verl's config fields, plus GRPO-λ eligibility
 traces and ``adv_clamp_min`` from :class:`LambdaGRPOPolicyLossConfig`:
 
@@ -14,13 +14,21 @@ traces and ``adv_clamp_min`` from :class:`LambdaGRPOPolicyLossConfig`:
   ``clip_ratio_low`` (verl's default 0.2) is refused with that fix, never computed differently;
 - ``"lambda_grpo_sapo"``: verl's ``sapo`` (soft gate, temperatures ``tau_pos``/``tau_neg`` of the
   actor config). As verl's ``sapo`` it always aggregates ``seq-mean-token-mean``, whatever
-  ``loss_agg_mode`` says.
+  ``loss_agg_mode`` says;
+- ``"lambda_grpo_gspo"``: verl's ``gspo`` (the sequence-level ratio, ``LossConfig.importance_sampling
+  = "sequence"``, clipped to [1 - clip_ratio_low, 1 + clip_ratio_high], no dual clip). verl's
+  "GSPO-token" ratio sg(s_i)·π_t/sg(π_t) sends each token's gradient to its own log-prob, ours
+  (TRL's) spreads it over the row's tokens; with a weight that is constant along each row (every
+  aggregation here) the two gradients are the same exactly when the advantages and the
+  ``rollout_is_weights`` are constant along each row (GRPO's, and verl's sequence-level IS):
+  a row where they vary is refused with a ``ValueError``. verl also clamps the log sequence
+  ratio at 10 where ours clamps at ±20 (a ratio above e^10 only).
 
-``rollout_is_weights`` are per-token weights of the surrogate in all three. verl finds the
+``rollout_is_weights`` are per-token weights of the surrogate in all four. verl finds the
 module by itself: the ``verl.plugins`` entry point in lambda-grpo's pyproject.toml makes every
 process that runs ``import verl`` (every Ray worker) load it. Select a loss with
 ``actor_rollout_ref.actor.policy_loss.loss_mode=lambda_grpo`` (or ``lambda_grpo_cispo``,
-``lambda_grpo_sapo``). verl's ``loss_agg_mode`` maps to our aggregation, with verl's
+``lambda_grpo_sapo``, ``lambda_grpo_gspo``). verl's ``loss_agg_mode`` maps to our aggregation, with verl's
 ``global_batch_info`` counts divided by ``dp_size`` (each rank's loss is averaged over the
 data-parallel ranks):
 
@@ -70,14 +78,19 @@ from ..config import LossConfig
 
 __all__ = ["LOSS_NAME", "LOSS_NAMES", "AGG_MODES", "VERL_TESTED", "verl_available", "register",
            "compute_policy_loss_lambda_grpo", "compute_policy_loss_lambda_grpo_cispo",
-           "compute_policy_loss_lambda_grpo_sapo", "loss_config_from_verl", "normalisers_from_verl",
+           "compute_policy_loss_lambda_grpo_sapo", "compute_policy_loss_lambda_grpo_gspo", "loss_config_from_verl",
+           "normalisers_from_verl",
            "group_lengths_from_uid", "LambdaState", "lambda_grpo_actor_loss", "GROUP_LENGTHS_KEY",
            "GROUP_INDEX_KEY"]  # + LambdaGRPOPolicyLossConfig with verl
 
 VERL_TESTED = "0.9.1"
 LOSS_NAME = "lambda_grpo"
-# registered name -> LossConfig.surrogate (verl's vanilla, cispo, sapo)
-LOSS_NAMES = {LOSS_NAME: "clip", "lambda_grpo_cispo": "cispo", "lambda_grpo_sapo": "sapo"}
+# registered name -> the verl loss it computes
+LOSS_NAMES = {LOSS_NAME: "vanilla", "lambda_grpo_cispo": "cispo", "lambda_grpo_sapo": "sapo",
+              "lambda_grpo_gspo": "gspo"}
+# verl loss -> the LossConfig fields that make it
+VERL_LOSSES = {"vanilla": dict(surrogate="clip"), "cispo": dict(surrogate="cispo"), "sapo": dict(surrogate="sapo"),
+               "gspo": dict(surrogate="clip", importance_sampling="sequence")}
 # verl loss_agg_mode -> our aggregation (docs/math.md §6)
 AGG_MODES = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "seq-mean-token-sum-norm": "dr_grpo",
              "seq-mean-token-sum": "seq_mean_token_sum", "token-sum": "token_sum"}
@@ -137,13 +150,15 @@ def _loss_scale_factor(config) -> int:
 
 
 def loss_config_from_verl(config, loss_agg_mode: str, *, aggregation: Optional[str] = None, beta: float = 0.0,
-                          kl_estimator: str = "k3", entropy_coef: float = 0.0, surrogate: str = "clip") -> LossConfig:
-    """The LossConfig equal to verl's policy loss under ``config`` (an actor config): ``vanilla``
-    (``surrogate="clip"``), ``cispo`` or ``sapo``.
+                          kl_estimator: str = "k3", entropy_coef: float = 0.0,
+                          verl_loss: str = "vanilla") -> LossConfig:
+    """The LossConfig equal to verl's policy loss ``verl_loss`` (``vanilla``, ``cispo``, ``sapo`` or
+    ``gspo``) under ``config`` (an actor config).
 
-    - clip: ``eps_low``/``eps_high`` from ``clip_ratio_low``/``clip_ratio_high`` (each falling back
+    - vanilla: ``eps_low``/``eps_high`` from ``clip_ratio_low``/``clip_ratio_high`` (each falling back
       to ``clip_ratio``, as ``vanilla``), ``dual_clip = clip_ratio_c`` (``vanilla`` always
       dual-clips);
+    - gspo: the same clip range, ``importance_sampling="sequence"``, no dual clip;
     - cispo: ``eps_high = 1 + clip_ratio_high``, the cap of verl's clip(ρ, 1 - low, 1 + high);
       refused unless ``clip_ratio_low >= 1`` (verl's lower bound must not bind: ours has none);
     - sapo: ``sapo_tau_pos/neg = tau_pos/tau_neg``; no clip.
@@ -159,17 +174,19 @@ def loss_config_from_verl(config, loss_agg_mode: str, *, aggregation: Optional[s
     high = _get(config, "clip_ratio_high")
     low, high = float(clip if low is None else low), float(clip if high is None else high)
     pl = _get(config, "policy_loss")
-    fields = dict(aggregation=aggregation, surrogate=surrogate, eps_low=low, eps_high=high)
-    if surrogate == "clip":
+    if verl_loss not in VERL_LOSSES:
+        raise _error(f"verl_loss: expected one of {sorted(VERL_LOSSES)}, got {verl_loss!r}")
+    fields = dict(aggregation=aggregation, eps_low=low, eps_high=high, **VERL_LOSSES[verl_loss])
+    if verl_loss == "vanilla":
         fields["dual_clip"] = float(_get(config, "clip_ratio_c", 3.0))
-    elif surrogate == "cispo":
+    elif verl_loss == "cispo":
         if not low >= 1:
             raise _error(f"loss_mode 'lambda_grpo_cispo' with clip_ratio_low = {low}: verl's cispo clips the ratio "
                          f"below at 1 - clip_ratio_low as well, lambda_grpo's CISPO (MiniMax-M1's, TRL's) caps it "
                          f"above only, at 1 + clip_ratio_high. They are the same loss when the lower bound cannot "
                          f"bind: set actor.clip_ratio_low=1.0 (or use verl's own loss_mode=cispo)")
         fields["eps_high"] = 1.0 + high
-    else:  # sapo
+    elif verl_loss == "sapo":
         fields.update(sapo_tau_pos=float(_get(config, "tau_pos", 1.0)),
                       sapo_tau_neg=float(_get(config, "tau_neg", 1.05)))
     fields.update(
@@ -251,27 +268,55 @@ def _pg_metrics(out, log_prob, old_log_prob, advantages, mask, cfg: LossConfig) 
         return {k: float(v) for k, v in vals.items()}
 
 
-def _pg_metrics_no_clip(out, log_prob, old_log_prob, mask, cfg: LossConfig) -> dict:
-    """verl's ``cispo`` and ``sapo`` metrics: pg_clipfrac the fraction of tokens whose ratio the clip
-    changed (cispo: above the cap 1 + clip_ratio_high; the lower bound cannot bind here; sapo: 0),
-    pg_clipfrac_lower 0, ppo_kl the mean of old - logp."""
+def _pg_metrics_no_clip(out, log_prob, old_log_prob, mask, cfg: LossConfig, advantages) -> dict:
+    """verl's ``cispo``, ``sapo`` and ``gspo`` metrics: pg_clipfrac the fraction of tokens whose ratio
+    the clip changed (cispo: above the cap 1 + clip_ratio_high, the lower bound cannot bind here;
+    gspo: the clipped term is the larger loss, i.e. A > 0 above 1 + high or A < 0 below 1 - low;
+    sapo: 0), pg_clipfrac_lower 0, ppo_kl the mean of old - logp."""
     with torch.no_grad():
         x = (log_prob.detach() - old_log_prob.detach()).clamp(-20.0, 20.0)
+        rho = out.per_token["ratio"]
         clipfrac = 0.0
         if cfg.surrogate == "cispo":
-            clipfrac = float(_masked_mean((out.per_token["ratio"] > cfg.eps_high).to(x.dtype), mask))
+            clipfrac = float(_masked_mean((rho > cfg.eps_high).to(x.dtype), mask))
+        elif cfg.surrogate == "clip":  # gspo
+            A = advantages.detach().to(rho.dtype)
+            A = (A[:, None] if A.dim() == 1 else A).expand_as(rho)
+            if cfg.adv_clamp_min is not None:
+                A = A.clamp_min(cfg.adv_clamp_min)
+            clipped = ((A > 0) & (rho > 1 + cfg.eps_high)) | ((A < 0) & (rho < 1 - cfg.eps_low))
+            clipfrac = float(_masked_mean(clipped.to(x.dtype), mask))
         return {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": float(_masked_mean(-x, mask)),
                 "actor/pg_clipfrac_lower": 0.0}
 
 
-def _policy_loss(surrogate: str, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+def _constant_along_rows(x: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether (B, T) x takes one value on the valid tokens of each row (one host sync)."""
+    big = torch.finfo(x.dtype).max if x.dtype.is_floating_point else torch.iinfo(x.dtype).max
+    hi = torch.where(mask, x, torch.full_like(x, -big)).amax(dim=-1)
+    lo = torch.where(mask, x, torch.full_like(x, big)).amin(dim=-1)
+    return bool(((hi == lo) | ~mask.any(dim=-1)).all())
+
+
+def _check_gspo(advantages, rollout_is_weights, mask) -> None:
+    for name, x in (("advantages", advantages), ("rollout_is_weights", rollout_is_weights)):
+        if x is not None and x.dim() == 2 and not _constant_along_rows(x.detach(), mask):
+            raise _error(f"loss_mode 'lambda_grpo_gspo': {name} vary along a row. verl's gspo sends each token's "
+                         f"gradient to its own log-prob, lambda_grpo's sequence ratio spreads it over the row; the "
+                         f"two agree only with {name} constant along each row (GRPO's advantages, sequence-level "
+                         f"rollout IS): use verl's own loss_mode=gspo here")
+
+
+def _policy_loss(verl_loss: str, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                  rollout_is_weights):
     if config is None:
         raise _error("the policy loss needs the actor config (config=None)")
-    if surrogate == "sapo":
+    if verl_loss == "sapo":
         loss_agg_mode = SAPO_AGG_MODE
     mask = response_mask if response_mask.dtype == torch.bool else response_mask != 0
-    cfg = loss_config_from_verl(config, loss_agg_mode, surrogate=surrogate)
+    if verl_loss == "gspo":
+        _check_gspo(advantages, rollout_is_weights, mask)
+    cfg = loss_config_from_verl(config, loss_agg_mode, verl_loss=verl_loss)
     norms = normalisers_from_verl(config, loss_agg_mode, mask)
     out = grpo_loss_from_logprobs(log_prob, mask, advantages, 1, old_logp=old_log_prob, config=cfg,
                                   token_weights=rollout_is_weights, return_per_token=True, **norms)
@@ -279,9 +324,9 @@ def _policy_loss(surrogate: str, old_log_prob, log_prob, advantages, response_ma
     if cfg.aggregation == "token_sum":  # verl: the local sum times dp_size (DP averages the gradients)
         dp = _dp_size(config)
         loss = loss * dp if dp != 1 else loss
-    if surrogate == "clip":
+    if verl_loss == "vanilla":
         return loss, _pg_metrics(out, log_prob, old_log_prob, advantages, mask, cfg)
-    return loss, _pg_metrics_no_clip(out, log_prob, old_log_prob, mask, cfg)
+    return loss, _pg_metrics_no_clip(out, log_prob, old_log_prob, mask, cfg, advantages)
 
 
 def compute_policy_loss_lambda_grpo(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -290,7 +335,7 @@ def compute_policy_loss_lambda_grpo(old_log_prob: torch.Tensor, log_prob: torch.
     """verl policy loss ``"lambda_grpo"``: verl's ``vanilla`` (the signature of verl's
     ``PolicyLossFn``; verl calls it by keyword). Returns ``(pg_loss, metrics)`` with ``vanilla``'s
     metric names."""
-    return _policy_loss("clip", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+    return _policy_loss("vanilla", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                         rollout_is_weights)
 
 
@@ -316,8 +361,21 @@ def compute_policy_loss_lambda_grpo_sapo(old_log_prob: torch.Tensor, log_prob: t
                         rollout_is_weights)
 
 
+def compute_policy_loss_lambda_grpo_gspo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
+                                         advantages: torch.Tensor, response_mask: torch.Tensor,
+                                         loss_agg_mode: str = "token-mean", config=None,
+                                         rollout_is_weights: Optional[torch.Tensor] = None):
+    """verl policy loss ``"lambda_grpo_gspo"``: verl's ``gspo`` (the sequence-level ratio, clip range
+    ``clip_ratio_low``/``clip_ratio_high``), for advantages and ``rollout_is_weights`` constant along
+    each row (refused otherwise: module docstring). Returns ``(pg_loss, metrics)`` with ``gspo``'s
+    metric names."""
+    return _policy_loss("gspo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                        rollout_is_weights)
+
+
 _LOSS_FNS = {LOSS_NAME: compute_policy_loss_lambda_grpo, "lambda_grpo_cispo": compute_policy_loss_lambda_grpo_cispo,
-             "lambda_grpo_sapo": compute_policy_loss_lambda_grpo_sapo}
+             "lambda_grpo_sapo": compute_policy_loss_lambda_grpo_sapo,
+             "lambda_grpo_gspo": compute_policy_loss_lambda_grpo_gspo}
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,7 +438,7 @@ if _VERL_ERROR is None:
                              f"set actor_rollout_ref.actor.policy_loss.loss_mode={LOSS_NAME}")
             try:
                 LossConfig(trace=self.trace, trace_decay=self.trace_decay, trace_mode=self.trace_mode,
-                           adv_clamp_min=self.adv_clamp_min, surrogate=LOSS_NAMES[self.loss_mode])
+                           adv_clamp_min=self.adv_clamp_min, **VERL_LOSSES[LOSS_NAMES[self.loss_mode]])
             except ValueError as e:
                 raise _error(f"LambdaGRPOPolicyLossConfig: {e}") from e
 
