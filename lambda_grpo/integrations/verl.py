@@ -421,7 +421,7 @@ if _VERL_ERROR is None:
         Select it in the actor config with
         ``actor_rollout_ref.actor.policy_loss._target_=lambda_grpo.integrations.verl.LambdaGRPOPolicyLossConfig``,
         ``actor_rollout_ref.actor.policy_loss.loss_mode=lambda_grpo`` (or ``lambda_grpo_cispo``,
-        ``lambda_grpo_sapo``) and e.g. ``+actor_rollout_ref.actor.policy_loss.trace=recent``.
+        ``lambda_grpo_sapo``, ``lambda_grpo_gspo``) and e.g. ``+actor_rollout_ref.actor.policy_loss.trace=recent``.
         ``loss_mode`` must be a loss that reads these fields (one of ``LOSS_NAMES``): any other is
         refused, so that a trace is never silently dropped."""
 
