@@ -46,7 +46,8 @@ from typing import Optional
 import torch
 
 from ..api import grpo_loss, grpo_loss_from_logprobs
-from ..config import TRACE_MODES, TRACE_STYLES, VESPO_LAMBDA_MIN, VESPO_LOG_W_MIN, LossConfig
+from ..config import TRACE_MODES, TRACE_STYLES, LossConfig
+from .._rowmath import vespo_weight
 from .._validate import BACKENDS
 
 try:
@@ -437,16 +438,12 @@ class LambdaGRPOTrainer(GRPOTrainer):
             flags = [low, high, ((low + high) > 0).float()]
         elif cfg.surrogate == "cispo":
             flags = [((ratio > cfg.eps_high) & (adv > 0)).float()]
-        elif cfg.surrogate == "vespo":  # TRL's get_gamma_weights, from the (clamped) token log-ratios
+        elif cfg.surrogate == "vespo":  # the loss's own phi rule, from the (clamped) token log-ratios
             x = torch.where(maskf > 0, torch.log(pt["ratio"].clamp(min=1e-30)), torch.zeros_like(maskf))
-            log_w = x.sum(-1, keepdim=True).clamp(VESPO_LOG_W_MIN, 20.0)
-            pos = adv >= 0
-            k = torch.where(pos, torch.full_like(adv, cfg.vespo_k_pos), torch.full_like(adv, cfg.vespo_k_neg))
-            lam_v = torch.where(pos, torch.full_like(adv, cfg.vespo_lambda_pos),
-                                torch.full_like(adv, cfg.vespo_lambda_neg)).clamp(min=VESPO_LAMBDA_MIN)
-            phi = torch.exp(lam_v + k * log_w - lam_v * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0,
-                                                                                    neginf=0.0)
-            flags = [phi]
+            # every position counts (x is 0 off the mask): an empty row gets TRL's phi(w = 1), not 0
+            phi = vespo_weight(x, torch.ones_like(maskf, dtype=torch.bool), adv.expand_as(x), cfg)
+            phi = phi[:, :1] if adv.shape[1] == 1 else phi
+            flags = [phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)]  # as TRL logs it
         if per_row:  # one value per row: sums over rows, counted by rows
             sums = [(x * maskf).sum() for x in [entropies]] + [x.sum() for x in flags]
             row_count = torch.tensor(float(adv.shape[0]), device=maskf.device)

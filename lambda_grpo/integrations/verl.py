@@ -74,7 +74,7 @@ import numpy as np
 import torch
 
 from ..api import grpo_loss_from_logprobs
-from ..config import LossConfig
+from ..config import LOG_RATIO_CLAMP, LossConfig
 
 __all__ = ["LOSS_NAME", "LOSS_NAMES", "AGG_MODES", "VERL_TESTED", "verl_available", "register",
            "compute_policy_loss_lambda_grpo", "compute_policy_loss_lambda_grpo_cispo",
@@ -262,7 +262,7 @@ def _pg_metrics(out, log_prob, old_log_prob, advantages, mask, cfg: LossConfig) 
         rho = out.per_token["ratio"]
         s1 = torch.maximum(-A * rho, -A * rho.clamp(1 - cfg.eps_low, 1 + cfg.eps_high))
         lower = (s1 > -A * cfg.dual_clip) & (A < 0)
-        x = (log_prob.detach() - old_log_prob.detach()).clamp(-20.0, 20.0)
+        x = (log_prob.detach() - old_log_prob.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         vals = {"actor/pg_clipfrac": out.metrics["clip_frac"], "actor/ppo_kl": _masked_mean(-x, mask),
                 "actor/pg_clipfrac_lower": _masked_mean(lower.to(rho.dtype), mask)}
         return {k: float(v) for k, v in vals.items()}
@@ -274,7 +274,7 @@ def _pg_metrics_no_clip(out, log_prob, old_log_prob, mask, cfg: LossConfig, adva
     gspo: the clipped term is the larger loss, i.e. A > 0 above 1 + high or A < 0 below 1 - low;
     sapo: 0), pg_clipfrac_lower 0, ppo_kl the mean of old - logp."""
     with torch.no_grad():
-        x = (log_prob.detach() - old_log_prob.detach()).clamp(-20.0, 20.0)
+        x = (log_prob.detach() - old_log_prob.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         rho = out.per_token["ratio"]
         clipfrac = 0.0
         if cfg.surrogate == "cispo":
