@@ -152,7 +152,8 @@ def _(logits, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num
     dtype = compute_dtype(logits.dtype)
     fused = need_grad and not cfg.ratio_trace
     grad = logits.new_empty(logits.shape) if (fused and not inplace) else logits.new_empty(0)
-    rows = logits.new_empty(5, logits.numel() // logits.shape[-1], dtype=dtype) if (need_grad and not fused) else logits.new_empty(0, dtype=dtype)
+    n_rows = logits.numel() // logits.shape[-1]  # B*T, or N packed
+    rows = logits.new_empty(5, n_rows, dtype=dtype) if (need_grad and not fused) else logits.new_empty(0, dtype=dtype)
     loss, metrics, seq_weight, dlam, toks = _fake_row_outputs(cfg, ref_logp is not None, per_token, logits, B, T, dtype)
     return loss, metrics, seq_weight, dlam, grad, rows, toks
 

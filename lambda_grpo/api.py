@@ -85,10 +85,12 @@ def grpo_loss(
         row i: traces never cross a boundary, lengths and lambda-GRPO groups (G contiguous
         segments, or group_lengths/group_index) come from the segments, and dr_grpo's default L
         (max_completion_length None) is T_max, the longest segment. The result equals that of the
-        same batch padded to (B, T_max), gradients (N, V). No padding copy
-        of the (N, V) logits is made: only the O(N) per-token tensors are scattered into a (B, T_max)
-        layout for the row math and d(loss)/d(logp) is gathered back (lambda_grpo/_packed.py).
-        cu_seqlens is read on the host once (its checks and T_max). `per_token` outputs are (N,).
+        same batch padded to (B, T_max); dlogits are (N, V). No padding copy of the logits is
+        made: the vocabulary passes (torch engine, Triton kernels) run on the packed (N, V) rows
+        as they are; only the O(N) per-token tensors are scattered into a (B, T_max) layout for
+        the row math (the Triton row kernel unchanged) and d(loss)/d(logp) is gathered back to
+        packed order (lambda_grpo/_packed.py). cu_seqlens is read on the host once (its checks
+        and T_max). `per_token` outputs are (N,).
 
     Returns: LossOutput(loss 0-d, metrics dict, per_token). No gradient flows to advantages,
     old_logp, ref_logp or the normalisers.
@@ -143,18 +145,10 @@ def grpo_loss_from_logprobs(
         (entropy_coef != 0 or compute_entropy).
       mask, advantages, group_size, old_logp, ref_logp, lam, config, num_tokens, num_sequences,
       group_lengths, group_index, token_weights, return_per_token: as in :func:`grpo_loss`.
-      cu_seqlens: packed (varlen) inputs, as TRL's padding_free and verl's use_remove_padding:
-        (B+1,) int32/int64 cumulative segment offsets (cu_seqlens[0] = 0, non-decreasing, last =
-        N). Then logp, entropy, tokens, mask, old_logp, ref_logp, token_weights are (N,) and
-        advantages (B,) per segment or (N,) per token (a 1-d tensor of length B is per segment,
-        also when B == N). Segment i (tokens cu_seqlens[i]:cu_seqlens[i+1], possibly empty) is
-        row i: traces never cross a boundary, lengths and lambda-GRPO groups (G contiguous
-        segments, or group_lengths/group_index) come from the segments, and dr_grpo's default L
-        (max_completion_length None) is T_max, the longest segment. The result equals that of the
-        same batch padded to (B, T_max), gradients to logp and entropy (N,). No padding copy
-        of the log-probs (only O(N) values exist here) is made: only the O(N) per-token tensors are scattered into a (B, T_max)
-        layout for the row math and d(loss)/d(logp) is gathered back (lambda_grpo/_packed.py).
-        cu_seqlens is read on the host once (its checks and T_max). `per_token` outputs are (N,).
+      cu_seqlens: packed (varlen) inputs (B+1,) as in :func:`grpo_loss`: then logp, entropy, mask,
+        old_logp, ref_logp, token_weights are (N,) and advantages (B,) or (N,). The log-probs are
+        scattered into the (B, T_max) row layout by an autograd index op (O(N)), so the gradients
+        to logp and entropy come back (N,); `per_token` outputs are (N,).
 
     Computed by the closed-form row math (lambda_grpo/_rowmath.py) behind the custom op
     lambda_grpo::rows_fwd, on any device, eager or compiled. Gradients reach logp, entropy and lam.
@@ -200,18 +194,10 @@ def fused_linear_grpo_loss(
         projection scores tokens[b, t] (``model.model(ids).last_hidden_state[:, P-1:-1]``).
       weight: (V, H) the LM head's weight (same dtype and device); bias: (V,) or None.
       The rest as in :func:`grpo_loss`.
-      cu_seqlens: packed (varlen) inputs, as TRL's padding_free and verl's use_remove_padding:
-        (B+1,) int32/int64 cumulative segment offsets (cu_seqlens[0] = 0, non-decreasing, last =
-        N). Then hidden is (N, H), tokens, mask, old_logp, ref_logp, token_weights are (N,) and
-        advantages (B,) per segment or (N,) per token (a 1-d tensor of length B is per segment,
-        also when B == N). Segment i (tokens cu_seqlens[i]:cu_seqlens[i+1], possibly empty) is
-        row i: traces never cross a boundary, lengths and lambda-GRPO groups (G contiguous
-        segments, or group_lengths/group_index) come from the segments, and dr_grpo's default L
-        (max_completion_length None) is T_max, the longest segment. The result equals that of the
-        same batch padded to (B, T_max), gradients to hidden (N, H). No padding copy
-        of the (N, H) hidden states (and no logits at all) is made: only the O(N) per-token tensors are scattered into a (B, T_max)
-        layout for the row math and d(loss)/d(logp) is gathered back (lambda_grpo/_packed.py).
-        cu_seqlens is read on the host once (its checks and T_max). `per_token` outputs are (N,).
+      cu_seqlens: packed (varlen) inputs (B+1,) as in :func:`grpo_loss`: then hidden is (N, H), tokens,
+        mask, old_logp, ref_logp, token_weights (N,) and advantages (B,) or (N,). The chunks walk
+        the packed rows of hidden directly (no padding copy, no (B, T_max, H) tensor); dhidden is
+        (N, H); `per_token` outputs are (N,).
 
     Tokens are processed in chunks (lambda_grpo/_linear.py: logits of a chunk = h @ W^T with fp32
     accumulation, the engine's fused vocabulary pass, dh = dlogits W, dW += dlogits^T h), so the
