@@ -21,11 +21,13 @@ valid tokens come in the same order in both layouts (the chunked passes see the 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Dict, Optional, Tuple
 
 import torch
 
 from .output import LossOutput
+from .reference import reference_rows, reference_vocab
 
 PACKED_HINT = "(packed: cu_seqlens given)"
 
@@ -135,8 +137,6 @@ def reference_packed_loss(logits: torch.Tensor, batch, cfg, out_dtype, per_token
     """The float64 reference for packed logits (N, V) (or hidden @ W^T): per-token log-probs on
     the packed rows, padded explicitly into (B, T) by an autograd scatter, then the reference row
     math; gradients come back packed through the scatter."""
-    from .reference import reference_rows, reference_vocab
-
     pos = batch.packed_pos
     B, T = batch.mask.shape
     tok, m = from_rows(batch.tokens, pos), from_rows(batch.mask, pos)
@@ -152,8 +152,6 @@ def row_layout(batch, pos: Optional[torch.Tensor]):
     reads, with mask and tokens in (B, T). Identity when pos is None."""
     if pos is None:
         return batch
-    from dataclasses import replace
-
     B, T = batch.advantages.shape
     return replace(batch, mask=to_rows(batch.mask.reshape(-1), pos, B, T, fill=False),
                    tokens=to_rows(batch.tokens.reshape(-1), pos, B, T))

@@ -342,6 +342,8 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     give float64. Memory: no (B*T, V) intermediate on the torch/triton backends. Packed inputs:
     logits (N, V) with tokens (N,) give (N,) (log-probs are per token: no cu_seqlens needed).
     """
+    if isinstance(logits, torch.Tensor) and logits.dim() not in (2, 3):
+        fail("logits", "shape (B, T, V), or (N, V) packed", f"shape {tuple(logits.shape)}")
     if isinstance(logits, torch.Tensor) and logits.dim() == 2:  # packed (N, V): a (1, N, V) view
         check_logits_tokens(logits, tokens, packed=True)
         return token_logprobs(logits[None], tokens[None], temperature, backend)[0]
