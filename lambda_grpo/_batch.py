@@ -18,7 +18,9 @@ class Batch:
     """Validated, normalised inputs. Shapes: logits (B, T, V); everything per token (B, T).
 
     The field order is the order of the custom ops' schema (lambda_grpo/_ops.py). `logits` is
-    None for the entry point from log-probs (the row math never reads it).
+    None for the entry point from log-probs (the row math never reads it). With packed inputs
+    (`packed_pos` set) the logits are (N, V) and everything per token is in the padded (B, T_max)
+    row layout (lambda_grpo/_packed.py).
     """
 
     logits: Optional[torch.Tensor]
@@ -36,6 +38,9 @@ class Batch:
     group_lengths: Optional[torch.Tensor] = None
     group_index: Optional[torch.Tensor] = None
     token_weights: Optional[torch.Tensor] = None  # (B, T) compute dtype, multiplies the surrogate
+    # packed (varlen) inputs (lambda_grpo/_packed.py): logits / hidden are (N, V) / (N, H) and packed
+    # token j is at flat index packed_pos[j] of the (B, T) layout of every tensor above; None: padded
+    packed_pos: Optional[torch.Tensor] = None
 
     @property
     def shape(self):

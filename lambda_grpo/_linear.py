@@ -30,6 +30,7 @@ import torch
 
 from .config import LossConfig
 from ._batch import Batch, compute_dtype
+from ._packed import row_layout
 from ._rowmath import FusedInputs, fused_inputs, token_constants
 
 # Tokens per chunk: the chunk's logits hold about this many elements (CPU: 2^22 = 16 MiB in fp32,
@@ -83,29 +84,36 @@ def _take(x: Optional[torch.Tensor], idx: torch.Tensor) -> Optional[torch.Tensor
 
 
 def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], batch: Batch,
-                   cfg: LossConfig, eng, need_grad: bool, per_token: bool, head_grad: bool = True):
+                   cfg: LossConfig, eng, need_grad: bool, per_token: bool, head_grad: bool = True,
+                   pos: Optional[torch.Tensor] = None):
     """(RowPass, LinearGrads or None) of the loss from hidden states; see the module docstring.
     head_grad=False (a frozen LM head): dweight and dbias are neither allocated nor computed
-    (None), which saves the (V, H) fp32 buffer and one matmul per chunk."""
-    B, T, Hd = hidden.shape
+    (None), which saves the (V, H) fp32 buffer and one matmul per chunk.
+
+    pos (packed inputs, lambda_grpo/_packed.py): hidden (N, H), batch.tokens and batch.mask (N,),
+    every other per-token tensor in the (B, T) row layout; valid token `idx[j]` of the hidden rows
+    is `dst[j]` of the row layout (the same as idx when not packed)."""
+    Hd = hidden.shape[-1]
+    B, T = batch.advantages.shape
     V = weight.shape[0]
     dev = hidden.device
     dtype = compute_dtype(hidden.dtype)
     tau = float(cfg.temperature)
-    consts = token_constants(batch, cfg, dtype)
-    N = B * T
-    h2 = hidden.reshape(N, Hd)
+    h2 = hidden.reshape(-1, Hd)
     idx = batch.mask.reshape(-1).nonzero().squeeze(1)  # the valid tokens: one host read
     n = int(idx.numel())
     tokens = batch.tokens.reshape(-1).index_select(0, idx)
+    batch = row_layout(batch, pos)
+    dst = idx if pos is None else pos.index_select(0, idx)
+    consts = token_constants(batch, cfg, dtype)
     ones = torch.ones(n, dtype=torch.bool, device=dev)
-    logp = torch.zeros(N, dtype=dtype, device=dev)
-    ent = torch.zeros(N, dtype=dtype, device=dev) if cfg.needs_entropy else None
+    logp = torch.zeros(B * T, dtype=dtype, device=dev)
+    ent = torch.zeros(B * T, dtype=dtype, device=dev) if cfg.needs_entropy else None
     step = chunk_rows(V, Hd, dev)
     fused = need_grad and not cfg.row_coupled
     grads = None
     if need_grad:
-        dh = torch.zeros(N, Hd, dtype=hidden.dtype, device=dev)
+        dh = torch.zeros(h2.shape[0], Hd, dtype=hidden.dtype, device=dev)
         wdt = torch.float32 if weight.dtype != torch.float64 else torch.float64
         dW = torch.zeros(V, Hd, dtype=wdt, device=dev) if head_grad else None
         db = None if bias is None or not head_grad else torch.zeros(V, dtype=wdt, device=dev)
@@ -120,16 +128,16 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     buf = _chunk_buffer(step, n, V, hidden) if n else None
     if fused:
         fin = fused_inputs(consts, batch, dtype)
-        fin = FusedInputs(*(_take(v, idx) for v in fin))
+        fin = FusedInputs(*(_take(v, dst) for v in fin))
         for s in range(0, n, step):
             e = min(s + step, n)
             hc = h2.index_select(0, idx[s:e])
             xc = _logits(hc, weight, bias, buf)
             chunk_in = FusedInputs(*(None if v is None else v[s:e] for v in fin))
             lp, H, dl = eng.vocab_fused(xc, tokens[s:e], ones[: e - s], tau, cfg.needs_entropy, chunk_in, cfg, out=xc)
-            logp.index_copy_(0, idx[s:e], lp.to(dtype))
+            logp.index_copy_(0, dst[s:e], lp.to(dtype))
             if ent is not None:
-                ent.index_copy_(0, idx[s:e], H.to(dtype))
+                ent.index_copy_(0, dst[s:e], H.to(dtype))
             backprop(s, e, hc, dl)
         rp = eng.row_pass(logp.view(B, T), None if ent is None else ent.view(B, T), batch, cfg, consts,
                           per_token=per_token, want_coef=False)
@@ -139,18 +147,18 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
             e = min(s + step, n)
             xc = _logits(h2.index_select(0, idx[s:e]), weight, bias, buf)
             lp, H, ls = eng.vocab_forward(xc, tokens[s:e], ones[: e - s], tau, cfg.needs_entropy, want_lse=need_grad)
-            logp.index_copy_(0, idx[s:e], lp.to(dtype))
+            logp.index_copy_(0, dst[s:e], lp.to(dtype))
             if ent is not None:
-                ent.index_copy_(0, idx[s:e], H.to(dtype))
+                ent.index_copy_(0, dst[s:e], H.to(dtype))
             if need_grad:
                 lse[:, s:e] = ls.to(dtype)
             del xc
         rp = eng.row_pass(logp.view(B, T), None if ent is None else ent.view(B, T), batch, cfg, consts,
                           per_token=per_token, want_coef=need_grad)
         if need_grad:
-            gl = rp.dlogp.reshape(-1).to(dtype).index_select(0, idx)
-            gh = None if rp.dentropy is None else rp.dentropy.reshape(-1).to(dtype).index_select(0, idx)
-            Hv = None if gh is None else ent.index_select(0, idx)
+            gl = rp.dlogp.reshape(-1).to(dtype).index_select(0, dst)
+            gh = None if rp.dentropy is None else rp.dentropy.reshape(-1).to(dtype).index_select(0, dst)
+            Hv = None if gh is None else ent.index_select(0, dst)
             one = torch.ones((), dtype=dtype, device=dev)
             for s in range(0, n, step):
                 e = min(s + step, n)
@@ -161,7 +169,7 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                                         out=xc)
                 backprop(s, e, hc, dl)
     if need_grad:
-        grads = LinearGrads(dh.view(B, T, Hd), None if dW is None else dW.to(weight.dtype),
+        grads = LinearGrads(dh.view(hidden.shape), None if dW is None else dW.to(weight.dtype),
                             None if db is None else db.to(bias.dtype))
     return rp, grads
 

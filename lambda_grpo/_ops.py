@@ -50,6 +50,7 @@ from .config import LossConfig
 from .output import LossOutput, metric_names
 from ._batch import Batch, compute_dtype
 from ._linear import linear_forward, linear_logprobs, linear_logprobs_backward
+from ._packed import from_rows, row_layout, to_rows, vocab_layout
 from ._rowmath import PER_TOKEN_KEYS, fused_inputs, row_pass, token_constants
 
 ENGINES = {"torch": "lambda_grpo._vocab_torch", "triton": "lambda_grpo._vocab_triton"}
@@ -73,34 +74,41 @@ def _empty(like: Tensor, dtype=None) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # The computation (shared by the op implementation for every engine)
 # --------------------------------------------------------------------------------------------
-def _loss_forward(batch: Batch, cfg: LossConfig, eng, need_grad: bool, inplace: bool, per_token: bool):
+def _loss_forward(batch: Batch, cfg: LossConfig, eng, need_grad: bool, inplace: bool, per_token: bool,
+                  pos: Optional[Tensor] = None):
+    # pos (packed inputs, lambda_grpo/_packed.py): logits (N, V), tokens and mask (N,); the row math
+    # runs on the (B, T) layout of the small tensors, the vocabulary passes on the packed rows
     logits = batch.logits
-    B, T, V = logits.shape
+    V = logits.shape[-1]
+    B, T = batch.advantages.shape
     dtype = compute_dtype(logits.dtype)
-    consts = token_constants(batch, cfg, dtype)
-    x2 = logits.view(B * T, V) if logits.is_contiguous() else logits.reshape(B * T, V)
+    x2 = logits.view(-1, V) if logits.is_contiguous() else logits.reshape(-1, V)
     tokens = batch.tokens.reshape(-1)
     mask = batch.mask.reshape(-1)
+    batch = row_layout(batch, pos)
+    consts = token_constants(batch, cfg, dtype)
     tau = float(cfg.temperature)
     fused = need_grad and not cfg.row_coupled
     grad, rows = _empty(logits), _empty(logits, dtype)  # two tensors: op outputs may not alias
     if fused:
         # a (B, T, V) base tensor, not a view, so that autograd can hand it on as .grad uncopied
-        grad = _empty(logits) if inplace else torch.empty(B, T, V, dtype=logits.dtype, device=logits.device)
-        out = x2 if inplace else grad.view(B * T, V)
-        logp, ent, _ = eng.vocab_fused(x2, tokens, mask, tau, cfg.needs_entropy, fused_inputs(consts, batch, dtype),
-                                       cfg, out=out)
+        grad = _empty(logits) if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        out = x2 if inplace else grad.view(-1, V)
+        fin = fused_inputs(consts, batch, dtype)
+        if pos is not None:
+            fin = type(fin)(*(None if v is None else v.index_select(0, pos) for v in fin))
+        logp, ent, _ = eng.vocab_fused(x2, tokens, mask, tau, cfg.needs_entropy, fin, cfg, out=out)
         lse = None
     else:
         logp, ent, lse = eng.vocab_forward(x2, tokens, mask, tau, cfg.needs_entropy, want_lse=need_grad)
-    ent_bt = None if ent is None else ent.view(B, T)
-    rp = eng.row_pass(logp.view(B, T), ent_bt, batch, cfg, consts, per_token=per_token,
+    ent_bt = None if ent is None else to_rows(ent, pos, B, T)
+    rp = eng.row_pass(to_rows(logp, pos, B, T), ent_bt, batch, cfg, consts, per_token=per_token,
                       want_coef=need_grad and not fused)
     if need_grad and not fused:
-        z = torch.zeros(B * T, dtype=dtype, device=logits.device)
-        gh = z if rp.dentropy is None else rp.dentropy.reshape(-1).to(dtype)
+        z = torch.zeros(x2.shape[0], dtype=dtype, device=logits.device)
+        gh = z if rp.dentropy is None else from_rows(rp.dentropy, pos).to(dtype)
         H = z if (rp.dentropy is None or ent is None) else ent.to(dtype)
-        rows = torch.cat([lse.to(dtype), torch.stack([rp.dlogp.reshape(-1).to(dtype), gh, H])])
+        rows = torch.cat([lse.to(dtype), torch.stack([from_rows(rp.dlogp, pos).to(dtype), gh, H])])
     return rp, grad, rows
 
 
@@ -125,12 +133,12 @@ def loss_fwd(logits: Tensor, tokens: Tensor, mask: Tensor, advantages: Tensor, o
              ref_logp: Optional[Tensor], lam: Optional[Tensor], num_tokens: Optional[Tensor],
              num_sequences: Optional[Tensor], group_size: int, group_lengths: Optional[Tensor],
              group_index: Optional[Tensor], token_weights: Optional[Tensor], config: str, engine: str,
-             need_grad: bool, inplace: bool, per_token: bool
+             need_grad: bool, inplace: bool, per_token: bool, packed_pos: Optional[Tensor] = None
              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     cfg = config_from_str(config)
     batch = Batch(logits, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num_sequences, group_size,
                   group_lengths, group_index, token_weights)
-    rp, grad, rows = _loss_forward(batch, cfg, engine_module(engine), need_grad, inplace, per_token)
+    rp, grad, rows = _loss_forward(batch, cfg, engine_module(engine), need_grad, inplace, per_token, packed_pos)
     loss, metrics, seq_weight, dlam, toks = _row_outputs(rp, cfg, ref_logp is not None, per_token, logits,
                                                          compute_dtype(logits.dtype))
     return loss, metrics, seq_weight, dlam, grad, rows, toks
@@ -138,27 +146,28 @@ def loss_fwd(logits: Tensor, tokens: Tensor, mask: Tensor, advantages: Tensor, o
 
 @loss_fwd.register_fake
 def _(logits, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num_sequences, group_size,
-      group_lengths, group_index, token_weights, config, engine, need_grad, inplace, per_token):
+      group_lengths, group_index, token_weights, config, engine, need_grad, inplace, per_token, packed_pos=None):
     cfg = config_from_str(config)
-    B, T, V = logits.shape
+    B, T = advantages.shape
     dtype = compute_dtype(logits.dtype)
     fused = need_grad and not cfg.row_coupled
-    grad = logits.new_empty(B, T, V) if (fused and not inplace) else logits.new_empty(0)
-    rows = logits.new_empty(5, B * T, dtype=dtype) if (need_grad and not fused) else logits.new_empty(0, dtype=dtype)
+    grad = logits.new_empty(logits.shape) if (fused and not inplace) else logits.new_empty(0)
+    n_rows = logits.numel() // logits.shape[-1]  # B*T, or N packed
+    rows = logits.new_empty(5, n_rows, dtype=dtype) if (need_grad and not fused) else logits.new_empty(0, dtype=dtype)
     loss, metrics, seq_weight, dlam, toks = _fake_row_outputs(cfg, ref_logp is not None, per_token, logits, B, T, dtype)
     return loss, metrics, seq_weight, dlam, grad, rows, toks
 
 
 def _two_pass_grad(logits, tokens, mask, rows, grad_loss, config, engine, out):
     cfg = config_from_str(config)
-    B, T, V = logits.shape
+    V = logits.shape[-1]  # (B, T, V), or (N, V) packed
     lse, gl, gh, H = rows[:2], rows[2], rows[3], rows[4]
     has_h = cfg.entropy_coef != 0 and cfg.needs_entropy
-    x2 = logits.view(B * T, V) if logits.is_contiguous() else logits.reshape(B * T, V)
+    x2 = logits.view(-1, V) if logits.is_contiguous() else logits.reshape(-1, V)
     d = engine_module(engine).vocab_backward(x2, tokens.reshape(-1), mask.reshape(-1), lse, gl,
                                              gh if has_h else None, H if has_h else None, float(cfg.temperature),
                                              grad_loss, out=out)
-    return d.view(B, T, V)
+    return d.view(logits.shape)
 
 
 @torch.library.custom_op("lambda_grpo::loss_bwd", mutates_args=())
@@ -177,10 +186,9 @@ def _(logits, tokens, mask, rows, grad_loss, config, engine):
 def loss_bwd_inplace(logits: Tensor, tokens: Tensor, mask: Tensor, rows: Tensor, grad_loss: Tensor, config: str,
                      engine: str) -> None:
     """loss_bwd written over the logits (inplace_backward=True, eager only)."""
-    B, T, V = logits.shape
     if not logits.is_contiguous():
         raise ValueError("logits: expected a contiguous tensor for inplace_backward=True")
-    _two_pass_grad(logits, tokens, mask, rows, grad_loss, config, engine, logits.view(B * T, V))
+    _two_pass_grad(logits, tokens, mask, rows, grad_loss, config, engine, logits.view(-1, logits.shape[-1]))
 
 
 def _setup_context(ctx, inputs, output):
@@ -211,8 +219,7 @@ def _fused_grad(ctx, d: Tensor, mask: Tensor, g: Tensor) -> Tensor:
     """Apply the upstream gradient g to the fused schedule's saved dL/dlogits (see the module
     docstring for the memory contract)."""
     if ctx.inplace:
-        B, T, V = d.shape
-        engine_module(ctx.engine).scale_(d.view(B * T, V), mask.reshape(-1), g)
+        engine_module(ctx.engine).scale_(d.view(-1, d.shape[-1]), mask.reshape(-1), g)
         return d.detach()  # see _backward: a new tensor object over the logits' storage
     return _scaled_grad(d, g)
 
@@ -222,7 +229,7 @@ def _backward(ctx, g_loss, g_metrics, g_seq_weight, g_dlam, g_grad, g_rows, g_to
     #   dL/dlogits = g * (saved dL/dlogits) (fused) or g * softmax-VJP(saved coefficients);
     #   dL/dlam = g * sum_i S_i df_i/dlam / max(1, N_tok) (f enters only through the weights).
     if g_loss is None:  # nothing flows back from the loss (grads are not materialised)
-        return (None,) * 18
+        return (None,) * 19
     if ctx.inplace:
         if ctx.used:
             raise RuntimeError("grpo_loss(inplace_backward=True): backward can run once (the gradient was "
@@ -247,7 +254,7 @@ def _backward(ctx, g_loss, g_metrics, g_seq_weight, g_dlam, g_grad, g_rows, g_to
     if ctx.lam_meta is not None and ctx.needs_input_grad[6]:
         dtype, device = ctx.lam_meta
         dlam_out = (g_loss * dlam).to(device=device, dtype=dtype)
-    return (dlogits,) + (None,) * 5 + (dlam_out,) + (None,) * 11
+    return (dlogits,) + (None,) * 5 + (dlam_out,) + (None,) * 12
 
 
 torch.library.register_autograd("lambda_grpo::loss_fwd", _backward, setup_context=_setup_context)
@@ -257,10 +264,13 @@ def fast_loss(batch: Batch, cfg: LossConfig, engine: str, inplace: bool = False,
     """The loss of a validated batch on a fast engine ("torch" or "triton"), eager or compiled."""
     need_grad = torch.is_grad_enabled() and batch.logits.requires_grad
     lam = batch.lam if cfg.uses_lambda else None
+    # packed: tokens and mask go in the layout of the logits rows (N,), the rest in (B, T)
+    tokens, mask = (batch.tokens, batch.mask) if batch.packed_pos is None else vocab_layout(batch)
     loss, metrics, seq_weight, _, _, _, toks = torch.ops.lambda_grpo.loss_fwd(
-        batch.logits, batch.tokens, batch.mask, batch.advantages, batch.old_logp, batch.ref_logp, lam,
+        batch.logits, tokens, mask, batch.advantages, batch.old_logp, batch.ref_logp, lam,
         batch.num_tokens, batch.num_sequences, batch.group_size, batch.group_lengths, batch.group_index,
-        batch.token_weights, cfg.to_json(), engine, bool(need_grad), bool(inplace and need_grad), bool(per_token))
+        batch.token_weights, cfg.to_json(), engine, bool(need_grad), bool(inplace and need_grad), bool(per_token),
+        batch.packed_pos)
     return _loss_output(loss, metrics, seq_weight, toks, cfg, batch.ref_logp is not None, per_token)
 
 
@@ -415,7 +425,8 @@ def linear_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: T
                advantages: Tensor, old_logp: Optional[Tensor], ref_logp: Optional[Tensor], lam: Optional[Tensor],
                num_tokens: Optional[Tensor], num_sequences: Optional[Tensor], group_size: int,
                group_lengths: Optional[Tensor], group_index: Optional[Tensor], token_weights: Optional[Tensor],
-               config: str, engine: str, need_grad: bool, per_token: bool, head_grad: bool
+               config: str, engine: str, need_grad: bool, per_token: bool, head_grad: bool,
+               packed_pos: Optional[Tensor] = None
                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, metrics, seq_weight, dlam, dhidden, dweight, dbias, per-token); the three gradients
     for an upstream gradient of 1 (empty when not needed; dweight and dbias also when head_grad
@@ -424,7 +435,7 @@ def linear_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: T
     batch = Batch(None, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num_sequences, group_size,
                   group_lengths, group_index, token_weights)
     rp, grads = linear_forward(hidden, weight, bias, batch, cfg, engine_module(engine), need_grad, per_token,
-                               head_grad)
+                               head_grad, packed_pos)
     dtype = compute_dtype(hidden.dtype)
     loss, metrics, seq_weight, dlam, toks = _row_outputs(rp, cfg, ref_logp is not None, per_token, hidden, dtype)
     if grads is None:
@@ -438,9 +449,9 @@ def linear_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: T
 
 @linear_fwd.register_fake
 def _(hidden, weight, bias, tokens, mask, advantages, old_logp, ref_logp, lam, num_tokens, num_sequences, group_size,
-      group_lengths, group_index, token_weights, config, engine, need_grad, per_token, head_grad):
+      group_lengths, group_index, token_weights, config, engine, need_grad, per_token, head_grad, packed_pos=None):
     cfg = config_from_str(config)
-    B, T, _ = hidden.shape
+    B, T = advantages.shape
     dtype = compute_dtype(hidden.dtype)
     loss, metrics, seq_weight, dlam, toks = _fake_row_outputs(cfg, ref_logp is not None, per_token, hidden, B, T, dtype)
     dh = torch.empty_like(hidden) if need_grad else hidden.new_empty(0)
@@ -461,7 +472,7 @@ def _linear_setup(ctx, inputs, output):
 def _linear_backward(ctx, g_loss, *unused):
     # VJP: the forward holds dL/dhidden, dL/dW, dL/db and dL/dlam for g = 1; all are linear in g.
     dlam, dh, dw, db = ctx.saved_tensors
-    grads = [None] * 20
+    grads = [None] * 21
     if g_loss is None:
         return tuple(grads)
     g = g_loss.detach()
@@ -498,10 +509,12 @@ def linear_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], batch: B
     # a frozen LM head (e.g. only the top layers trained, or LoRA): no dW / db buffer, no dW matmul
     head_grad = need_grad and any(t is not None and t.requires_grad for t in (weight, bias))
     lam = batch.lam if cfg.uses_lambda else None
+    tokens, mask = (batch.tokens, batch.mask) if batch.packed_pos is None else vocab_layout(batch)
     loss, metrics, seq_weight, _, _, _, _, toks = torch.ops.lambda_grpo.linear_fwd(
-        hidden, weight, bias, batch.tokens, batch.mask, batch.advantages, batch.old_logp, batch.ref_logp, lam,
+        hidden, weight, bias, tokens, mask, batch.advantages, batch.old_logp, batch.ref_logp, lam,
         batch.num_tokens, batch.num_sequences, batch.group_size, batch.group_lengths, batch.group_index,
-        batch.token_weights, cfg.to_json(), engine, bool(need_grad), bool(per_token), bool(head_grad))
+        batch.token_weights, cfg.to_json(), engine, bool(need_grad), bool(per_token), bool(head_grad),
+        batch.packed_pos)
     return _loss_output(loss, metrics, seq_weight, toks, cfg, batch.ref_logp is not None, per_token)
 
 

@@ -24,6 +24,7 @@ import torch
 
 from .config import LossConfig
 from ._batch import Batch, compute_dtype  # noqa: F401  (re-exported)
+from ._packed import PACKED_HINT, unpack_inputs
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 BACKENDS = ("auto", "reference", "torch", "triton")
@@ -51,21 +52,25 @@ def check_has_data(x, name: str) -> None:
         fail(name, "a tensor with values (cpu, cuda, ...)", "a tensor on the meta device (shape only)")
 
 
-def check_logits_tokens(logits, tokens, name_logits="logits", name_tokens="tokens", mask=None) -> None:
+def check_logits_tokens(logits, tokens, name_logits="logits", name_tokens="tokens", mask=None, packed=False) -> None:
+    """logits (B, T, V) and tokens (B, T); packed=True (cu_seqlens given, or the packed layout of
+    token_logprobs): logits (N, V) and tokens (N,)."""
     if not isinstance(logits, torch.Tensor):
         fail(name_logits, "a torch.Tensor", type(logits).__name__)
     check_has_data(logits, name_logits)
-    if logits.dim() != 3:
+    if packed and logits.dim() != 2:
+        fail(name_logits, f"shape (N, V) with 2 dims {PACKED_HINT}", f"shape {tuple(logits.shape)}")
+    if not packed and logits.dim() != 3:
         fail(name_logits, "shape (B, T, V) with 3 dims", f"shape {tuple(logits.shape)}")
     if logits.dtype not in FLOAT_DTYPES:
         fail(name_logits, "dtype float32, bfloat16, float16 or float64", logits.dtype)
-    B, T, V = logits.shape
+    lead, V = tuple(logits.shape[:-1]), logits.shape[-1]
     if V < 1:
         fail(name_logits, "V >= 1", f"V = {V}")
     if not isinstance(tokens, torch.Tensor):
         fail(name_tokens, "a torch.Tensor", type(tokens).__name__)
-    if tuple(tokens.shape) != (B, T):
-        fail(name_tokens, f"shape {(B, T)} (B, T of logits)", f"shape {tuple(tokens.shape)}")
+    if tuple(tokens.shape) != lead:
+        fail(name_tokens, f"shape {lead} ({'N' if packed else 'B, T'} of logits)", f"shape {tuple(tokens.shape)}")
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         fail(name_tokens, "an integer dtype (int64, int32, uint16, ...)", tokens.dtype)
     if tokens.device != logits.device:
@@ -142,14 +147,25 @@ def validate(
     group_lengths=None,
     group_index=None,
     token_weights=None,
+    cu_seqlens=None,
 ) -> Batch:
-    """Check every SPEC §8 rule for the entry points from logits and return normalised inputs."""
+    """Check every SPEC §8 rule for the entry points from logits and return normalised inputs.
+    With cu_seqlens (packed inputs): logits (N, V), every per-token input (N,); the Batch holds the
+    (B, T_max) row layout of the per-token tensors and `packed_pos` (lambda_grpo/_packed.py)."""
     if not isinstance(config, LossConfig):
         fail("config", "a lambda_grpo.LossConfig", type(config).__name__)
     if isinstance(logits, torch.Tensor):
         check_has_data(logits, "logits")  # before the mask's value check reads values
     if not isinstance(mask, torch.Tensor):
         fail("mask", "a torch.Tensor", type(mask).__name__)
+    if cu_seqlens is not None:
+        if isinstance(logits, torch.Tensor) and logits.dim() == 2:
+            _check_packed_mask(mask, logits.shape[0], logits.device, "logits")
+        mask = _bool_mask(mask)
+        check_logits_tokens(logits, tokens, mask=mask, packed=True)
+        return _validate_packed(logits, tokens, mask, advantages, group_size, old_logp, ref_logp, lam, config,
+                                num_tokens, num_sequences, group_lengths, group_index, token_weights, cu_seqlens,
+                                logits.shape[0], logits.device, compute_dtype(logits.dtype), "logits")
     if isinstance(logits, torch.Tensor) and logits.dim() == 3 and tuple(mask.shape) != tuple(logits.shape[:2]):
         fail("mask", f"shape {tuple(logits.shape[:2])} (B, T of logits)", f"shape {tuple(mask.shape)}")
     if isinstance(logits, torch.Tensor) and mask.device != logits.device:
@@ -163,41 +179,77 @@ def validate(
 
 
 def validate_logprobs(logp, entropy, mask, advantages, group_size, old_logp, ref_logp, lam, config, num_tokens,
-                      num_sequences, group_lengths=None, group_index=None, token_weights=None) -> Batch:
+                      num_sequences, group_lengths=None, group_index=None, token_weights=None,
+                      cu_seqlens=None) -> Batch:
     """The same rules for the entry point from per-token log-probs (B, T); returns a Batch
-    without logits. `entropy` (B, T) is required iff the config uses entropy."""
+    without logits. `entropy` (B, T) is required iff the config uses entropy. With cu_seqlens:
+    logp, entropy and every per-token input (N,) (the caller pads logp and entropy into the row
+    layout with `_packed.to_rows(..., batch.packed_pos, B, T)`)."""
     if not isinstance(config, LossConfig):
         fail("config", "a lambda_grpo.LossConfig", type(config).__name__)
     if not isinstance(logp, torch.Tensor):
         fail("logp", "a torch.Tensor", type(logp).__name__)
-    if logp.dim() != 2:
-        fail("logp", "shape (B, T) with 2 dims", f"shape {tuple(logp.shape)}")
+    packed = cu_seqlens is not None
+    if logp.dim() != (1 if packed else 2):
+        fail("logp", f"shape (N,) with 1 dim {PACKED_HINT}" if packed else "shape (B, T) with 2 dims",
+             f"shape {tuple(logp.shape)}")
     if logp.dtype not in FLOAT_DTYPES:
         fail("logp", "dtype float32, bfloat16, float16 or float64", logp.dtype)
-    B, T = logp.shape
+    shape = tuple(logp.shape)
     if not isinstance(mask, torch.Tensor):
         fail("mask", "a torch.Tensor", type(mask).__name__)
-    if tuple(mask.shape) != (B, T):
-        fail("mask", f"shape {(B, T)} (that of logp)", f"shape {tuple(mask.shape)}")
+    if tuple(mask.shape) != shape:
+        fail("mask", f"shape {shape} (that of logp)", f"shape {tuple(mask.shape)}")
     if mask.device != logp.device:
         fail("mask", f"device {logp.device} (that of logp)", mask.device)
     mask = _bool_mask(mask)
     if config.needs_entropy and entropy is None:
-        fail("entropy", f"a ({B}, {T}) tensor because the config uses entropy (entropy_coef = "
+        fail("entropy", f"a {shape} tensor because the config uses entropy (entropy_coef = "
              f"{config.entropy_coef}, compute_entropy = {config.compute_entropy})", None)
     if entropy is not None:
         if not isinstance(entropy, torch.Tensor):
             fail("entropy", "a torch.Tensor", type(entropy).__name__)
-        if tuple(entropy.shape) != (B, T):
-            fail("entropy", f"shape {(B, T)} (that of logp)", f"shape {tuple(entropy.shape)}")
+        if tuple(entropy.shape) != shape:
+            fail("entropy", f"shape {shape} (that of logp)", f"shape {tuple(entropy.shape)}")
         if not entropy.dtype.is_floating_point:
             fail("entropy", "a floating dtype", entropy.dtype)
         if entropy.device != logp.device:
             fail("entropy", f"device {logp.device} (that of logp)", entropy.device)
+    if packed:
+        return _validate_packed(None, None, mask, advantages, group_size, old_logp, ref_logp, lam, config, num_tokens,
+                                num_sequences, group_lengths, group_index, token_weights, cu_seqlens, shape[0],
+                                logp.device, compute_dtype(logp.dtype), "logp")
+    B, T = shape
     dummy_tokens = torch.zeros((B, T), dtype=torch.long, device=logp.device)
     return _validate_rows(None, dummy_tokens, mask, advantages, group_size, old_logp, ref_logp, lam, config,
                           num_tokens, num_sequences, group_lengths, group_index, token_weights, B, T, logp.device,
                           compute_dtype(logp.dtype), "logp")
+
+
+def _check_packed_mask(mask, N: int, dev, what: str) -> None:
+    if tuple(mask.shape) != (N,):
+        fail("mask", f"shape ({N},) (N of {what}) {PACKED_HINT}", f"shape {tuple(mask.shape)}")
+    if mask.device != dev:
+        fail("mask", f"device {dev} (that of {what})", mask.device)
+
+
+def _validate_packed(primary, tokens, mask, advantages, group_size, old_logp, ref_logp, lam, config, num_tokens,
+                     num_sequences, group_lengths, group_index, token_weights, cu_seqlens, N, dev, cdt, what) -> Batch:
+    """Packed inputs (N tokens, cu_seqlens): the shared normalisation step (lambda_grpo/_packed.py)
+    turns them into the (B, T_max) row layout, then the rules of every entry point apply.
+    `mask` is a checked (N,) bool tensor, `tokens` a checked (N,) integer tensor or None."""
+    pos, B, T, mask_bt, tokens_bt, per, adv = unpack_inputs(
+        cu_seqlens, N, dev, what, mask, tokens,
+        {"old_logp": old_logp, "ref_logp": ref_logp, "token_weights": token_weights}, advantages)
+    if adv is None:
+        fail("advantages", f"a tensor of shape ({B},) or ({N},) {PACKED_HINT}", None)
+    if tokens_bt is None:
+        tokens_bt = torch.zeros((B, T), dtype=torch.long, device=dev)
+    batch = _validate_rows(primary, tokens_bt, mask_bt, adv, group_size, per["old_logp"], per["ref_logp"], lam,
+                           config, num_tokens, num_sequences, group_lengths, group_index, per["token_weights"], B, T,
+                           dev, cdt, what)
+    batch.packed_pos = pos
+    return batch
 
 
 def _bool_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -287,18 +339,23 @@ def _group_lengths(group_lengths, group_index, group_size, mask, B, T, dev):
 
 
 def validate_linear(hidden, weight, bias, tokens, mask, advantages, group_size, old_logp, ref_logp, lam, config,
-                    num_tokens, num_sequences, group_lengths=None, group_index=None, token_weights=None) -> Batch:
+                    num_tokens, num_sequences, group_lengths=None, group_index=None, token_weights=None,
+                    cu_seqlens=None, packed=False) -> Batch:
     """The same rules for the entry point from hidden states (B, T, H) and an LM head weight
-    (V, H) (and bias (V,)); returns a Batch without logits."""
+    (V, H) (and bias (V,)); returns a Batch without logits. With cu_seqlens: hidden (N, H) and
+    every per-token input (N,). packed=True without cu_seqlens: the (N, H) layout checks only
+    (linear_token_logprobs)."""
     if not isinstance(config, LossConfig):
         fail("config", "a lambda_grpo.LossConfig", type(config).__name__)
     if not isinstance(hidden, torch.Tensor):
         fail("hidden", "a torch.Tensor", type(hidden).__name__)
-    if hidden.dim() != 3:
-        fail("hidden", "shape (B, T, H) with 3 dims", f"shape {tuple(hidden.shape)}")
+    packed = packed or cu_seqlens is not None
+    if hidden.dim() != (2 if packed else 3):
+        fail("hidden", f"shape (N, H) with 2 dims {PACKED_HINT}" if packed else "shape (B, T, H) with 3 dims",
+             f"shape {tuple(hidden.shape)}")
     if hidden.dtype not in FLOAT_DTYPES:
         fail("hidden", "dtype float32, bfloat16, float16 or float64", hidden.dtype)
-    B, T, Hd = hidden.shape
+    lead, Hd = tuple(hidden.shape[:-1]), hidden.shape[-1]
     if not isinstance(weight, torch.Tensor):
         fail("weight", "a torch.Tensor", type(weight).__name__)
     if weight.dim() != 2 or weight.shape[1] != Hd or weight.shape[0] < 1:
@@ -316,23 +373,32 @@ def validate_linear(hidden, weight, bias, tokens, mask, advantages, group_size, 
                  f"shape {tuple(bias.shape)} {bias.dtype} on {bias.device}")
     if not isinstance(mask, torch.Tensor):
         fail("mask", "a torch.Tensor", type(mask).__name__)
-    if tuple(mask.shape) != (B, T):
-        fail("mask", f"shape {(B, T)} (B, T of hidden)", f"shape {tuple(mask.shape)}")
+    if tuple(mask.shape) != lead:
+        fail("mask", f"shape {lead} ({'N' if packed else 'B, T'} of hidden)", f"shape {tuple(mask.shape)}")
     if mask.device != hidden.device:
         fail("mask", f"device {hidden.device} (that of hidden)", mask.device)
     mask = _bool_mask(mask)
-    check_tokens(tokens, B, T, V, hidden.device, mask, "hidden")
+    check_tokens(tokens, lead, V, hidden.device, mask, "hidden")
+    if cu_seqlens is not None:
+        return _validate_packed(None, tokens, mask, advantages, group_size, old_logp, ref_logp, lam, config,
+                                num_tokens, num_sequences, group_lengths, group_index, token_weights, cu_seqlens,
+                                lead[0], hidden.device, compute_dtype(hidden.dtype), "hidden")
+    if packed:
+        return None
+    B, T = lead
     return _validate_rows(None, tokens.long(), mask, advantages, group_size, old_logp, ref_logp, lam, config,
                           num_tokens, num_sequences, group_lengths, group_index, token_weights, B, T, hidden.device,
                           compute_dtype(hidden.dtype), "hidden")
 
 
-def check_tokens(tokens, B: int, T: int, V: int, device, mask, what: str) -> None:
-    """tokens: a (B, T) integer tensor on `device` with ids in [0, V) where mask is set."""
+def check_tokens(tokens, shape: tuple, V: int, device, mask, what: str) -> None:
+    """tokens: an integer tensor of `shape` ((B, T), or (N,) packed) on `device` with ids in
+    [0, V) where mask is set."""
     if not isinstance(tokens, torch.Tensor):
         fail("tokens", "a torch.Tensor", type(tokens).__name__)
-    if tuple(tokens.shape) != (B, T):
-        fail("tokens", f"shape {(B, T)} (B, T of {what})", f"shape {tuple(tokens.shape)}")
+    if tuple(tokens.shape) != tuple(shape):
+        names = "B, T" if len(shape) == 2 else "N"
+        fail("tokens", f"shape {tuple(shape)} ({names} of {what})", f"shape {tuple(tokens.shape)}")
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         fail("tokens", "an integer dtype (int64)", tokens.dtype)
     if tokens.device != device:

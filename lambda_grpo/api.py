@@ -12,6 +12,7 @@ from torch import nn
 from .config import LossConfig
 from .output import LossOutput
 from ._batch import compute_dtype
+from ._packed import reference_packed_loss, to_rows, unpack_output
 from ._ops import fast_linear_logprobs, fast_loss, fast_token_logprobs, linear_loss, rows_loss
 from ._validate import check_backend, check_logits_tokens, fail, validate, validate_linear, validate_logprobs
 
@@ -45,6 +46,7 @@ def grpo_loss(
     group_lengths: Optional[torch.Tensor] = None,
     group_index: Optional[torch.Tensor] = None,
     token_weights: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> LossOutput:
     """The GRPO-family loss from policy logits (SPEC §3-§6).
 
@@ -75,16 +77,32 @@ def grpo_loss(
       token_weights: (B, T) per-token importance weights w_t, no gradient, multiplying the
         surrogate term: l_t = -w_t s_t + beta kl_t - entropy_coef H_t (TRL's vLLM importance
         sampling correction, verl's rollout_is_weights).
+      cu_seqlens: packed (varlen) inputs, as TRL's padding_free and verl's use_remove_padding:
+        (B+1,) int32/int64 cumulative segment offsets (cu_seqlens[0] = 0, non-decreasing, last =
+        N). Then logits are (N, V), tokens, mask, old_logp, ref_logp, token_weights are (N,) and
+        advantages (B,) per segment or (N,) per token (a 1-d tensor of length B is per segment,
+        also when B == N). Segment i (tokens cu_seqlens[i]:cu_seqlens[i+1], possibly empty) is
+        row i: traces never cross a boundary, lengths and lambda-GRPO groups (G contiguous
+        segments, or group_lengths/group_index) come from the segments, and dr_grpo's default L
+        (max_completion_length None) is T_max, the longest segment. The result equals that of the
+        same batch padded to (B, T_max); dlogits are (N, V). No padding copy of the logits is
+        made: the vocabulary passes (torch engine, Triton kernels) run on the packed (N, V) rows
+        as they are; only the O(N) per-token tensors are scattered into a (B, T_max) layout for
+        the row math (the Triton row kernel unchanged) and d(loss)/d(logp) is gathered back to
+        packed order (lambda_grpo/_packed.py). cu_seqlens is read on the host once (its checks
+        and T_max). `per_token` outputs are (N,).
 
     Returns: LossOutput(loss 0-d, metrics dict, per_token). No gradient flows to advantages,
     old_logp, ref_logp or the normalisers.
     """
     cfg = LossConfig() if config is None else config
     batch = validate(logits, tokens, mask, advantages, group_size, old_logp, ref_logp, lam, cfg, num_tokens,
-                     num_sequences, group_lengths, group_index, token_weights)
+                     num_sequences, group_lengths, group_index, token_weights, cu_seqlens)
     name = resolve_backend(backend, logits.device)
     _check_flags(name, logits, inplace_backward, return_per_token)
     if name == "reference":
+        if batch.packed_pos is not None:
+            return reference_packed_loss(logits, batch, cfg, compute_dtype(logits.dtype), return_per_token)
         from .reference import reference_loss
 
         return reference_loss(batch, cfg, per_token=return_per_token)
@@ -93,7 +111,8 @@ def grpo_loss(
 
         check_runnable(logits)
     # eager and torch.compile alike: the custom ops of lambda_grpo/_ops.py
-    return fast_loss(batch, cfg, name, inplace=inplace_backward, per_token=return_per_token)
+    out = fast_loss(batch, cfg, name, inplace=inplace_backward, per_token=return_per_token)
+    return unpack_output(out, batch.packed_pos)
 
 
 def grpo_loss_from_logprobs(
@@ -113,6 +132,7 @@ def grpo_loss_from_logprobs(
     group_index: Optional[torch.Tensor] = None,
     token_weights: Optional[torch.Tensor] = None,
     return_per_token: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> LossOutput:
     """The same loss from per-token log-probs: for engines that never hand the loss logits (TRL
     1.16's fused LM head, verl's actor), with the same config, metrics and rules.
@@ -125,15 +145,24 @@ def grpo_loss_from_logprobs(
         (entropy_coef != 0 or compute_entropy).
       mask, advantages, group_size, old_logp, ref_logp, lam, config, num_tokens, num_sequences,
       group_lengths, group_index, token_weights, return_per_token: as in :func:`grpo_loss`.
+      cu_seqlens: packed (varlen) inputs (B+1,) as in :func:`grpo_loss`: then logp, entropy, mask,
+        old_logp, ref_logp, token_weights are (N,) and advantages (B,) or (N,). The log-probs are
+        scattered into the (B, T_max) row layout by an autograd index op (O(N)), so the gradients
+        to logp and entropy come back (N,); `per_token` outputs are (N,).
 
     Computed by the closed-form row math (lambda_grpo/_rowmath.py) behind the custom op
     lambda_grpo::rows_fwd, on any device, eager or compiled. Gradients reach logp, entropy and lam.
     """
     cfg = LossConfig() if config is None else config
     batch = validate_logprobs(logp, entropy, mask, advantages, group_size, old_logp, ref_logp, lam, cfg, num_tokens,
-                              num_sequences, group_lengths, group_index, token_weights)
+                              num_sequences, group_lengths, group_index, token_weights, cu_seqlens)
     _check_flags("rows", logp, False, return_per_token)
-    return rows_loss(logp, entropy if cfg.needs_entropy else None, batch, cfg, per_token=return_per_token)
+    entropy = entropy if cfg.needs_entropy else None
+    pos = batch.packed_pos
+    if pos is not None:  # an autograd scatter into the row layout: the gradients come back (N,)
+        B, T = batch.mask.shape
+        logp, entropy = to_rows(logp, pos, B, T), None if entropy is None else to_rows(entropy, pos, B, T)
+    return unpack_output(rows_loss(logp, entropy, batch, cfg, per_token=return_per_token), pos)
 
 
 def fused_linear_grpo_loss(
@@ -156,6 +185,7 @@ def fused_linear_grpo_loss(
     token_weights: Optional[torch.Tensor] = None,
     backend: str = "auto",
     return_per_token: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> LossOutput:
     """The same loss from the last hidden states and the LM head: the (B, T, V) logits never exist.
 
@@ -164,6 +194,10 @@ def fused_linear_grpo_loss(
         projection scores tokens[b, t] (``model.model(ids).last_hidden_state[:, P-1:-1]``).
       weight: (V, H) the LM head's weight (same dtype and device); bias: (V,) or None.
       The rest as in :func:`grpo_loss`.
+      cu_seqlens: packed (varlen) inputs (B+1,) as in :func:`grpo_loss`: then hidden is (N, H), tokens,
+        mask, old_logp, ref_logp, token_weights (N,) and advantages (B,) or (N,). The chunks walk
+        the packed rows of hidden directly (no padding copy, no (B, T_max, H) tensor); dhidden is
+        (N, H); `per_token` outputs are (N,).
 
     Tokens are processed in chunks (lambda_grpo/_linear.py: logits of a chunk = h @ W^T with fp32
     accumulation, the engine's fused vocabulary pass, dh = dlogits W, dW += dlogits^T h), so the
@@ -173,10 +207,13 @@ def fused_linear_grpo_loss(
     """
     cfg = LossConfig() if config is None else config
     batch = validate_linear(hidden, weight, bias, tokens, mask, advantages, group_size, old_logp, ref_logp, lam, cfg,
-                            num_tokens, num_sequences, group_lengths, group_index, token_weights)
+                            num_tokens, num_sequences, group_lengths, group_index, token_weights, cu_seqlens)
     name = resolve_backend(backend, hidden.device)
     _check_flags(name, hidden, False, return_per_token)
     if name == "reference":
+        if batch.packed_pos is not None:
+            logits = hidden.double() @ weight.double().T + (0 if bias is None else bias.double())
+            return reference_packed_loss(logits, batch, cfg, compute_dtype(hidden.dtype), return_per_token)
         from .reference import reference_linear_loss
 
         return reference_linear_loss(hidden, weight, bias, batch, cfg, per_token=return_per_token)
@@ -184,7 +221,8 @@ def fused_linear_grpo_loss(
         from ._vocab_triton import check_runnable
 
         check_runnable(hidden)
-    return linear_loss(hidden, weight, bias, batch, cfg, name, per_token=return_per_token)
+    return unpack_output(linear_loss(hidden, weight, bias, batch, cfg, name, per_token=return_per_token),
+                         batch.packed_pos)
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, *,
@@ -193,7 +231,16 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
     """Per-token log-probs (and entropies) from hidden states and the LM head, chunk by chunk:
     (logp (B, T), H (B, T) or None), fp32 (float64 for float64 inputs), differentiable w.r.t.
     hidden, weight and bias. The logits never exist in full; the backward recomputes each
-    chunk's logits (one more matmul) instead of keeping them."""
+    chunk's logits (one more matmul) instead of keeping them. Packed inputs: hidden (N, H) with
+    tokens (N,) give (N,) tensors (no cu_seqlens needed)."""
+    if isinstance(hidden, torch.Tensor) and hidden.dim() == 2:  # packed (N, H): a (1, N, H) view
+        mask = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device) if isinstance(tokens, torch.Tensor) \
+            else tokens
+        validate_linear(hidden, weight, bias, tokens, mask, None, 1, None, None, None, LossConfig(aggregation="dapo"),
+                        None, None, packed=True)
+        lp, H = linear_token_logprobs(hidden[None], weight, tokens[None], bias=bias, temperature=temperature,
+                                      return_entropy=return_entropy, backend=backend)
+        return lp[0], (None if H is None else H[0])
     mask = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device) if isinstance(tokens, torch.Tensor) \
         else tokens
     batch_cfg = LossConfig(aggregation="dapo")
@@ -259,13 +306,14 @@ class GRPOLoss(nn.Module):
 
     def forward(self, logits, tokens, mask, advantages, group_size, old_logp=None, ref_logp=None,
                 num_tokens=None, num_sequences=None, return_per_token: bool = False, *, group_lengths=None,
-                group_index=None, token_weights=None) -> LossOutput:
-        """:func:`grpo_loss` with this module's config, backend and lam."""
+                group_index=None, token_weights=None, cu_seqlens=None) -> LossOutput:
+        """:func:`grpo_loss` with this module's config, backend and lam (cu_seqlens: packed inputs)."""
         return grpo_loss(logits, tokens, mask, advantages, group_size=group_size, old_logp=old_logp,
                          ref_logp=ref_logp, lam=self.lam, config=self.config, num_tokens=num_tokens,
                          num_sequences=num_sequences, backend=self.backend,
                          inplace_backward=self.inplace_backward, return_per_token=return_per_token,
-                         group_lengths=group_lengths, group_index=group_index, token_weights=token_weights)
+                         group_lengths=group_lengths, group_index=group_index, token_weights=token_weights,
+                         cu_seqlens=cu_seqlens)
 
     def forward_hidden(self, hidden, weight, tokens, mask, advantages, group_size, bias=None, **kwargs) -> LossOutput:
         """:func:`fused_linear_grpo_loss` with this module's config, backend and lam."""
@@ -291,8 +339,14 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     """Fused selective log-softmax: log_softmax(logits / tau)[tokens], shape (B, T), fp32.
 
     logits: (B, T, V) aligned with tokens (B, T). Differentiable w.r.t. logits. Float64 logits
-    give float64. Memory: no (B*T, V) intermediate on the torch/triton backends.
+    give float64. Memory: no (B*T, V) intermediate on the torch/triton backends. Packed inputs:
+    logits (N, V) with tokens (N,) give (N,) (log-probs are per token: no cu_seqlens needed).
     """
+    if isinstance(logits, torch.Tensor) and logits.dim() not in (2, 3):
+        fail("logits", "shape (B, T, V), or (N, V) packed", f"shape {tuple(logits.shape)}")
+    if isinstance(logits, torch.Tensor) and logits.dim() == 2:  # packed (N, V): a (1, N, V) view
+        check_logits_tokens(logits, tokens, packed=True)
+        return token_logprobs(logits[None], tokens[None], temperature, backend)[0]
     check_logits_tokens(logits, tokens)
     if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
             or not math.isfinite(temperature) or not temperature > 0):

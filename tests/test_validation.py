@@ -228,7 +228,9 @@ def _ids(*shape, **kw):
 
 
 TOKEN_LOGPROBS_CASES = {
-    "logits 2-d": (lambda: lg.token_logprobs(torch.randn(B, V), _ids(B)), "logits", f"({B}, {V})"),
+    # (N, V) logits with (N,) tokens are the packed layout (tests/test_packed.py)
+    "logits 1-d": (lambda: lg.token_logprobs(torch.randn(V), _ids(1)), "logits", f"({V},)"),
+    "logits 2-d, tokens 2-d": (lambda: lg.token_logprobs(torch.randn(B, V), _ids(B, T)), "tokens", f"({B}, {T})"),
     "logits int": (lambda: lg.token_logprobs(torch.zeros(B, T, V, dtype=torch.int32), _ids()), "logits", "int32"),
     "tokens shape": (lambda: lg.token_logprobs(_x(), _ids(B, T - 1)), "tokens", f"({B}, {T - 1})"),
     "tokens float": (lambda: lg.token_logprobs(_x(), torch.zeros(B, T)), "tokens", "float32"),
