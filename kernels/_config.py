@@ -28,7 +28,7 @@ ROW_WARPS = 4
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TRACE_CODES = {None: 0, "recent": 1, "both": 2}
 KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
-SURROGATE_CODES = {"clip": 0, "cispo": 1, "sapo": 2, "vespo": 3}  # lambda_grpo.config.SURROGATES
+SURROGATE_CODES = {"clip": 0, "cispo": 1, "sapo": 2, "vespo": 3, "cispo_two_sided": 4}  # lambda_grpo.config.SURROGATES
 
 
 @dataclass(frozen=True)

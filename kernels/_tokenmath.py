@@ -21,7 +21,8 @@ def surrogate(z, logp, A, eps_low, eps_high, dual_clip, surr, tau_pos, tau_neg):
     rule is lambda_grpo._rowmath.token_terms. Returns (s, ds/dz, ds/dlogp, rho, drho/dz,
     clip_low, clip_high).
 
-    surr (runtime int, SURROGATE_CODES in kernels/_config.py): 0 clip, 1 cispo, 2 sapo, 3 vespo. All
+    surr (runtime int, SURROGATE_CODES in kernels/_config.py): 0 clip, 1 cispo, 2 sapo, 3 vespo,
+    4 cispo_two_sided. All
     are computed and one is selected with where() (a handful of flops next to a vocabulary pass;
     no branch the interpreter or the compiler must specialise). A disabled dual clip is passed as
     +inf; TRL's delta arrives as the dual clip (LossConfig.dual_floor: the same rule).
@@ -29,7 +30,8 @@ def surrogate(z, logp, A, eps_low, eps_high, dual_clip, surr, tau_pos, tau_neg):
       min/max evenly and clamp passes its gradient on [lo, hi], so inside the clip range the two
       branches together give rho A; outside only the unclipped branch (when it is the min)
       carries a gradient.
-    - cispo: s = w A logp with w = min(rho, eps_high) a constant (detached in the reference).
+    - cispo: s = w A logp with w = min(rho, eps_high) a constant (detached in the reference);
+      cispo_two_sided: w = clip(rho, 1 - eps_low, 1 + eps_high), clip flags whatever the sign of A.
     - sapo: s = sigmoid(tau (rho - 1)) 4 / tau A, tau = tau_pos for A > 0 else tau_neg.
     - vespo: s = A logp; its detached sequence weight phi arrives in the token coefficient c
       (lambda_grpo._rowmath.vespo_weight), which multiplies s where the loss is formed.
@@ -43,7 +45,8 @@ def surrogate(z, logp, A, eps_low, eps_high, dual_clip, surr, tau_pos, tau_neg):
     code = tl.zeros_like(z).to(tl.int32) + surr
     is_clip = code == 0
     is_cispo = code == 1
-    is_pg = is_cispo | (code == 3)  # s = w A logp: cispo (w = min(rho, eps_high)) and vespo (w = 1)
+    is_cispo2 = code == 4
+    is_pg = is_cispo | is_cispo2 | (code == 3)  # s = w A logp: the two cispo and vespo (w = 1)
     # clip (with the dual clip)
     clipped = tl.where(rho < 1.0 - eps_low, 1.0 - eps_low, tl.where(rho > 1.0 + eps_high, 1.0 + eps_high, rho))
     s1 = rho * A
@@ -55,15 +58,16 @@ def surrogate(z, logp, A, eps_low, eps_high, dual_clip, surr, tau_pos, tau_neg):
     s_clip = tl.where(use_dual, dual, s_clip)
     g_clip = tl.where(use_dual, 0.0, g_clip)
     # cispo
-    w = tl.where(is_cispo, tl.where(rho > eps_high, eps_high, rho), 1.0)
+    w = tl.where(is_cispo, tl.where(rho > eps_high, eps_high, rho), tl.where(is_cispo2, clipped, 1.0))
     # sapo
     tau = tl.where(A > 0, tau_pos, tau_neg)
     sig = tl.sigmoid(tau * (rho - 1.0))
     s = tl.where(is_clip, s_clip, tl.where(is_pg, w * A * logp, sig * (4.0 / tau) * A))
     ds_dz = tl.where(is_clip, g_clip, tl.where(is_pg, 0.0, 4.0 * sig * (1.0 - sig) * A)) * drho
     ds_dlogp = tl.where(is_pg, w * A, 0.0)
-    clip_low = is_clip & (A < 0) & (rho < 1.0 - eps_low)
-    clip_high = (is_clip & (A > 0) & (rho > 1.0 + eps_high)) | (is_cispo & (A > 0) & (rho > eps_high))
+    clip_low = (is_clip & (A < 0) & (rho < 1.0 - eps_low)) | (is_cispo2 & (rho < 1.0 - eps_low))
+    clip_high = ((is_clip & (A > 0) & (rho > 1.0 + eps_high)) | (is_cispo & (A > 0) & (rho > eps_high))
+                 | (is_cispo2 & (rho > 1.0 + eps_high)))
     return s, ds_dz, ds_dlogp, rho, drho, clip_low, clip_high
 
 

@@ -394,6 +394,8 @@ def token_terms(z, logp, ref, entropy, A, W, coef, cfg: LossConfig) -> TokenTerm
       branch is the active one, where it is 0; at a tie the unclipped slope (autograd of
       torch.minimum splits it).
     - cispo: s = w A logp with w = min(rho, eps_high) a constant: ds/dz = 0, ds/dlogp = w A.
+      cispo_two_sided (verl's): w = clip(rho, 1 - eps_low, 1 + eps_high); its clip fractions
+      count rho outside either bound, whatever the sign of A (verl's pg_clipfrac).
     - sapo: s = sigmoid(tau (rho - 1)) 4 / tau A: ds/drho = 4 sig (1 - sig) A.
     - vespo: s = A logp: ds/dz = 0, ds/dlogp = A; its weight phi arrives in coef
       (`row_coefficients`).
@@ -420,6 +422,11 @@ def token_terms(z, logp, ref, entropy, A, W, coef, cfg: LossConfig) -> TokenTerm
         w = torch.clamp(rho, max=cfg.eps_high)
         s, ds_dz, ds_dlogp = w * A * logp, zero, w * A
         clip_low, clip_high = no, (A > 0) & (rho > cfg.eps_high)
+    elif cfg.surrogate == "cispo_two_sided":
+        lo, hi = 1 - cfg.eps_low, 1 + cfg.eps_high
+        w = torch.clamp(rho, lo, hi)
+        s, ds_dz, ds_dlogp = w * A * logp, zero, w * A
+        clip_low, clip_high = rho < lo, rho > hi
     elif cfg.surrogate == "vespo":
         s, ds_dz, ds_dlogp = A * logp, zero, A
         clip_low = clip_high = no

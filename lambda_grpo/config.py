@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 AGGREGATIONS = ("grpo", "bnpo", "dapo", "dr_grpo", "lambda_grpo", "token_sum", "seq_mean_token_sum")
-SURROGATES = ("clip", "cispo", "sapo", "vespo")
+SURROGATES = ("clip", "cispo", "cispo_two_sided", "sapo", "vespo")
 IMPORTANCE_SAMPLING = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 TRACE_STYLES = (None, "recent", "both")
@@ -51,7 +51,8 @@ class LossConfig:
       surrogate: the policy term s(rho) (docs/math.md §2): "clip" (PPO, GRPO, DAPO; TRL's grpo,
         bnpo, dapo, dr_grpo, luspo; verl's vanilla), "cispo" (MiniMax-M1: -sg(min(rho, eps_high))
         A logp, eps_high an absolute cap as TRL's epsilon_high) or "sapo" (sigmoid(tau (rho - 1))
-        4 / tau A, tau = sapo_tau_pos for A > 0 and sapo_tau_neg otherwise; TRL's sapo).
+        4 / tau A, tau = sapo_tau_pos for A > 0 and sapo_tau_neg otherwise; TRL's sapo) or
+        "cispo_two_sided" (verl's cispo: -sg(clip(rho, 1 - eps_low, 1 + eps_high)) A logp).
       delta: TRL's two-sided clip: the unclipped ratio is capped at delta (> 1 + eps_high);
         "clip" only. The same function as dual_clip = delta (see `dual_floor`): both names are
         accepted, as TRL and verl use them.

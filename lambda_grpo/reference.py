@@ -158,6 +158,9 @@ def reference_rows(logp: torch.Tensor, entropy, batch: Batch, cfg: LossConfig, o
     elif cfg.surrogate == "cispo":  # the clipped ratio is a constant weight of the log-prob's gradient
         surrogate = torch.clamp(rho, max=cfg.eps_high).detach() * A * logp
         clip_low, clip_high = torch.zeros_like(mask), (A > 0) & (rho > cfg.eps_high)
+    elif cfg.surrogate == "cispo_two_sided":  # verl's cispo: clipped on both sides, relative bounds
+        surrogate = torch.clamp(rho, 1 - cfg.eps_low, 1 + cfg.eps_high).detach() * A * logp
+        clip_low, clip_high = rho < 1 - cfg.eps_low, rho > 1 + cfg.eps_high
     elif cfg.surrogate == "vespo":  # TRL's get_gamma_weights: a detached weight of the sequence ratio
         log_w = (torch.clamp(x, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP) * maskf).sum(dim=1, keepdim=True)
         log_w = torch.clamp(log_w, VESPO_LOG_W_MIN, LOG_RATIO_CLAMP)

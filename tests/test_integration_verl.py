@@ -9,15 +9,15 @@ What is checked, and why:
   seq-mean-token-sum-norm, seq-mean-token-sum, token-sum), with the local counts
   (global_batch_info empty) and with dp_size = 2 global counts, with and without
   rollout_is_weights: loss, d(loss)/d(logp) and vanilla's metrics; likewise "lambda_grpo_cispo"
-  against verl's `cispo` (with clip_ratio_low >= 1, where verl's two-sided clip is the one-sided
-  cap, the cap binding), "lambda_grpo_sapo" against verl's `sapo` (temperatures off the
-  defaults) and "lambda_grpo_gspo" against verl's `gspo` (sequence-level ratio; advantages and IS
-  weights constant along rows, where the two agree; varying ones refused);
+  against verl's `cispo` (two-sided, both bounds binding on this batch), "lambda_grpo_sapo"
+  against verl's `sapo` (temperatures off the defaults) and "lambda_grpo_gspo" against verl's
+  `gspo` (sequence-level ratio; advantages and IS weights constant along rows, where the two
+  agree; varying ones refused);
 - the same through verl's whole actor loss `ppo_loss` (TensorDict batch, unpadded model output,
   KL and entropy added by verl), and the typed config (`omega_conf_to_dataclass` of the generated
   actor yaml with policy_loss._target_ = LambdaGRPOPolicyLossConfig) reaching the loss;
-- the refusals (an unknown mode, a missing loss_scale_factor or global count, cispo with a lower
-  clip that could bind, a config class whose fields the chosen loss_mode would ignore);
+- the refusals (an unknown mode, a missing loss_scale_factor or global count, a config class
+  whose fields the chosen loss_mode would ignore);
 - the entry point: a plain `import verl` in a fresh process registers "lambda_grpo", and a built
   wheel ships the module and the entry point;
 - Tier 2 pieces: group lengths from uid; LambdaState's gradient accumulated over micro-batches and
@@ -52,9 +52,9 @@ import lambda_grpo as lg
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "seq-mean-token-sum", "token-sum")
 # the other registered losses, each with the actor-config fields of verl's loss of that name:
-# cispo's cap 1 + clip_ratio_high = 1.28 binds on this batch, and clip_ratio_low = 1 keeps verl's
-# lower clip (at 1 - clip_ratio_low = 0) from binding; SAPO's temperatures are off the defaults
-VARIANTS = {"cispo": dict(clip_ratio_low=1.0, clip_ratio_high=0.28), "sapo": dict(tau_pos=1.5, tau_neg=2.0),
+# cispo's bounds [1 - 0.05, 1 + 0.08] both bind on this batch (verl's two-sided clip);
+# SAPO's temperatures are off the defaults
+VARIANTS = {"cispo": dict(clip_ratio_low=0.05, clip_ratio_high=0.08), "sapo": dict(tau_pos=1.5, tau_neg=2.0),
             "gspo": dict(clip_ratio_low=0.1, clip_ratio_high=0.12)}
 SKIP_REASON = ("verl is not importable (install it as `make test` does: pip install --no-deps verl==0.9.1 plus "
                "tensordict omegaconf hydra-core codetiming orjson pillow)")
@@ -219,7 +219,7 @@ def test_registered_loss_equals_vanilla(verl_mods, mode, dp, weights):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_registered_variants_equal_verls(verl_mods, variant, mode, dp, weights):
-    """lambda_grpo_cispo = verl's cispo (clip_ratio_low >= 1), lambda_grpo_sapo = verl's sapo (which
+    """lambda_grpo_cispo = verl's cispo (two-sided), lambda_grpo_sapo = verl's sapo (which
     aggregates seq-mean-token-mean whatever loss_agg_mode says): loss, dlogp, metrics."""
     b, kw = _batch(), VARIANTS[variant]
     if variant == "gspo":  # sequence-level IS weights: one per row (per-token ones are refused, below)
@@ -341,7 +341,7 @@ def test_traces_reach_the_variants(verl_mods, lv, variant):
     loss, _ = v.core_algos.get_policy_loss_fn(f"lambda_grpo_{variant}")(
         old_log_prob=b["old"], log_prob=b["logp"], advantages=b["adv"], response_mask=b["mask"],
         loss_agg_mode="seq-mean-token-mean", config=cfg)
-    fields = {"cispo": dict(surrogate="cispo", eps_high=1.28),
+    fields = {"cispo": dict(surrogate="cispo_two_sided", eps_low=0.05, eps_high=0.08),
               "sapo": dict(surrogate="sapo", sapo_tau_pos=1.5, sapo_tau_neg=2.0),
               "gspo": dict(importance_sampling="sequence", eps_low=0.1, eps_high=0.12)}[variant]
     want = lg.grpo_loss_from_logprobs(b["logp"], b["mask"], b["adv"], 1, old_logp=b["old"], config=lg.LossConfig(
@@ -414,10 +414,6 @@ def test_refusals(verl_mods, lv):
         fn(**args, loss_agg_mode="token-mean", config=cfg)
     with pytest.raises(ValueError, match="loss_mode: expected one of"):
         lv.LambdaGRPOPolicyLossConfig(loss_mode="vanilla", trace="recent")
-    # verl's cispo clips below at 1 - clip_ratio_low too (verl's default 0.2): not our one-sided CISPO
-    cispo = v.core_algos.get_policy_loss_fn("lambda_grpo_cispo")
-    with pytest.raises(ValueError, match="clip_ratio_low=1.0"):
-        cispo(**args, loss_agg_mode="token-mean", config=_actor_config(v, "token-mean"))
     with pytest.raises(ValueError, match="tau_pos"):
         v.core_algos.get_policy_loss_fn("lambda_grpo_sapo")(**args, loss_agg_mode="token-mean",
                                                             config=_actor_config(v, "token-mean", tau_pos=0.0))

@@ -57,6 +57,18 @@ def test_cispo_by_hand(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_cispo_two_sided_by_hand(backend):
+    # verl's cispo, eps_low = eps_high = 0.5: w = clip(rho, 0.5, 1.5) = (0.5, 1, 1.5) for rho =
+    # (0.25, 1, 4), constants. A = 1, dapo over 3 tokens: l_t = -w_t A logp_t = w_t ln 2, loss =
+    # (0.5 + 1 + 1.5) ln 2 / 3 = ln 2; dL/dlogp_t = -w_t / 3. rho = 0.25 below and 4 above: 1/3 each.
+    cfg = lg.LossConfig(aggregation="dapo", surrogate="cispo_two_sided", eps_low=0.5, eps_high=0.5)
+    loss, dlogp, m = _row(backend, cfg, 1.0, ratios=(0.25, 1.0, 4.0))
+    assert loss == pytest.approx(LN2, rel=1e-6)
+    torch.testing.assert_close(dlogp, torch.tensor([-1 / 6, -1 / 3, -0.5]), rtol=1e-5, atol=1e-6)
+    assert float(m["clip_frac_low"]) == pytest.approx(1 / 3) and float(m["clip_frac_high"]) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_sapo_by_hand(backend):
     # A = 1 > 0: tau = tau_pos = 1. s_t = sigmoid(rho_t - 1) 4 A = 4 sig(0, 1, 3).
     # loss (dapo) = -mean(s). ds/dlogp = ds/drho rho = 4 sig (1 - sig) rho: dL/dlogp = -that / 3.
@@ -143,6 +155,7 @@ def test_vespo_by_hand(backend):
 
 VARIANTS = {
     "cispo": dict(surrogate="cispo", eps_high=1.4),
+    "cispo_two_sided": dict(surrogate="cispo_two_sided", eps_low=0.1, eps_high=0.15),
     "sapo": dict(surrogate="sapo", sapo_tau_pos=1.5, sapo_tau_neg=0.8),
     "delta": dict(delta=1.35, eps_high=0.25, dual_clip=3.0),
     "kl_x_ratio": dict(kl_ratio_weighted=True, beta=0.2),
@@ -177,6 +190,8 @@ def test_reference_gradcheck(variant, trace):
         # CISPO's weight min(rho, eps_high) is detached by definition (its gradient is not the
         # loss's derivative) except where it is constant: a cap below every ratio makes it so.
         kw["eps_high"] = 0.01
+    if variant == "cispo_two_sided":  # the same: bounds 1 - 0 = 1 + 0 make w = 1 for every ratio
+        kw.update(eps_low=0.0, eps_high=0.0)
     cfg = lg.LossConfig(**{**dict(aggregation="lambda_grpo", beta=0.05, entropy_coef=0.01, trace=trace[0],
                                   trace_mode=trace[1]), **kw})
     inp = make_batch(B=4, T=3, V=3, G=2, dtype=torch.float64, seed=3, mask="holes")

@@ -7,11 +7,9 @@ traces and ``adv_clamp_min`` from :class:`LambdaGRPOPolicyLossConfig`:
 
 - ``"lambda_grpo"``: verl's ``vanilla`` PPO loss (clip from ``clip_ratio_low``/``clip_ratio_high``,
   dual clip at ``clip_ratio_c``);
-- ``"lambda_grpo_cispo"``: verl's ``cispo`` (MiniMax-M1), ``-sg(clip(ρ)) A log π``. verl clips
-  the ratio on both sides, to [1 - clip_ratio_low, 1 + clip_ratio_high]; lambda_grpo's CISPO
-  (TRL's and the paper's) caps it above only, at ``eps_high = 1 + clip_ratio_high``. The two are
-  the same loss when the lower bound cannot bind, ``clip_ratio_low >= 1``; a smaller
-  ``clip_ratio_low`` (verl's default 0.2) is refused with that fix, never computed differently;
+- ``"lambda_grpo_cispo"``: verl's ``cispo``, ``-sg(clip(ρ, 1 - clip_ratio_low, 1 +
+  clip_ratio_high)) A log π``: ``LossConfig.surrogate = "cispo_two_sided"`` (verl clips on both
+  sides; MiniMax-M1's and TRL's CISPO, ``surrogate="cispo"``, caps above only);
 - ``"lambda_grpo_sapo"``: verl's ``sapo`` (soft gate, temperatures ``tau_pos``/``tau_neg`` of the
   actor config). As verl's ``sapo`` it always aggregates ``seq-mean-token-mean``, whatever
   ``loss_agg_mode`` says;
@@ -89,7 +87,8 @@ LOSS_NAME = "lambda_grpo"
 LOSS_NAMES = {LOSS_NAME: "vanilla", "lambda_grpo_cispo": "cispo", "lambda_grpo_sapo": "sapo",
               "lambda_grpo_gspo": "gspo"}
 # verl loss -> the LossConfig fields that make it
-VERL_LOSSES = {"vanilla": dict(surrogate="clip"), "cispo": dict(surrogate="cispo"), "sapo": dict(surrogate="sapo"),
+VERL_LOSSES = {"vanilla": dict(surrogate="clip"), "cispo": dict(surrogate="cispo_two_sided"),
+               "sapo": dict(surrogate="sapo"),
                "gspo": dict(surrogate="clip", importance_sampling="sequence")}
 # verl loss_agg_mode -> our aggregation (docs/math.md §6)
 AGG_MODES = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "seq-mean-token-sum-norm": "dr_grpo",
@@ -159,8 +158,7 @@ def loss_config_from_verl(config, loss_agg_mode: str, *, aggregation: Optional[s
       to ``clip_ratio``, as ``vanilla``), ``dual_clip = clip_ratio_c`` (``vanilla`` always
       dual-clips);
     - gspo: the same clip range, ``importance_sampling="sequence"``, no dual clip;
-    - cispo: ``eps_high = 1 + clip_ratio_high``, the cap of verl's clip(ρ, 1 - low, 1 + high);
-      refused unless ``clip_ratio_low >= 1`` (verl's lower bound must not bind: ours has none);
+    - cispo: ``surrogate="cispo_two_sided"`` with the same clip range (verl's clip(ρ, 1 - low, 1 + high));
     - sapo: ``sapo_tau_pos/neg = tau_pos/tau_neg``; no clip.
 
     Traces and ``adv_clamp_min`` come from ``config.policy_loss`` (:class:`LambdaGRPOPolicyLossConfig`;
@@ -179,13 +177,6 @@ def loss_config_from_verl(config, loss_agg_mode: str, *, aggregation: Optional[s
     fields = dict(aggregation=aggregation, eps_low=low, eps_high=high, **VERL_LOSSES[verl_loss])
     if verl_loss == "vanilla":
         fields["dual_clip"] = float(_get(config, "clip_ratio_c", 3.0))
-    elif verl_loss == "cispo":
-        if not low >= 1:
-            raise _error(f"loss_mode 'lambda_grpo_cispo' with clip_ratio_low = {low}: verl's cispo clips the ratio "
-                         f"below at 1 - clip_ratio_low as well, lambda_grpo's CISPO (MiniMax-M1's, TRL's) caps it "
-                         f"above only, at 1 + clip_ratio_high. They are the same loss when the lower bound cannot "
-                         f"bind: set actor.clip_ratio_low=1.0 (or use verl's own loss_mode=cispo)")
-        fields["eps_high"] = 1.0 + high
     elif verl_loss == "sapo":
         fields.update(sapo_tau_pos=float(_get(config, "tau_pos", 1.0)),
                       sapo_tau_neg=float(_get(config, "tau_neg", 1.05)))
@@ -270,15 +261,15 @@ def _pg_metrics(out, log_prob, old_log_prob, advantages, mask, cfg: LossConfig) 
 
 def _pg_metrics_no_clip(out, log_prob, old_log_prob, mask, cfg: LossConfig, advantages) -> dict:
     """verl's ``cispo``, ``sapo`` and ``gspo`` metrics: pg_clipfrac the fraction of tokens whose ratio
-    the clip changed (cispo: above the cap 1 + clip_ratio_high, the lower bound cannot bind here;
+    the clip changed (cispo: outside [1 - clip_ratio_low, 1 + clip_ratio_high], our clip_frac;
     gspo: the clipped term is the larger loss, i.e. A > 0 above 1 + high or A < 0 below 1 - low;
     sapo: 0), pg_clipfrac_lower 0, ppo_kl the mean of old - logp."""
     with torch.no_grad():
         x = (log_prob.detach() - old_log_prob.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         rho = out.per_token["ratio"]
         clipfrac = 0.0
-        if cfg.surrogate == "cispo":
-            clipfrac = float(_masked_mean((rho > cfg.eps_high).to(x.dtype), mask))
+        if cfg.surrogate == "cispo_two_sided":
+            clipfrac = float(out.metrics["clip_frac"])
         elif cfg.surrogate == "clip":  # gspo
             A = advantages.detach().to(rho.dtype)
             A = (A[:, None] if A.dim() == 1 else A).expand_as(rho)
@@ -343,9 +334,9 @@ def compute_policy_loss_lambda_grpo_cispo(old_log_prob: torch.Tensor, log_prob: 
                                           advantages: torch.Tensor, response_mask: torch.Tensor,
                                           loss_agg_mode: str = "token-mean", config=None,
                                           rollout_is_weights: Optional[torch.Tensor] = None):
-    """verl policy loss ``"lambda_grpo_cispo"``: verl's ``cispo`` with ``clip_ratio_low >= 1`` (the
-    one-sided CISPO of MiniMax-M1 and TRL, cap ``1 + clip_ratio_high``; a smaller
-    ``clip_ratio_low`` is refused). Returns ``(pg_loss, metrics)`` with ``cispo``'s metric names."""
+    """verl policy loss ``"lambda_grpo_cispo"``: verl's ``cispo`` (``surrogate="cispo_two_sided"``,
+    the ratio clipped to [1 - clip_ratio_low, 1 + clip_ratio_high] and detached). Returns
+    ``(pg_loss, metrics)`` with ``cispo``'s metric names."""
     return _policy_loss("cispo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                         rollout_is_weights)
 
