@@ -15,7 +15,7 @@ import importlib.util
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -278,16 +278,22 @@ def _skip_liger_chunked(case: Case, device: str) -> Optional[str]:
     return _skip_liger_common(case)
 
 
-def _linear_leaves(inputs: dict, device: str) -> Dict[str, torch.Tensor]:
-    return {"hidden": inputs["hidden"].to(device).requires_grad_(True),
-            "weight": inputs["weight"].to(device).requires_grad_(True)}
+def _linear_leaves(inputs: dict, device: str) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
+    """The hidden task's leaves (hidden states, LM-head weight, and lambda when the case has one)
+    and lambda (or None)."""
+    leaves = {"hidden": inputs["hidden"].to(device).requires_grad_(True),
+              "weight": inputs["weight"].to(device).requires_grad_(True)}
+    lam = lam_leaf(inputs)
+    if lam is not None:
+        leaves["lam"] = lam
+    return leaves, lam
 
 
 def _make_liger_chunked(case: Case, inputs: dict, device: str) -> Runner:
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     cfg = case.config()
-    leaves = _linear_leaves(inputs, device)
+    leaves, _ = _linear_leaves(inputs, device)  # no lambda: Liger has no lambda-GRPO (skipped)
     kw = _common(inputs, device)
     loss_mod = LigerFusedLinearGRPOLoss(beta=cfg.beta, use_ref_model=cfg.beta > 0, epsilon_low=cfg.eps_low,
                                         epsilon_high=cfg.eps_high, loss_type=cfg.aggregation,
@@ -305,10 +311,7 @@ def _make_liger_chunked(case: Case, inputs: dict, device: str) -> Runner:
 
 def _make_torch_linear(case: Case, inputs: dict, device: str) -> Runner:
     cfg = case.config()
-    leaves = _linear_leaves(inputs, device)
-    lam = lam_leaf(inputs)
-    if lam is not None:
-        leaves["lam"] = lam
+    leaves, lam = _linear_leaves(inputs, device)
     kw = _common(inputs, device)
 
     def fwd():
@@ -322,10 +325,7 @@ def _make_fused_linear(case: Case, inputs: dict, device: str) -> Runner:
     """Ours from hidden states: lg.fused_linear_grpo_loss (chunks of valid tokens; the logits of
     one chunk at a time; dhidden and dW computed in the forward)."""
     cfg = case.config()
-    leaves = _linear_leaves(inputs, device)
-    lam = lam_leaf(inputs)
-    if lam is not None:
-        leaves["lam"] = lam
+    leaves, lam = _linear_leaves(inputs, device)
     kw = _common(inputs, device)
 
     def fwd():
@@ -354,10 +354,7 @@ def _make_trl_head(case: Case, inputs: dict, device: str) -> Runner:
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction, _use_triton
 
     cfg = case.config()
-    leaves = _linear_leaves(inputs, device)
-    lam = lam_leaf(inputs)
-    if lam is not None:
-        leaves["lam"] = lam
+    leaves, lam = _linear_leaves(inputs, device)
     kw = _common(inputs, device)
     mask = kw["mask"]
     compact = _use_triton(leaves["hidden"].device)
@@ -423,10 +420,7 @@ def _make_verl(case: Case, inputs: dict, device: str) -> Runner:
     mod = _load_verl_functional()
     head = mod.FusedLinearForPPO(impl_backend="torch")  # chunk_size=512, verl's default
     cfg = case.config()
-    leaves = _linear_leaves(inputs, device)
-    lam = lam_leaf(inputs)
-    if lam is not None:
-        leaves["lam"] = lam
+    leaves, lam = _linear_leaves(inputs, device)
     kw = _common(inputs, device)
 
     def fwd():
