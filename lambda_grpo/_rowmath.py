@@ -357,13 +357,14 @@ def vespo_weight(x: torch.Tensor, mask: torch.Tensor, A: torch.Tensor, cfg: Loss
     return torch.where(mask, phi, torch.zeros_like(phi))
 
 
-def row_coefficients(x: torch.Tensor, consts: "TokenConstants", cfg: LossConfig) -> Optional[torch.Tensor]:
-    """The token coefficient c that multiplies the surrogate, with VESPO's phi folded in (it
-    depends on the row's log-probs, so it is known only after the vocabulary pass)."""
+def row_coefficients(x: torch.Tensor, consts: "TokenConstants", cfg: LossConfig):
+    """(c, phi): the token coefficient c that multiplies the surrogate, with VESPO's phi folded in
+    (it depends on the row's log-probs, so it is known only after the vocabulary pass), and phi
+    itself for the `phi_mean` metric (None unless surrogate="vespo")."""
     if cfg.surrogate != "vespo":
-        return consts.coef
+        return consts.coef, None
     phi = vespo_weight(x, consts.mask, consts.A, cfg)
-    return phi if consts.coef is None else consts.coef * phi
+    return (phi if consts.coef is None else consts.coef * phi), phi
 
 
 # --------------------------------------------------------------------------------------------
@@ -498,7 +499,7 @@ def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, 
     logp = torch.where(mask, logp, zero)
     x = log_ratio(logp, batch, mask)
     z = ratio_map(x, mask, cfg)
-    coef = row_coefficients(x, k, cfg)
+    coef, phi = row_coefficients(x, k, cfg)
     ref = None if batch.ref_logp is None else torch.where(mask, batch.ref_logp.to(dtype), zero)
     terms = token_terms(z, logp, ref, entropy, k.A, k.W, coef, cfg)
     token_loss = torch.where(mask, terms.loss, zero)
@@ -526,7 +527,7 @@ def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, 
     if entropy is not None:
         metrics["entropy_mean"] = mean(entropy)
     if cfg.surrogate == "vespo":
-        metrics["phi_mean"] = mean(coef if k.coef is None else vespo_weight(x, mask, k.A, cfg))
+        metrics["phi_mean"] = mean(phi)
     if cfg.uses_lambda:
         metrics["lambda"] = batch.lam.detach().to(device=logp.device, dtype=dtype)
     metrics["seq_weight"] = k.seq_weight

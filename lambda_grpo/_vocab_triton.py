@@ -18,7 +18,7 @@ import torch
 from .config import LossConfig
 from ._batch import Batch
 from ._rowmath import (FusedInputs, RowPass, TokenConstants, log_ratio, ratio_map, ratio_map_backward,
-                       row_coefficients, vespo_weight)
+                       row_coefficients)
 from ._validate import fail
 from .kernels._config import LOGITS_DTYPES
 from .kernels.rows import PART, launch_rows
@@ -91,10 +91,10 @@ def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, 
     and returns dL/dz, whose VJP (`ratio_map_backward`) is added to dL/dlogp."""
     B, T = batch.mask.shape
     mask = batch.mask
-    coef, z, x = consts.coef, None, None
+    coef, z, phi = consts.coef, None, None
     if cfg.sequence_ratio or cfg.surrogate == "vespo":
         x = log_ratio(logp.detach(), batch, mask)
-        coef = row_coefficients(x, consts, cfg)
+        coef, phi = row_coefficients(x, consts, cfg)
         z = ratio_map(x, mask, cfg) if cfg.sequence_ratio else None
     coef_lp, coef_h, parts, toks, gz = launch_rows(
         logp.contiguous(), mask.contiguous(), _f32(consts.A).view(B, T), consts.lengths.contiguous(),
@@ -122,9 +122,8 @@ def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, 
         metrics["kl_mean"] = sums[PART["kl"]] / count
     if entropy is not None:
         metrics["entropy_mean"] = sums[PART["entropy"]] / count
-    if cfg.surrogate == "vespo":
-        phi = coef if consts.coef is None else vespo_weight(x, mask, consts.A, cfg)
-        metrics["phi_mean"] = torch.where(mask, phi, torch.zeros((), dtype=phi.dtype, device=phi.device)).sum() / count
+    if phi is not None:  # VESPO (zeros where masked)
+        metrics["phi_mean"] = phi.sum() / count
     if cfg.uses_lambda:
         metrics["lambda"] = batch.lam.detach().to(device=logp.device, dtype=torch.float32).reshape(())
     metrics["seq_weight"] = consts.seq_weight
