@@ -34,7 +34,7 @@ test: $(STAMP) $(VERL_STAMP)
 	$(BIN)/python -m pytest -q -x tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check lambda_grpo kernels tests bench
+	$(BIN)/ruff check lambda_grpo tests bench
 
 demo: $(STAMP)
 	$(BIN)/python -m lambda_grpo.train --preset demo

@@ -1231,7 +1231,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.environ["LG_TEST_DEVICE"] = "cpu"
     else:
         os.environ["LG_TEST_DEVICE"] = "cuda"
-    import tests.conftest  # noqa: F401  interpreter fixes (dry run); lambda_grpo.kernels from this checkout
+    import tests.conftest  # noqa: F401  the interpreter fixes of the test suite (dry run)
 
     if not args.dry_run and not torch.cuda.is_available():
         print("bench.gpu_check: CUDA is not available. This check needs an NVIDIA GPU; use --dry-run to run "

@@ -10,17 +10,11 @@ stage, the number of kernel launches and the device time per kernel, so that the
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # an uninstalled checkout (the GPU machine): as bench/gpu_check.py
-    sys.path.insert(0, REPO)
-import tests.conftest  # noqa: E402,F401  lambda_grpo.kernels from this checkout when not installed
-import lambda_grpo as lg  # noqa: E402
+import lambda_grpo as lg
 
 
 def main() -> None:

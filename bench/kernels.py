@@ -1,7 +1,7 @@
 """Kernel report: `python -m bench.kernels` — registers, shared memory and spills per kernel
 specialisation, for sm_80 and sm_90, from `ptxas -v` on the PTX Triton generates.
 
-Measured, not modelled: each specialisation the launchers can pick (kernels/_config.py) is
+Measured, not modelled: each specialisation the launchers can pick (lambda_grpo/kernels/_config.py) is
 compiled ahead of time with `triton.compile(..., target=GPUTarget("cuda", cc, 32))` (no GPU
 needed) and its PTX assembled by the ptxas shipped in the triton wheel. "smem" is the
 dynamic shared memory Triton allocates (reductions / scans); ptxas' static smem is 0 for all.

@@ -1,8 +1,8 @@
 """The Triton engine: the vocabulary passes and the row pass of backend="triton" as fused kernels.
 
 The same interface as the torch engine (lambda_grpo/_vocab_torch.py), so that one autograd
-path (lambda_grpo/_ops.py) drives both. Layers: @triton.jit kernels (kernels/*.py) ->
-launchers (same files: check, allocate, pick the config from kernels/_config.py, launch) ->
+path (lambda_grpo/_ops.py) drives both. Layers: @triton.jit kernels (lambda_grpo/kernels/*.py) ->
+launchers (same files: check, allocate, pick the config from lambda_grpo/kernels/_config.py, launch) ->
 this engine (adapts Batch / TokenConstants to the launchers) -> the custom ops.
 
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before the first

@@ -5,10 +5,7 @@ is imported by pytest before the test modules, so setting it here (only when CUD
 makes backend="triton" run on this CPU machine through the interpreter.
 """
 
-import importlib.abc
-import importlib.util
 import os
-import sys
 
 import torch
 
@@ -34,34 +31,6 @@ def _inductor_cache_per_source() -> None:
 
 
 _inductor_cache_per_source()
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class _SourceKernels(importlib.abc.MetaPathFinder):
-    """`kernels/` as `lambda_grpo.kernels` in a source checkout that was not pip-installed.
-
-    pyproject.toml maps the folder kernels/ to the package lambda_grpo.kernels (package-dir);
-    an (editable) install provides that mapping, a bare checkout on sys.path does not (e.g. a
-    GPU machine that received the working tree: bench/gpu_check.py). This finder sits last on
-    sys.meta_path, so it only answers when nothing installed did, and only for this checkout's
-    lambda_grpo."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "lambda_grpo.kernels":
-            return None
-        pkg = sys.modules.get("lambda_grpo")
-        here = os.path.join(ROOT, "lambda_grpo")
-        if pkg is None or not any(os.path.abspath(p) == here for p in getattr(pkg, "__path__", [])):
-            return None
-        src = os.path.join(ROOT, "kernels")
-        return importlib.util.spec_from_file_location(name, os.path.join(src, "__init__.py"),
-                                                      submodule_search_locations=[src])
-
-
-if not any(isinstance(f, _SourceKernels) for f in sys.meta_path):
-    sys.meta_path.append(_SourceKernels())
-
 
 def _speed_up_interpreter() -> None:
     """Skip the interpreter's per-call re-patching of triton.language for our jit helpers.

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = {"lambda_grpo": ROOT / "lambda_grpo", "lambda_grpo.kernels": ROOT / "kernels"}
+PACKAGES = {"lambda_grpo": ROOT / "lambda_grpo"}
 # Imports that must happen at call time, and why.
 DEFERRED_OK = {
     # the Triton engine imports triton kernels, which must load after TRITON_INTERPRET is set
@@ -89,3 +89,74 @@ def test_engines_are_leaves_and_ops_import_no_engine():
     for engine in ("lambda_grpo._vocab_torch", "lambda_grpo._vocab_triton"):
         assert "lambda_grpo._ops" not in top[engine] and "lambda_grpo.api" not in top[engine]
     assert not {"lambda_grpo._vocab_torch", "lambda_grpo._vocab_triton"} & top["lambda_grpo._ops"]
+
+
+# verl 0.9.1 installs its own test suite as a top-level package `tests` (a packaging slip: nothing
+# of verl imports it at run time, which _imported_by_its_distribution checks). Our tests/ folder
+# shadows that package when Python runs from the repository root, harmlessly.
+SHADOW_OK = {"tests"}
+
+
+def _top_level_names():
+    """Importable names of the repository's top-level folders and modules."""
+    for entry in sorted(ROOT.iterdir()):
+        name = entry.stem if entry.is_file() and entry.suffix == ".py" else entry.name
+        if (entry.is_dir() or entry.suffix == ".py") and name.isidentifier():
+            yield name, entry
+
+
+def _imported_by_its_distribution(name: str, dist_name: str) -> list:
+    """Files of `dist_name` outside its `name` package that import `name` (at any indentation)."""
+    import importlib.metadata as md
+    import re
+
+    pattern = re.compile(rf"^\s*(from|import)\s+{name}(\.|\s|$)", re.M)
+    hits = []
+    for f in md.distribution(dist_name).files or []:
+        if f.suffix == ".py" and f.parts and f.parts[0] != name:
+            try:
+                if pattern.search(f.locate().read_text(errors="ignore")):
+                    hits.append(str(f))
+            except OSError:
+                continue
+    return hits
+
+
+def test_no_top_level_dir_shadows_an_installed_module():
+    """Every Makefile target runs Python from the repository root, which puts the root first on
+    sys.path: a top-level folder (with or without __init__.py) or module named like a top-level
+    module of an installed distribution would be imported instead of it (issue 16: a top-level
+    kernels/ broke transformers 5.25, which imports the PyPI package `kernels`)."""
+    import importlib.metadata as md
+
+    provided = md.packages_distributions()
+    clashes = []
+    for name, entry in _top_level_names():
+        dists = sorted({d for d in provided.get(name, []) if d.lower().replace("_", "-") != "lambda-grpo"})
+        if not dists:
+            continue
+        if name in SHADOW_OK:
+            for d in dists:
+                users = _imported_by_its_distribution(name, d)
+                assert not users, f"{name}/ shadows {d}'s top-level {name!r}, which {d} imports: {users[:3]}"
+            continue
+        clashes.append(f"{entry.name} (top-level {name!r} of {', '.join(dists)})")
+    assert not clashes, "top-level entries of the repository shadow installed modules: " + "; ".join(clashes)
+
+
+def test_installed_kernels_package_wins_from_the_repository_root():
+    """From the root, `import kernels` is the installed distribution's package (when one is
+    installed, as transformers >= 5.25 requires), and our kernels are lambda_grpo.kernels."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    code = ("import importlib.util, kernels, lambda_grpo.kernels._config as c; "
+            "print(kernels.__file__); print(c.__file__)")
+    if importlib.util.find_spec("kernels") is None:
+        code = "import lambda_grpo.kernels._config as c; print('-'); print(c.__file__)"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    theirs, ours = res.stdout.split()
+    assert theirs == "-" or {"site-packages", "dist-packages"} & set(Path(theirs).parts), theirs
+    assert Path(ours).resolve().is_relative_to(ROOT / "lambda_grpo"), ours

@@ -1,4 +1,4 @@
-"""The Triton row kernel (kernels/rows.py) against the torch row math, with no vocabulary.
+"""The Triton row kernel (lambda_grpo/kernels/rows.py) against the torch row math, with no vocabulary.
 
 Issue 9, point 3: `row_kernel` is fed random (B, T) log-probs, entropies, old/ref log-probs,
 advantages and masks directly (`launch_rows`, and once through the engine adapter

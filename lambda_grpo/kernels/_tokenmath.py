@@ -21,7 +21,7 @@ def surrogate(z, logp, A, eps_low, eps_high, dual_clip, surr, tau_pos, tau_neg):
     rule is lambda_grpo._rowmath.token_terms. Returns (s, ds/dz, ds/dlogp, rho, drho/dz,
     clip_low, clip_high).
 
-    surr (runtime int, SURROGATE_CODES in kernels/_config.py): 0 clip, 1 cispo, 2 sapo, 3 vespo,
+    surr (runtime int, SURROGATE_CODES in lambda_grpo/kernels/_config.py): 0 clip, 1 cispo, 2 sapo, 3 vespo,
     4 cispo_two_sided. All
     are computed and one is selected with where() (a handful of flops next to a vocabulary pass;
     no branch the interpreter or the compiler must specialise). A disabled dual clip is passed as
