@@ -517,3 +517,34 @@ def test_wheel_ships_integrations(tmp_path):
     text = zipfile.ZipFile(whl).read(meta).decode()
     assert 'Provides-Extra: trl' in text and "trl<1.17,>=1.16; extra == \"trl\"" in text
 
+
+
+@pytest.mark.parametrize("constant", [True, False])
+def test_warns_when_no_group_has_reward_variance(constant, tiny, tmp_path, caplog):
+    """A step whose groups all have equal rewards has zero advantages, so loss, gradient and dλ are
+    exactly 0 and λ cannot move: the trainer says so in a logged warning (issue 16 point 5); a step
+    with reward variance logs nothing of the kind."""
+    import logging
+
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from lambda_grpo.integrations.trl import LambdaGRPOConfig, LambdaGRPOTrainer
+    from tests._trl_tiny import PROMPTS, reward_len
+
+    def reward_constant(completions, **kw):
+        return [1.0 for _ in completions]
+
+    cfg = dict(PARITY, loss_type="lambda_grpo", output_dir=str(tmp_path), max_steps=1, num_iterations=1)
+    trainer = LambdaGRPOTrainer(model=tiny, reward_funcs=reward_constant if constant else reward_len,
+                                args=LambdaGRPOConfig(**cfg), train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+                                processing_class=AutoTokenizer.from_pretrained(tiny))
+    with caplog.at_level(logging.WARNING, logger="lambda_grpo.integrations.trl"):
+        trainer.train()
+    said = [r.getMessage() for r in caplog.records if "no reward variance" in r.getMessage()]
+    step = [h for h in trainer.state.log_history if "loss" in h][0]
+    if constant:
+        assert said and "λ stays at 0" in said[0], caplog.text[-2000:]
+        assert step["loss"] == 0.0 and step["grad_norm"] == 0.0 and float(trainer.lam.detach()) == 0.0
+    else:
+        assert not said and step["frac_reward_zero_std"] < 1.0

