@@ -505,14 +505,25 @@ def test_wheel_ships_integrations(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(REPO / name, src / name)
-    for d in ("lambda_grpo", "kernels"):
-        shutil.copytree(REPO / d, src / d, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "lambda_grpo", src / "lambda_grpo", ignore=shutil.ignore_patterns("__pycache__"))
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                           str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     (whl,) = (tmp_path / "dist").glob("lambda_grpo-*.whl")
     names = set(zipfile.ZipFile(whl).namelist())
     assert {"lambda_grpo/integrations/__init__.py", "lambda_grpo/integrations/trl.py"} <= names
+    # the kernels ship as lambda_grpo.kernels, never as a top-level `kernels` (issue 16)
+    assert {"lambda_grpo/kernels/__init__.py", "lambda_grpo/kernels/vocab_fused.py"} <= names
+    assert not any(n.startswith("kernels/") for n in names), sorted(names)[:10]
+    # installed from the wheel, imported from a scratch directory: the wheel's lambda_grpo.kernels
+    site = tmp_path / "site"
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(whl)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    env = dict(os.environ, PYTHONPATH=str(site))
+    res = subprocess.run([sys.executable, "-c", "import lambda_grpo.kernels._config as c; print(c.__file__)"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().startswith(str(site)), (res.stdout, res.stderr[-2000:])
     meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
     text = zipfile.ZipFile(whl).read(meta).decode()
     assert 'Provides-Extra: trl' in text and "trl<1.17,>=1.16; extra == \"trl\"" in text
