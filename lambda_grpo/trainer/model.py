@@ -106,8 +106,8 @@ def check_model(model: str, cache_dir: Optional[str]) -> None:
         return
     path = Path(model).expanduser()
     if not path.is_dir():
-        raise ValueError(f"model: expected {DEFAULT_MODEL!r} (or 'SmolLM2-135M-Instruct') or a local Hugging Face model directory, "
-                         f"got {model!r} (no such directory; nothing is downloaded)")
+        raise ValueError(f"model: expected {DEFAULT_MODEL!r} (or 'SmolLM2-135M-Instruct') or a local Hugging Face "
+                         f"model directory, got {model!r} (no such directory; nothing is downloaded)")
     if not (path / "config.json").exists():
         raise ValueError(f"model: expected a Hugging Face model directory with config.json, got {model!r}")
 
