@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -24,7 +24,7 @@ class Batch:
     """
 
     logits: Optional[torch.Tensor]
-    tokens: torch.Tensor  # (B, T) int64
+    tokens: Optional[torch.Tensor]  # (B, T) int64 clamped into [0, V) (None: the entry point from log-probs)
     mask: torch.Tensor  # (B, T) bool
     advantages: torch.Tensor  # (B, T) compute dtype (per-sequence values broadcast)
     old_logp: Optional[torch.Tensor]  # (B, T) compute dtype or None
@@ -41,6 +41,10 @@ class Batch:
     # packed (varlen) inputs (lambda_grpo/_packed.py): logits / hidden are (N, V) / (N, H) and packed
     # token j is at flat index packed_pos[j] of the (B, T) layout of every tensor above; None: padded
     packed_pos: Optional[torch.Tensor] = None
+    # 0-d bool on the device: a value rule of the inputs failed (lambda_grpo/_validate.py), the loss
+    # is then NaN; None when no value rule applies. `values` keeps what LossOutput.input_errors reads.
+    poison: Optional[torch.Tensor] = None
+    values: Any = None
 
     @property
     def shape(self):

@@ -221,7 +221,33 @@ def _fused_grad(ctx, d: Tensor, mask: Tensor, g: Tensor) -> Tensor:
     if ctx.inplace:
         engine_module(ctx.engine).scale_(d.view(-1, d.shape[-1]), mask.reshape(-1), g)
         return d.detach()  # see _backward: a new tensor object over the logits' storage
-    return _scaled_grad(d, g)
+    return _upstream(ctx, d, mask.reshape(-1), g)
+
+
+def _upstream(ctx, d: Tensor, mask: Optional[Tensor], g: Tensor) -> Tensor:
+    """g * d for a saved gradient d computed for an upstream gradient of 1 (see the module docstring).
+
+    The engine decides how, by `engine.REREAD_UPSTREAM`: the torch engine reads g on the host and
+    returns d itself when g == 1, else a new g * d (d never changes); the Triton engine never reads
+    g on the host (no synchronisation): its kernel rescales d in place by g / (the scale d holds),
+    a no-op when they are equal (the usual loss.backward()), so d holds g * dL/dx afterwards. With
+    a retained graph a later backward with another g rescales it again in place: a gradient
+    returned by torch.autograd.grad is then the same buffer (a leaf's .grad is a copy, as autograd
+    copies what the graph still holds). Compiled: always the product (inductor writes it over the
+    donated buffer)."""
+    if torch.compiler.is_compiling() or type(g) is not torch.Tensor:
+        return d * g.to(d.dtype)
+    eng = engine_module(ctx.engine)
+    if not eng.RESCALE_IN_PLACE:
+        return d if bool(g == 1) else d * g.to(d.dtype)
+    scales = ctx.scales if hasattr(ctx, "scales") else {}
+    held = scales.get(id(d))
+    factor = g if held is None else g / held
+    d2 = d.view(-1, d.shape[-1]) if d.dim() > 1 else d.view(-1, 1)
+    eng.scale_(d2, mask if mask is not None else torch.ones(d2.shape[0], dtype=torch.bool, device=d.device), factor)
+    scales[id(d)] = g.detach().clone()
+    ctx.scales = scales
+    return d
 
 
 def _backward(ctx, g_loss, g_metrics, g_seq_weight, g_dlam, g_grad, g_rows, g_tokens):
@@ -464,6 +490,7 @@ def _linear_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
     lam = inputs[8]
+    ctx.engine = inputs[16]
     ctx.lam_meta = None if lam is None else (lam.dtype, lam.device)
     # the gradients as detached aliases, for the reason given in the module docstring
     ctx.save_for_backward(output[3], output[4].detach(), output[5].detach(), output[6].detach())
@@ -477,25 +504,14 @@ def _linear_backward(ctx, g_loss, *unused):
         return tuple(grads)
     g = g_loss.detach()
     if ctx.needs_input_grad[0]:
-        grads[0] = _scaled_grad(dh, g)
+        grads[0] = _upstream(ctx, dh, None, g)
     if ctx.needs_input_grad[1]:
-        grads[1] = _scaled_grad(dw, g)
+        grads[1] = _upstream(ctx, dw, None, g)
     if ctx.needs_input_grad[2] and db.numel():
-        grads[2] = _scaled_grad(db, g)
+        grads[2] = _upstream(ctx, db, None, g)
     if ctx.lam_meta is not None and ctx.needs_input_grad[8]:
         grads[8] = (g * dlam).to(device=ctx.lam_meta[1], dtype=ctx.lam_meta[0])
     return tuple(grads)
-
-
-def _scaled_grad(d: Tensor, g: Tensor) -> Tensor:
-    """g * d for a gradient d computed for g = 1, never modifying d: d itself when g == 1 in eager
-    mode (no copy). While AOTAutograd traces the backward, g is a fake/functional tensor subclass
-    with no value to read (torch.compiler.is_compiling() is not True there on every torch
-    version: torch 2.11 traced bool(g == 1)), so the product is always taken, and inductor writes
-    it over the donated saved buffer."""
-    if torch.compiler.is_compiling() or type(g) is not torch.Tensor:
-        return d * g.to(d.dtype)
-    return d if bool(g == 1) else d * g.to(d.dtype)
 
 
 torch.library.register_autograd("lambda_grpo::linear_fwd", _linear_backward, setup_context=_linear_setup)

@@ -1,24 +1,31 @@
-"""Input validation shared by every public entry point (SPEC §8).
+"""Input validation shared by every public entry point (docs/math.md §10).
 
-Every rule raises ``ValueError`` naming the argument with the expected and the actual value.
-Value checks that need the data (token range, 0/1 mask) read values back from the device;
-they are skipped while torch.compile traces (shapes and dtypes are still checked).
+Shapes, dtypes, devices and Python values are checked on the host: each rule raises
+``ValueError`` naming the argument with the expected and the actual value.
 
-Two rules act on the device instead, without a host sync (issue 8):
-- a normaliser given as a tensor (`num_tokens`, `num_sequences`) whose value is not finite
-  and > 0 becomes NaN, so that every quantity it divides (the loss, d(lambda)) is NaN rather
-  than a finite wrong number; a Python number is checked on the host and raises.
-- token ids of any integer dtype are accepted (uint8/uint16/int32 ... from numpy or a
-  tokenizer); the backends compute on int64 copies.
-Tensors on the "meta" device have no values to check or compute with: they are refused with
-a ValueError naming the first such argument.
+The *contents* of tensors (token ids in [0, V) where counted, a non-bool mask's 0/1 values,
+`group_lengths` / `group_index` against the rows, tensor normalisers) are never read on the host
+in a call: that would be a host-device synchronisation per training step. They are checked on the
+device instead, by a few small reductions whose result, when a rule fails, makes the loss and its
+gradients NaN (`Batch.poison`); nothing is ever read out of bounds (ids are clamped into [0, V),
+group indices into [0, G)). `LossOutput.input_errors` names the failed rules when read (that read
+is the one sync, and only when asked), and `LossOutput.check_inputs()` raises them. For debugging,
+`lambda_grpo.check_values()` (a context manager) or the environment variable
+LAMBDA_GRPO_CHECK_VALUES=1 turns the same rules into host checks that raise ``ValueError`` in the
+call. Value checks are skipped while torch.compile traces (the device rules stay in the graph).
+
+Token ids of any integer dtype are accepted (uint8/uint16/int32 ... from numpy or a tokenizer);
+the backends compute on int64 copies. Tensors on the "meta" device have no values to check or
+compute with: they are refused with a ValueError naming the first such argument.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from typing import Union
+import os
+from typing import List, Optional, Union
 
 import torch
 
@@ -33,7 +40,33 @@ Scalar = Union[int, float, torch.Tensor, None]
 
 
 def fail(name: str, expected: str, actual) -> None:
-    raise ValueError(f"{name}: expected {expected}, got {actual}")
+    raise ValueError(_message(name, expected, actual))
+
+
+def _message(name: str, expected: str, actual) -> str:
+    return f"{name}: expected {expected}, got {actual}"
+
+
+_CHECK_VALUES = [os.environ.get("LAMBDA_GRPO_CHECK_VALUES", "0") not in ("", "0")]
+
+
+@contextlib.contextmanager
+def check_values(enabled: bool = True):
+    """Inside this context, the value rules of the inputs (token ids in [0, V) where counted, 0/1
+    mask values, group_lengths / group_index) are checked on the host and raise ``ValueError`` in
+    the call, instead of making the loss NaN (the default, which never synchronises with the
+    device; docs/math.md §10). For debugging: each check reads the inputs back from the device.
+    The environment variable LAMBDA_GRPO_CHECK_VALUES=1 sets the default for the process."""
+    before = _CHECK_VALUES[0]
+    _CHECK_VALUES[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _CHECK_VALUES[0] = before
+
+
+def _host_checks() -> bool:
+    return _CHECK_VALUES[0] and not _compiling()
 
 
 def _compiling() -> bool:
@@ -75,16 +108,107 @@ def check_logits_tokens(logits, tokens, name_logits="logits", name_tokens="token
         fail(name_tokens, "an integer dtype (int64, int32, uint16, ...)", tokens.dtype)
     if tokens.device != logits.device:
         fail(name_tokens, f"device {logits.device} (that of logits)", tokens.device)
-    if not _compiling() and tokens.numel() > 0:
-        # min/max are not implemented for every integer dtype (uint16/32/64): check an int64 copy
-        ids = tokens if tokens.dtype == torch.int64 else tokens.long()
-        sel = ids if mask is None else ids[mask]
-        if sel.numel() > 0:
-            lo, hi = int(sel.min()), int(sel.max())
-            if lo < 0 or hi >= V:
-                if lo < 0 and tokens.dtype == torch.uint64:  # ids >= 2**63 wrapped in the int64 copy
-                    fail(name_tokens, f"ids in [0, {V}) where counted", "uint64 ids >= 2**63")
-                fail(name_tokens, f"ids in [0, {V}) where counted", f"ids in [{lo}, {hi}]")
+    if _host_checks():
+        _raise(token_error(tokens, mask, V, name_tokens))
+
+
+# --------------------------------------------------------------------------------------------
+# Value rules: each returns the error message (reading the values on the host) or None. They
+# raise in the call under check_values(); otherwise the device rules below poison the loss and
+# LossOutput.input_errors runs these when the user reads it.
+# --------------------------------------------------------------------------------------------
+def _raise(msg: Optional[str]) -> None:
+    if msg is not None:
+        raise ValueError(msg)
+
+
+def token_error(tokens: torch.Tensor, mask: Optional[torch.Tensor], V: int, name: str = "tokens") -> Optional[str]:
+    """Ids in [0, V) where mask is set (everywhere when mask is None)."""
+    if tokens.numel() == 0:
+        return None
+    # min/max are not implemented for every integer dtype (uint16/32/64): check an int64 copy
+    ids = tokens if tokens.dtype == torch.int64 else tokens.long()
+    sel = ids if mask is None else ids[mask]
+    if sel.numel() == 0:
+        return None
+    lo, hi = int(sel.min()), int(sel.max())
+    if lo >= 0 and hi < V:
+        return None
+    if lo < 0 and tokens.dtype == torch.uint64:  # ids >= 2**63 wrapped in the int64 copy
+        return _message(name, f"ids in [0, {V}) where counted", "uint64 ids >= 2**63")
+    return _message(name, f"ids in [0, {V}) where counted", f"ids in [{lo}, {hi}]")
+
+
+def mask_error(mask: torch.Tensor) -> Optional[str]:
+    """A non-bool mask holds only 0 and 1."""
+    if mask.dtype == torch.bool or mask.numel() == 0:
+        return None
+    ok = (mask == 0) | (mask == 1)
+    if bool(ok.all()):
+        return None
+    where = tuple(int(i) for i in (~ok).nonzero()[0])
+    return _message("mask", "bool or 0/1 values", f"value {mask[where].item()!r} at index {where}")
+
+
+def group_error(gl: torch.Tensor, gi: torch.Tensor, group_size: int, mask: torch.Tensor) -> Optional[str]:
+    """group_lengths >= 0, group_index in [0, G), group_lengths[i, group_index[i]] = n_i."""
+    if gl.shape[0] == 0:
+        return None
+    if bool((gl < 0).any()):
+        return _message("group_lengths", "lengths >= 0", f"values in [{int(gl.min())}, {int(gl.max())}]")
+    if bool((gi < 0).any()) or bool((gi >= group_size).any()):
+        return _message("group_index", f"indices in [0, {group_size})", f"values in [{int(gi.min())}, {int(gi.max())}]")
+    own = gl.gather(1, gi[:, None]).squeeze(1)
+    n = mask.sum(dim=1)
+    bad = (own != n).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        return _message("group_lengths", f"group_lengths[i, group_index[i]] = n_i, the row's number of valid tokens "
+                        f"(row {i}: n_i = {int(n[i])})", int(own[i]))
+    return None
+
+
+def safe_ids(tokens: torch.Tensor, mask: Optional[torch.Tensor], V: int):
+    """(int64 ids clamped into [0, V), 0-d bool 'an id where counted was out of range' or None), on
+    the device: no engine ever reads out of bounds, and a bad id poisons the loss."""
+    ids = tokens if tokens.dtype == torch.int64 else tokens.long()
+    if ids.numel() == 0:
+        return ids, None
+    safe = ids.clamp(0, max(V - 1, 0))  # uint64 ids >= 2**63 wrap to negative int64: clamped, and bad
+    bad = safe != ids
+    return safe, (bad if mask is None else bad & mask).any()
+
+
+class _Values:
+    """The inputs whose contents the value rules read, kept for `LossOutput.input_errors`, and the
+    device poison of the rules so far (a 0-d bool tensor, or None when no rule applies)."""
+
+    __slots__ = ("tokens", "mask", "V", "raw_mask", "poison", "groups")
+
+    def __init__(self, tokens, mask, V, raw_mask, poison):
+        self.tokens, self.mask, self.V, self.raw_mask, self.poison = tokens, mask, V, raw_mask, poison
+        self.groups = None  # (group_lengths, group_index, G, mask (B, T)) when given
+
+    def errors(self) -> List[str]:
+        """The failed value rules (reads the inputs on the host)."""
+        found = []
+        if self.tokens is not None:
+            found.append(token_error(self.tokens, self.mask, self.V))
+        if self.raw_mask is not None:
+            found.append(mask_error(self.raw_mask))
+        if self.groups is not None:
+            found.append(group_error(*self.groups))
+        return [m for m in found if m is not None]
+
+
+def _any(*flags) -> Optional[torch.Tensor]:
+    flags = [f for f in flags if f is not None]
+    if not flags:
+        return None
+    out = flags[0]
+    for f in flags[1:]:
+        out = out | f
+    return out
 
 
 def _per_token(x, name: str, B: int, T: int, device, dtype, allow_seq: bool = False, what: str = "logits"):
@@ -158,14 +282,18 @@ def validate(
         check_has_data(logits, "logits")  # before the mask's value check reads values
     if not isinstance(mask, torch.Tensor):
         fail("mask", "a torch.Tensor", type(mask).__name__)
+    raw_mask = mask
     if cu_seqlens is not None:
         if isinstance(logits, torch.Tensor) and logits.dim() == 2:
             _check_packed_mask(mask, logits.shape[0], logits.device, "logits")
         mask = _bool_mask(mask)
         check_logits_tokens(logits, tokens, mask=mask, packed=True)
-        return _validate_packed(logits, tokens, mask, advantages, group_size, old_logp, ref_logp, lam, config,
+        V = logits.shape[-1]
+        ids, bad = safe_ids(tokens, mask, V)
+        values = _Values(tokens, mask, V, raw_mask, _any(bad, _mask_poison(raw_mask)))
+        return _validate_packed(logits, ids, mask, advantages, group_size, old_logp, ref_logp, lam, config,
                                 num_tokens, num_sequences, group_lengths, group_index, token_weights, cu_seqlens,
-                                logits.shape[0], logits.device, compute_dtype(logits.dtype), "logits")
+                                logits.shape[0], logits.device, compute_dtype(logits.dtype), "logits", values)
     if isinstance(logits, torch.Tensor) and logits.dim() == 3 and tuple(mask.shape) != tuple(logits.shape[:2]):
         fail("mask", f"shape {tuple(logits.shape[:2])} (B, T of logits)", f"shape {tuple(mask.shape)}")
     if isinstance(logits, torch.Tensor) and mask.device != logits.device:
@@ -173,9 +301,11 @@ def validate(
     mask = _bool_mask(mask)
     check_logits_tokens(logits, tokens, mask=mask)
     B, T, V = logits.shape
-    return _validate_rows(logits, tokens.long(), mask, advantages, group_size, old_logp, ref_logp, lam, config,
+    ids, bad = safe_ids(tokens, mask, V)
+    values = _Values(tokens, mask, V, raw_mask, _any(bad, _mask_poison(raw_mask)))
+    return _validate_rows(logits, ids, mask, advantages, group_size, old_logp, ref_logp, lam, config,
                           num_tokens, num_sequences, group_lengths, group_index, token_weights, B, T, logits.device,
-                          compute_dtype(logits.dtype), "logits")
+                          compute_dtype(logits.dtype), "logits", values)
 
 
 def validate_logprobs(logp, entropy, mask, advantages, group_size, old_logp, ref_logp, lam, config, num_tokens,
@@ -202,7 +332,9 @@ def validate_logprobs(logp, entropy, mask, advantages, group_size, old_logp, ref
         fail("mask", f"shape {shape} (that of logp)", f"shape {tuple(mask.shape)}")
     if mask.device != logp.device:
         fail("mask", f"device {logp.device} (that of logp)", mask.device)
+    raw_mask = mask
     mask = _bool_mask(mask)
+    values = _Values(None, None, 0, raw_mask, _mask_poison(raw_mask))
     if config.needs_entropy and entropy is None:
         fail("entropy", f"a {shape} tensor because the config uses entropy (entropy_coef = "
              f"{config.entropy_coef}, compute_entropy = {config.compute_entropy})", None)
@@ -218,12 +350,11 @@ def validate_logprobs(logp, entropy, mask, advantages, group_size, old_logp, ref
     if packed:
         return _validate_packed(None, None, mask, advantages, group_size, old_logp, ref_logp, lam, config, num_tokens,
                                 num_sequences, group_lengths, group_index, token_weights, cu_seqlens, shape[0],
-                                logp.device, compute_dtype(logp.dtype), "logp")
+                                logp.device, compute_dtype(logp.dtype), "logp", values)
     B, T = shape
-    dummy_tokens = torch.zeros((B, T), dtype=torch.long, device=logp.device)
-    return _validate_rows(None, dummy_tokens, mask, advantages, group_size, old_logp, ref_logp, lam, config,
+    return _validate_rows(None, None, mask, advantages, group_size, old_logp, ref_logp, lam, config,
                           num_tokens, num_sequences, group_lengths, group_index, token_weights, B, T, logp.device,
-                          compute_dtype(logp.dtype), "logp")
+                          compute_dtype(logp.dtype), "logp", values)
 
 
 def _check_packed_mask(mask, N: int, dev, what: str) -> None:
@@ -234,7 +365,8 @@ def _check_packed_mask(mask, N: int, dev, what: str) -> None:
 
 
 def _validate_packed(primary, tokens, mask, advantages, group_size, old_logp, ref_logp, lam, config, num_tokens,
-                     num_sequences, group_lengths, group_index, token_weights, cu_seqlens, N, dev, cdt, what) -> Batch:
+                     num_sequences, group_lengths, group_index, token_weights, cu_seqlens, N, dev, cdt, what,
+                     values) -> Batch:
     """Packed inputs (N tokens, cu_seqlens): the shared normalisation step (lambda_grpo/_packed.py)
     turns them into the (B, T_max) row layout, then the rules of every entry point apply.
     `mask` is a checked (N,) bool tensor, `tokens` a checked (N,) integer tensor or None."""
@@ -243,34 +375,39 @@ def _validate_packed(primary, tokens, mask, advantages, group_size, old_logp, re
         {"old_logp": old_logp, "ref_logp": ref_logp, "token_weights": token_weights}, advantages)
     if adv is None:
         fail("advantages", f"a tensor of shape ({B},) or ({N},) {PACKED_HINT}", None)
-    if tokens_bt is None:
-        tokens_bt = torch.zeros((B, T), dtype=torch.long, device=dev)
     batch = _validate_rows(primary, tokens_bt, mask_bt, adv, group_size, per["old_logp"], per["ref_logp"], lam,
                            config, num_tokens, num_sequences, group_lengths, group_index, per["token_weights"], B, T,
-                           dev, cdt, what)
+                           dev, cdt, what, values)
     batch.packed_pos = pos
     return batch
 
 
 def _bool_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The mask as bool. A non-bool mask's values other than 0 and 1 are checked by
+    `_mask_poison` (device) or, under check_values(), here (host)."""
     if mask.dtype != torch.bool:
         if mask.dtype.is_complex:
             fail("mask", "bool or 0/1 values", mask.dtype)
-        if not _compiling() and mask.numel() > 0:
-            ok = (mask == 0) | (mask == 1)
-            if not bool(ok.all()):
-                where = tuple(int(i) for i in (~ok).nonzero()[0])
-                fail("mask", "bool or 0/1 values", f"value {mask[where].item()!r} at index {where}")
+        if _host_checks():
+            _raise(mask_error(mask))
         mask = mask != 0
     return mask
 
 
+def _mask_poison(raw: torch.Tensor) -> Optional[torch.Tensor]:
+    """0-d bool on the device: a non-bool mask holds a value other than 0 and 1 (None for bool)."""
+    if raw.dtype == torch.bool or raw.numel() == 0:
+        return None
+    return ((raw != 0) & (raw != 1)).any()
+
+
 def _validate_rows(logits, tokens, mask, advantages, group_size, old_logp, ref_logp, lam, config, num_tokens,
-                   num_sequences, group_lengths, group_index, token_weights, B, T, dev, cdt, what) -> Batch:
-    """The rules shared by every entry point, for a batch of shape (B, T) on `dev`."""
+                   num_sequences, group_lengths, group_index, token_weights, B, T, dev, cdt, what, values) -> Batch:
+    """The rules shared by every entry point, for a batch of shape (B, T) on `dev`; `values` is
+    the _Values record of the entry point (the value rules so far)."""
     if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
         fail("group_size", "a positive int", repr(group_size))
-    gl, gi = _group_lengths(group_lengths, group_index, group_size, mask, B, T, dev)
+    gl, gi = _group_lengths(group_lengths, group_index, group_size, mask, B, T, dev, values)
     if gl is None and B % group_size != 0:
         fail("group_size", f"a divisor of B = {B} (or pass group_lengths and group_index)", group_size)
     if advantages is None:
@@ -298,14 +435,16 @@ def _validate_rows(logits, tokens, mask, advantages, group_size, old_logp, ref_l
         lam = lam.reshape(())
     n_tok = _normaliser(num_tokens, "num_tokens", dev, cdt)
     n_seq = _normaliser(num_sequences, "num_sequences", dev, cdt)
-    return Batch(logits, tokens, mask, adv, old, ref, lam, n_tok, n_seq, int(group_size), gl, gi, tw)
+    return Batch(logits, tokens, mask, adv, old, ref, lam, n_tok, n_seq, int(group_size), gl, gi, tw,
+                 poison=values.poison, values=values)
 
 
-def _group_lengths(group_lengths, group_index, group_size, mask, B, T, dev):
+def _group_lengths(group_lengths, group_index, group_size, mask, B, T, dev, values):
     """group_lengths (B, G) and group_index (B,): both or neither; G = group_size; integer
     lengths >= 0; index in [0, G); and group_lengths[i, group_index[i]] = n_i, the row's own
-    number of valid tokens (one host read). A sibling's length may exceed this call's T: its row
-    lives in another call (another rank or micro-batch), padded to its own width."""
+    number of valid tokens (value rules: on the device, see the module docstring). A sibling's
+    length may exceed this call's T: its row lives in another call (another rank or micro-batch),
+    padded to its own width."""
     if group_lengths is None and group_index is None:
         return None, None
     if group_lengths is None or group_index is None:
@@ -323,18 +462,15 @@ def _group_lengths(group_lengths, group_index, group_size, mask, B, T, dev):
         if x.device != dev:
             fail(name, f"device {dev}", x.device)
     gl, gi = group_lengths.long(), group_index.long()
-    if not _compiling() and B > 0:
-        if bool((gl < 0).any()):
-            fail("group_lengths", "lengths >= 0", f"values in [{int(gl.min())}, {int(gl.max())}]")
-        if bool((gi < 0).any()) or bool((gi >= group_size).any()):
-            fail("group_index", f"indices in [0, {group_size})", f"values in [{int(gi.min())}, {int(gi.max())}]")
-        own = gl.gather(1, gi[:, None]).squeeze(1)
-        n = mask.sum(dim=1)
-        bad = (own != n).nonzero()
-        if bad.numel():
-            i = int(bad[0, 0])
-            fail("group_lengths", f"group_lengths[i, group_index[i]] = n_i, the row's number of valid tokens "
-                 f"(row {i}: n_i = {int(n[i])})", int(own[i]))
+    if _host_checks():
+        _raise(group_error(gl, gi, group_size, mask))
+    if B > 0:
+        safe = gi.clamp(0, group_size - 1)
+        own = gl.gather(1, safe[:, None]).squeeze(1)
+        bad = ((gl < 0).any(dim=1) | (safe != gi) | (own != mask.sum(dim=1))).any()
+        values.poison = _any(values.poison, bad)
+        values.groups = (gl, gi, group_size, mask)
+        gi = safe
     return gl, gi
 
 
@@ -377,18 +513,21 @@ def validate_linear(hidden, weight, bias, tokens, mask, advantages, group_size, 
         fail("mask", f"shape {lead} ({'N' if packed else 'B, T'} of hidden)", f"shape {tuple(mask.shape)}")
     if mask.device != hidden.device:
         fail("mask", f"device {hidden.device} (that of hidden)", mask.device)
+    raw_mask = mask
     mask = _bool_mask(mask)
     check_tokens(tokens, lead, V, hidden.device, mask, "hidden")
-    if cu_seqlens is not None:
-        return _validate_packed(None, tokens, mask, advantages, group_size, old_logp, ref_logp, lam, config,
-                                num_tokens, num_sequences, group_lengths, group_index, token_weights, cu_seqlens,
-                                lead[0], hidden.device, compute_dtype(hidden.dtype), "hidden")
-    if packed:
+    if packed and cu_seqlens is None:
         return None
+    ids, bad = safe_ids(tokens, mask, V)
+    values = _Values(tokens, mask, V, raw_mask, _any(bad, _mask_poison(raw_mask)))
+    if cu_seqlens is not None:
+        return _validate_packed(None, ids, mask, advantages, group_size, old_logp, ref_logp, lam, config,
+                                num_tokens, num_sequences, group_lengths, group_index, token_weights, cu_seqlens,
+                                lead[0], hidden.device, compute_dtype(hidden.dtype), "hidden", values)
     B, T = lead
-    return _validate_rows(None, tokens.long(), mask, advantages, group_size, old_logp, ref_logp, lam, config,
+    return _validate_rows(None, ids, mask, advantages, group_size, old_logp, ref_logp, lam, config,
                           num_tokens, num_sequences, group_lengths, group_index, token_weights, B, T, hidden.device,
-                          compute_dtype(hidden.dtype), "hidden")
+                          compute_dtype(hidden.dtype), "hidden", values)
 
 
 def check_tokens(tokens, shape: tuple, V: int, device, mask, what: str) -> None:
@@ -403,9 +542,5 @@ def check_tokens(tokens, shape: tuple, V: int, device, mask, what: str) -> None:
         fail("tokens", "an integer dtype (int64)", tokens.dtype)
     if tokens.device != device:
         fail("tokens", f"device {device} (that of {what})", tokens.device)
-    if not _compiling() and tokens.numel() > 0:
-        sel = tokens.long()[mask]
-        if sel.numel() > 0:
-            lo, hi = int(sel.min()), int(sel.max())
-            if lo < 0 or hi >= V:
-                fail("tokens", f"ids in [0, {V}) where counted", f"ids in [{lo}, {hi}]")
+    if _host_checks():
+        _raise(token_error(tokens, mask, V))

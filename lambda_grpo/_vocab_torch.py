@@ -396,6 +396,11 @@ def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, 
     return _single_threaded(_row_pass, logp, entropy, batch, cfg, consts, per_token)
 
 
+# an upstream gradient is applied by reading it on the host (lambda_grpo/_ops.py:_upstream): on a CPU
+# that read costs nothing, and d itself is the gradient when g == 1 (no pass over it)
+RESCALE_IN_PLACE = False
+
+
 def scale_(d: torch.Tensor, mask: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """In place: d *= g (a 0-d tensor; masked rows are zero already). One host read of g."""
     if not bool(g == 1):

@@ -78,6 +78,10 @@ def vocab_backward(logits2d, tokens, mask, lse, gl, gh, H, tau: float, scale: to
                            entropy=_f32(H) if gh is not None else None, coef_entropy=_f32(gh), out=out)
 
 
+# apply an upstream gradient to a saved gradient in place, on the device (lambda_grpo/_ops.py:_upstream)
+RESCALE_IN_PLACE = True
+
+
 def scale_(d2d: torch.Tensor, mask: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """In place d *= g on the valid rows; the kernel skips the work when g == 1 (no host sync)."""
     return scale_rows(d2d, mask, g.detach().reshape(1).to(device=d2d.device, dtype=torch.float32))

@@ -14,7 +14,8 @@ from .output import LossOutput
 from ._batch import compute_dtype
 from ._packed import reference_packed_loss, to_rows, unpack_output
 from ._ops import fast_linear_logprobs, fast_loss, fast_token_logprobs, linear_loss, rows_loss
-from ._validate import check_backend, check_logits_tokens, fail, validate, validate_linear, validate_logprobs
+from ._validate import (check_backend, check_logits_tokens, fail, safe_ids, validate, validate_linear,
+                        validate_logprobs)
 
 Number = Union[int, float, torch.Tensor, None]
 
@@ -102,17 +103,27 @@ def grpo_loss(
     _check_flags(name, logits, inplace_backward, return_per_token)
     if name == "reference":
         if batch.packed_pos is not None:
-            return reference_packed_loss(logits, batch, cfg, compute_dtype(logits.dtype), return_per_token)
+            return _finish(reference_packed_loss(logits, batch, cfg, compute_dtype(logits.dtype), return_per_token),
+                           batch)
         from .reference import reference_loss
 
-        return reference_loss(batch, cfg, per_token=return_per_token)
+        return _finish(reference_loss(batch, cfg, per_token=return_per_token), batch)
     if name == "triton":
         from ._vocab_triton import check_runnable
 
         check_runnable(logits)
     # eager and torch.compile alike: the custom ops of lambda_grpo/_ops.py
     out = fast_loss(batch, cfg, name, inplace=inplace_backward, per_token=return_per_token)
-    return unpack_output(out, batch.packed_pos)
+    return _finish(unpack_output(out, batch.packed_pos), batch)
+
+
+def _finish(out: LossOutput, batch) -> LossOutput:
+    """The value rules' verdict (lambda_grpo/_validate.py): a failed rule makes the loss, and every
+    gradient through it, NaN (no host read); `out.input_errors` says which rule, when read."""
+    loss = out.loss
+    if batch.poison is not None:
+        loss = loss * torch.where(batch.poison, float("nan"), 1.0).to(loss.dtype)
+    return LossOutput(loss, out.metrics, out.per_token, batch.values)
 
 
 def grpo_loss_from_logprobs(
@@ -162,7 +173,7 @@ def grpo_loss_from_logprobs(
     if pos is not None:  # an autograd scatter into the row layout: the gradients come back (N,)
         B, T = batch.mask.shape
         logp, entropy = to_rows(logp, pos, B, T), None if entropy is None else to_rows(entropy, pos, B, T)
-    return unpack_output(rows_loss(logp, entropy, batch, cfg, per_token=return_per_token), pos)
+    return _finish(unpack_output(rows_loss(logp, entropy, batch, cfg, per_token=return_per_token), pos), batch)
 
 
 def fused_linear_grpo_loss(
@@ -213,16 +224,17 @@ def fused_linear_grpo_loss(
     if name == "reference":
         if batch.packed_pos is not None:
             logits = hidden.double() @ weight.double().T + (0 if bias is None else bias.double())
-            return reference_packed_loss(logits, batch, cfg, compute_dtype(hidden.dtype), return_per_token)
+            return _finish(reference_packed_loss(logits, batch, cfg, compute_dtype(hidden.dtype), return_per_token),
+                           batch)
         from .reference import reference_linear_loss
 
-        return reference_linear_loss(hidden, weight, bias, batch, cfg, per_token=return_per_token)
+        return _finish(reference_linear_loss(hidden, weight, bias, batch, cfg, per_token=return_per_token), batch)
     if name == "triton":
         from ._vocab_triton import check_runnable
 
         check_runnable(hidden)
-    return unpack_output(linear_loss(hidden, weight, bias, batch, cfg, name, per_token=return_per_token),
-                         batch.packed_pos)
+    return _finish(unpack_output(linear_loss(hidden, weight, bias, batch, cfg, name, per_token=return_per_token),
+                                 batch.packed_pos), batch)
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, *,
@@ -249,21 +261,23 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
         fail("temperature", "a finite number > 0", repr(temperature))
     if not isinstance(return_entropy, bool):
         fail("return_entropy", "a bool", repr(return_entropy))
-    validate_linear(hidden, weight, bias, tokens, mask, torch.zeros(mask.shape[0], device=mask.device), 1, None,
-                    None, None, batch_cfg, None, None)
+    ids = validate_linear(hidden, weight, bias, tokens, mask, torch.zeros(mask.shape[0], device=mask.device), 1, None,
+                          None, None, batch_cfg, None, None).tokens
     name = resolve_backend(backend, hidden.device)
     if name == "reference":
         from .reference import reference_vocab
 
         logits = hidden.double() @ weight.double().T + (0 if bias is None else bias.double())
-        lp, H = reference_vocab(logits, tokens.long(), mask, float(temperature), return_entropy)
+        lp, H = reference_vocab(logits, ids, mask, float(temperature), return_entropy)
         out = compute_dtype(hidden.dtype)
-        return lp.to(out), (None if H is None else H.to(out))
-    if name == "triton":
-        from ._vocab_triton import check_runnable
+        lp, H = lp.to(out), (None if H is None else H.to(out))
+    else:
+        if name == "triton":
+            from ._vocab_triton import check_runnable
 
-        check_runnable(hidden)
-    return fast_linear_logprobs(hidden, weight, bias, tokens, float(temperature), return_entropy, name)
+            check_runnable(hidden)
+        lp, H = fast_linear_logprobs(hidden, weight, bias, ids, float(temperature), return_entropy, name)
+    return _nan_where_out_of_range(lp, tokens, ids), H
 
 
 def _check_flags(backend: str, logits: torch.Tensor, inplace_backward, return_per_token) -> None:
@@ -352,15 +366,27 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
             or not math.isfinite(temperature) or not temperature > 0):
         fail("temperature", "a finite number > 0", repr(temperature))
     name = resolve_backend(backend, logits.device)
+    # ids out of [0, V) give NaN at their own positions (no host read; under check_values() the
+    # call raises instead, in check_logits_tokens)
+    ids, _ = safe_ids(tokens, None, logits.shape[-1])
     if name == "reference":
         from .reference import reference_token_logprobs
 
-        return reference_token_logprobs(logits, tokens, float(temperature))
-    if name == "triton":
-        from ._vocab_triton import check_runnable
+        lp = reference_token_logprobs(logits, ids, float(temperature))
+    else:
+        if name == "triton":
+            from ._vocab_triton import check_runnable
 
-        check_runnable(logits)
-    return fast_token_logprobs(logits, tokens, float(temperature), name)
+            check_runnable(logits)
+        lp = fast_token_logprobs(logits, ids, float(temperature), name)
+    return _nan_where_out_of_range(lp, tokens, ids)
+
+
+def _nan_where_out_of_range(lp: torch.Tensor, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    if tokens.numel() == 0:
+        return lp
+    raw = tokens if tokens.dtype == torch.int64 else tokens.long()
+    return torch.where(raw == ids, lp, torch.full((), float("nan"), dtype=lp.dtype, device=lp.device))
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "std", eps: float = 1e-4) -> torch.Tensor:

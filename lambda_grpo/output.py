@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -45,6 +45,24 @@ class LossOutput:
     loss: torch.Tensor
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
     per_token: Optional[Dict[str, torch.Tensor]] = None
+    # what input_errors reads (the inputs' value rules, lambda_grpo/_validate.py); not for users
+    _values: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def input_errors(self) -> List[str]:
+        """The value rules of the inputs that failed, one message each (docs/math.md §10): token
+        ids out of [0, V) where counted, mask values other than 0 and 1, `group_lengths` /
+        `group_index` that do not match the rows. A failed rule makes the loss and its gradients
+        NaN; the call itself never reads the inputs back from the device, reading this property
+        does (one synchronisation, only when asked). Empty: every rule holds."""
+        return [] if self._values is None else self._values.errors()
+
+    def check_inputs(self) -> "LossOutput":
+        """Raise ``ValueError`` with `input_errors` if any rule failed; return self otherwise."""
+        errors = self.input_errors
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
 
     def __iter__(self):  # allows `loss, metrics = out`
         yield self.loss

@@ -216,6 +216,7 @@ def test_token_weights_by_hand(route):
     torch.testing.assert_close(logits.grad, want, rtol=0, atol=1e-6)
 
 
+@lg.check_values()  # the value rules raise (by default they poison the loss: tests/test_value_rules.py)
 def test_new_arguments_bad_input():
     inp = make_batch(B=4, T=5, V=7, G=2, seed=1)
     cfg = lg.LossConfig(aggregation="lambda_grpo")

@@ -234,7 +234,7 @@ def test_6_integer_token_dtypes_out_of_range(dtype):
     tokens[1, 2] = 100
     for call in (lambda t: lg.grpo_loss(**dict(inp, tokens=t), config=lg.LossConfig(aggregation="dapo")),
                  lambda t: lg.token_logprobs(inp["logits"], t)):
-        with pytest.raises(ValueError) as e:
+        with pytest.raises(ValueError) as e, lg.check_values():  # the host check (tests/test_value_rules.py)
             call(tokens.to(dtype))
         msg = str(e.value)
         assert msg.startswith("tokens:") and "expected" in msg and "100" in msg, msg

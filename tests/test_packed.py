@@ -276,6 +276,7 @@ def test_dr_grpo_default_length_is_longest_segment():
     assert torch.equal(a.loss, b.loss)
 
 
+@lg.check_values()  # the value rules raise (by default they poison the loss: tests/test_value_rules.py)
 def test_group_lengths_with_packed_rows():
     lens = [3, 1, 4, 2]
     p = make_packed(lens, seed=9, holes=False)
@@ -374,6 +375,7 @@ def test_bad_cu_seqlens(bad, match):
         _call(p, cu_seqlens=bad, group_size=1)
 
 
+@lg.check_values()  # the value rules raise (by default they poison the loss: tests/test_value_rules.py)
 def test_bad_packed_shapes():
     p = make_packed([2, 3, 1, 0], seed=1)  # N = 6, B = 4
     with pytest.raises(ValueError, match=r"group_size: expected a divisor of B = 4"):

@@ -18,6 +18,15 @@ from tests._compare import make_batch
 B, T, V, G = 4, 5, 7, 2
 
 
+@pytest.fixture(autouse=True)
+def _host_value_checks():
+    """The value rules (token range, 0/1 mask, group lengths) raise in the call under
+    lg.check_values(); by default they make the loss NaN without a host read and report through
+    LossOutput.input_errors (tests/test_value_rules.py). Here every rule is a raising check."""
+    with lg.check_values():
+        yield
+
+
 def _inp(**over):
     inp = make_batch(B=B, T=T, V=V, G=G, dtype=torch.float32, seed=0, mask="holes")
     inp.update(over)
