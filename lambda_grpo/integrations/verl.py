@@ -298,13 +298,54 @@ def _check_gspo(advantages, rollout_is_weights, mask) -> None:
                          f"rollout IS): use verl's own loss_mode=gspo here")
 
 
+def _check_shapes(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights) -> None:
+    """verl's arguments, named as verl names them, before any arithmetic mixes them: log_prob is
+    (B, T), old_log_prob, response_mask and rollout_is_weights the same, advantages (B, T) or (B,)."""
+    if not isinstance(log_prob, torch.Tensor) or log_prob.dim() != 2:
+        got = tuple(log_prob.shape) if isinstance(log_prob, torch.Tensor) else type(log_prob).__name__
+        raise _error(f"log_prob: expected a (B, T) tensor, got {got}")
+    B, T = log_prob.shape
+    for name, x, shapes in (("old_log_prob", old_log_prob, [(B, T)]), ("response_mask", response_mask, [(B, T)]),
+                            ("advantages", advantages, [(B, T), (B,)]),
+                            ("rollout_is_weights", rollout_is_weights, [(B, T)])):
+        if x is None and name == "rollout_is_weights":
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise _error(f"{name}: expected a tensor of shape {' or '.join(map(str, shapes))}, got "
+                         f"{type(x).__name__}")
+        if tuple(x.shape) not in shapes:
+            raise _error(f"{name}: expected shape {' or '.join(map(str, shapes))} (log_prob is ({B}, {T})), got "
+                         f"{tuple(x.shape)}")
+
+
+def _bool_mask(response_mask: torch.Tensor) -> torch.Tensor:
+    """response_mask as a bool mask; values other than 0 and 1 are refused (issue 18, finding 2).
+
+    verl's own actor loss (``ppo_loss``) hands the policy loss ``response_mask.to(bool)``, so in a verl
+    run the values are 0 and 1. Only a direct call can bring others, and there verl's own losses do
+    not agree on what a weight would mean (``gspo`` weights its sequence log-ratio by it,
+    ``seq-mean-token-mean`` divides each row by the summed weights, the λ-GRPO lengths count tokens);
+    verl's channel for per-token weights is ``rollout_is_weights``, which these losses honour. A bool
+    mask costs no check; any other dtype one host sync."""
+    if response_mask.dtype == torch.bool:
+        return response_mask
+    bad = (response_mask != 0) & (response_mask != 1)
+    if bool(bad.any()):
+        example = response_mask[bad].flatten()[:3].tolist()
+        raise _error(f"response_mask: expected 0/1 values (or a bool tensor), got {int(bad.sum())} other values, "
+                     f"e.g. {example}. verl's ppo_loss passes response_mask.to(bool); pass per-token weights as "
+                     "rollout_is_weights")
+    return response_mask != 0
+
+
 def _policy_loss(verl_loss: str, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                  rollout_is_weights):
     if config is None:
         raise _error("the policy loss needs the actor config (config=None)")
     if verl_loss == "sapo":
         loss_agg_mode = SAPO_AGG_MODE
-    mask = response_mask if response_mask.dtype == torch.bool else response_mask != 0
+    _check_shapes(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights)
+    mask = _bool_mask(response_mask)
     if verl_loss == "gspo":
         _check_gspo(advantages, rollout_is_weights, mask)
     cfg = loss_config_from_verl(config, loss_agg_mode, verl_loss=verl_loss)
@@ -501,7 +542,10 @@ class LambdaState:
     def __init__(self, init: float = 0.0, lr: float = 0.1):
         for name, v in (("init", init), ("lr", lr)):
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-                raise _error(f"LambdaState.{name}: expected a finite number, got {v!r}")
+                raise _error(f"LambdaState.{name}: expected a finite number{' >= 0' if name == 'lr' else ''}, "
+                             f"got {v!r}")
+        if lr < 0:  # as LambdaGRPOConfig.lambda_lr and TrainConfig.lambda_lr (issue 18, finding 5)
+            raise _error(f"LambdaState.lr: expected a finite number >= 0, got {lr!r}")
         self.lam = torch.tensor(float(init), dtype=torch.float64, requires_grad=True)
         self.lr = float(lr)
         self.steps = 0
