@@ -40,6 +40,7 @@ import subprocess
 import sys
 import textwrap
 import types
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -182,7 +183,8 @@ def test_import_without_verl_never_fails_and_is_cheap(tmp_path):
         for name in ("LambdaState", "group_lengths_from_uid", "lambda_grpo_actor_loss",
                      "compute_policy_loss_lambda_grpo"):
             assert callable(getattr(lv, name))
-        for thunk in (lambda: lv.LambdaGRPOPolicyLossConfig, lambda: lv.register()):
+        for thunk in (lambda: lv.LambdaGRPOPolicyLossConfig, lambda: lv.register(), lambda: lv.LambdaTrainingWorker,
+                      lambda: lv.LambdaActorRolloutRefWorker):
             try:
                 thunk()
             except ImportError as e:
@@ -636,3 +638,113 @@ def test_tier2_actor_loss_at_lambda_zero_equals_ppo_loss(verl_mods, lv):
     bare, _, _ = _ppo_data(v)
     with pytest.raises(ValueError, match="lg_group_lengths"):
         _run_ppo_loss(v, _actor_config(v, "token-mean", **kw), bare, flat_lp, flat_h, loss_fn=fn)
+
+
+# --------------------------------------------------------------------------------------------
+# issue 18, findings 2, 5 and 6: hostile inputs to the adapter
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["lambda_grpo", "lambda_grpo_cispo", "lambda_grpo_sapo", "lambda_grpo_gspo"])
+def test_response_mask_with_weights_is_refused(verl_mods, name):
+    """A response_mask with values other than 0 and 1 is refused, naming response_mask (finding 2: it
+    was binarised silently). verl's own actor loss passes `response_mask.to(bool)` to the policy
+    loss, so only a direct call can bring such values; 0/1 in a float or integer mask still work,
+    giving exactly the bool mask's loss."""
+    v, b = verl_mods, _batch()
+    fn = v.core_algos.get_policy_loss_fn(name)
+    cfg = _actor_config(v, "token-mean", **VARIANTS.get(name.replace("lambda_grpo_", ""), {}))
+    args = dict(old_log_prob=b["old"], log_prob=b["logp"], advantages=b["adv"], loss_agg_mode="token-mean",
+                config=cfg)
+    want = fn(response_mask=b["mask"], **args)[0]
+    for dtype in (torch.float32, torch.int64):
+        assert fn(response_mask=b["mask"].to(dtype), **args)[0].item() == want.item()
+    weights = b["mask"] * 0.5
+    for bad in (weights, b["mask"] * 2, torch.where(b["mask"], torch.nan, 0.0), -b["mask"].float()):
+        with pytest.raises(ValueError, match=r"response_mask: expected 0/1 values .* got"):
+            fn(response_mask=bad, **args)
+
+
+@pytest.mark.parametrize("lr", [-0.1, -1e-9, float("inf")])
+def test_lambda_state_refuses_a_negative_lr(lv, lr):
+    """Finding 5: LambdaState(lr < 0) was accepted (LambdaGRPOConfig refuses a negative lambda_lr)."""
+    with pytest.raises(ValueError, match=r"LambdaState.lr: expected a finite number >= 0"):
+        lv.LambdaState(lr=lr)
+    assert lv.LambdaState(lr=0.0).lr == 0.0
+
+
+@pytest.mark.parametrize("name", ["lambda_grpo", "lambda_grpo_cispo", "lambda_grpo_sapo", "lambda_grpo_gspo"])
+@pytest.mark.parametrize("arg", ["old_log_prob", "advantages", "response_mask", "rollout_is_weights"])
+def test_mismatched_shapes_name_the_argument(verl_mods, name, arg):
+    """Finding 6: with mismatched shapes lambda_grpo_gspo raised a raw torch RuntimeError; every
+    registered loss now gives a ValueError naming verl's argument with the expected and actual shapes."""
+    v, b = verl_mods, _batch()
+    fn = v.core_algos.get_policy_loss_fn(name)
+    args = dict(old_log_prob=b["old"], log_prob=b["logp"], advantages=b["adv"], response_mask=b["mask"],
+                rollout_is_weights=b["weights"][:, :1].expand(B, T).contiguous())
+    wrong = {"old_log_prob": torch.zeros(B, T + 1), "advantages": torch.zeros(B + 1, T),
+             "response_mask": torch.ones(B, T + 1, dtype=torch.bool), "rollout_is_weights": torch.ones(B, T + 1)}
+    args[arg] = wrong[arg]
+    got = ", ".join(map(str, wrong[arg].shape))
+    with pytest.raises(ValueError, match=rf"{arg}: expected shape .*\({B}, {T}\).* got \({got}\)"):
+        fn(**args, loss_agg_mode="token-mean", config=_actor_config(v, "token-mean"))
+
+
+def test_issue18_gspo_reproduction(verl_mods):
+    """The issue's own case: advantages (B+1, T), rollout_is_weights (B, T+1), response_mask (B, T+1)."""
+    v, b = verl_mods, _batch()
+    gspo = v.core_algos.get_policy_loss_fn("lambda_grpo_gspo")
+    with pytest.raises(ValueError, match="response_mask: expected shape"):
+        gspo(old_log_prob=b["old"], log_prob=b["logp"], advantages=torch.zeros(B + 1, T),
+             response_mask=torch.ones(B, T + 1, dtype=torch.bool), rollout_is_weights=torch.ones(B, T + 1),
+             loss_agg_mode="token-mean", config=_actor_config(v, "token-mean"))
+
+
+# --------------------------------------------------------------------------------------------
+# λ-GRPO's options and LambdaState's step (issue 19; the worker itself: test_integration_verl_lambda.py)
+# --------------------------------------------------------------------------------------------
+def test_lambda_options_of_the_policy_loss_config(verl_mods, lv):
+    v = verl_mods
+    pl = lv.LambdaGRPOPolicyLossConfig()
+    assert (pl.lambda_lr, pl.lambda_init) == (0.1, 0.0)
+    for kw, match in ((dict(lambda_lr=-0.1), "lambda_lr: expected a finite number >= 0"),
+                      (dict(lambda_lr=float("nan")), "lambda_lr"), (dict(lambda_init=float("inf")), "lambda_init"),
+                      (dict(lambda_init=True), "lambda_init")):
+        with pytest.raises(ValueError, match=match):
+            lv.LambdaGRPOPolicyLossConfig(**kw)
+    # the recipe's command line: +actor_rollout_ref.actor.policy_loss.lambda_lr=0.05 (the path verl's worker takes)
+    root = _actor_yaml(v)
+    for key, val in (("_target_", "lambda_grpo.integrations.verl.LambdaGRPOPolicyLossConfig"),
+                     ("loss_mode", "lambda_grpo"), ("lambda_lr", 0.05), ("lambda_init", 0.25)):
+        v.OmegaConf.update(root, f"actor_rollout_ref.actor.policy_loss.{key}", val, force_add=True)
+    actor = v.omega_conf_to_dataclass(root.actor_rollout_ref.actor)
+    assert (actor.policy_loss.lambda_lr, actor.policy_loss.lambda_init) == (0.05, 0.25)
+
+
+def test_lambda_options_without_the_worker_warn(verl_mods, lv):
+    """The registered policy losses have no λ: λ options set off their defaults there warn (once)."""
+    v, b = verl_mods, _batch()
+    fn = v.core_algos.get_policy_loss_fn("lambda_grpo")
+    args = dict(old_log_prob=b["old"], log_prob=b["logp"], advantages=b["adv"], response_mask=b["mask"],
+                loss_agg_mode="token-mean")
+    lv._WARNED_LAMBDA.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fn(**args, config=_actor_config(v, "token-mean", policy_loss=lv.LambdaGRPOPolicyLossConfig()))
+    with pytest.warns(UserWarning, match="needs lambda_grpo.integrations.verl.LambdaTrainingWorker"):
+        fn(**args, config=_actor_config(v, "token-mean", policy_loss=lv.LambdaGRPOPolicyLossConfig(lambda_init=0.5)))
+    lv._WARNED_LAMBDA.clear()
+
+
+def test_lambda_state_step_scale_and_skip(lv):
+    """One process: step() divides by the loss scale, skips (clearing the gradient) when told to or
+    when the gradient is not finite, refuses a bad scale."""
+    s = lv.LambdaState(init=1.0, lr=0.5)
+    s.lam.grad = torch.tensor(3.0 * 1024, dtype=torch.float64)
+    assert s.step(scale=1024.0) == 3.0 and s.value == 1.0 - 0.5 * 3.0 and s.steps == 1 and not s.last_skipped
+    s.lam.grad = torch.tensor(2.0, dtype=torch.float64)
+    assert s.step(skip=True) == 2.0 and s.value == -0.5 and s.steps == 1 and s.last_skipped and s.lam.grad is None
+    s.lam.grad = torch.tensor(float("inf"), dtype=torch.float64)
+    s.step()
+    assert s.value == -0.5 and s.last_skipped
+    for bad in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="scale: expected a finite number > 0"):
+            s.step(scale=bad)

@@ -48,23 +48,31 @@ padded width of each micro-batch, changes from call to call). KL and entropy sta
 ``ppo_loss`` adds them outside the policy loss with the same aggregation.
 
 **Tier 2: λ-GRPO** (learnable λ, per-group length weights) needs what a policy-loss function is
-never given: each row's group and a trained scalar outside the model. This module holds the parts
-that do not need Ray or a GPU: :func:`group_lengths_from_uid` (the trainer, where ``uid`` is
-known), :class:`LambdaState` (λ, its gradient accumulated by autograd over the micro-batches,
-all-reduced over the data-parallel group and stepped once per optimiser step) and
-:func:`lambda_grpo_actor_loss` (the whole actor loss, for ``set_loss_fn``). The trainer and
-worker subclasses that wire them into a verl run are designed in docs/integrations.md, not
-shipped.
+never given: each row's group and a trained scalar outside the model. :class:`LambdaTrainingWorker`
+(verl's ``TrainingWorker``, same constructor) is that: choosing it is choosing λ-GRPO. It installs
+:func:`lambda_grpo_actor_loss` (the whole actor loss, λ's hyper-parameters ``lambda_lr`` and
+``lambda_init`` from :class:`LambdaGRPOPolicyLossConfig`), writes each row's group from ``uid``
+(:func:`group_lengths_from_uid` over the whole data-parallel batch) at the start of
+``train_mini_batch``, steps :class:`LambdaState` (λ, its gradient averaged over the data-parallel
+group) after every optimiser step on every rank, and saves / restores λ with verl's checkpoints.
+:class:`LambdaActorRolloutRefWorker` is verl's ``ActorRolloutRefWorker`` with it as the actor.
+Both are defined on first access (their verl module needs Ray), not at import. Tested on a CPU
+through verl's real actor update in two gloo processes (tests/test_integration_verl_lambda.py);
+verl's Ray trainer, which builds the worker class, was not run (docs/integrations.md, verl).
 
-Importing this module never fails and stays cheap when verl is absent: only the Tier 1 names
-(:class:`LambdaGRPOPolicyLossConfig`, :func:`register`) need verl, and raise ``ImportError``
-with the reason when it cannot be imported.
+Importing this module never fails and stays cheap when verl is absent: only the verl names
+(:class:`LambdaGRPOPolicyLossConfig`, :func:`register`, the two workers) need verl, and raise
+``ImportError`` with the reason when it cannot be imported.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import numbers
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -98,9 +106,14 @@ SAPO_AGG_MODE = "seq-mean-token-mean"
 # verl kl_loss_type -> our kl_estimator (Tier 2; verl's "abs", "full" and the "+" straight-through
 # variants have no equivalent)
 KL_ESTIMATORS = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
-# batch fields the Tier 2 trainer writes where uid is known (see group_lengths_from_uid)
+# per-row batch fields of each row's group (group_lengths_from_uid): LambdaTrainingWorker writes
+# them from uid at the start of train_mini_batch
 GROUP_LENGTHS_KEY = "lg_group_lengths"
 GROUP_INDEX_KEY = "lg_group_index"
+# λ's SGD rate by default, as lambda_grpo.trainer's TrainConfig.lambda_lr
+LAMBDA_LR = 0.1
+# λ's state in a verl checkpoint directory: one file per rank, next to verl's own shards
+LAMBDA_CKPT = "lambda_grpo_world_size_{world}_rank_{rank}.json"
 
 
 def _error(msg: str) -> ValueError:
@@ -298,16 +311,74 @@ def _check_gspo(advantages, rollout_is_weights, mask) -> None:
                          f"rollout IS): use verl's own loss_mode=gspo here")
 
 
+def _check_shapes(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights) -> None:
+    """verl's arguments, named as verl names them, before any arithmetic mixes them: log_prob is
+    (B, T), old_log_prob, response_mask and rollout_is_weights the same, advantages (B, T) or (B,)."""
+    if not isinstance(log_prob, torch.Tensor) or log_prob.dim() != 2:
+        got = tuple(log_prob.shape) if isinstance(log_prob, torch.Tensor) else type(log_prob).__name__
+        raise _error(f"log_prob: expected a (B, T) tensor, got {got}")
+    B, T = log_prob.shape
+    for name, x, shapes in (("old_log_prob", old_log_prob, [(B, T)]), ("response_mask", response_mask, [(B, T)]),
+                            ("advantages", advantages, [(B, T), (B,)]),
+                            ("rollout_is_weights", rollout_is_weights, [(B, T)])):
+        if x is None and name == "rollout_is_weights":
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise _error(f"{name}: expected a tensor of shape {' or '.join(map(str, shapes))}, got "
+                         f"{type(x).__name__}")
+        if tuple(x.shape) not in shapes:
+            raise _error(f"{name}: expected shape {' or '.join(map(str, shapes))} (log_prob is ({B}, {T})), got "
+                         f"{tuple(x.shape)}")
+
+
+def _bool_mask(response_mask: torch.Tensor) -> torch.Tensor:
+    """response_mask as a bool mask; values other than 0 and 1 are refused (issue 18, finding 2).
+
+    verl's own actor loss (``ppo_loss``) hands the policy loss ``response_mask.to(bool)``, so in a verl
+    run the values are 0 and 1. Only a direct call can bring others, and there verl's own losses do
+    not agree on what a weight would mean (``gspo`` weights its sequence log-ratio by it,
+    ``seq-mean-token-mean`` divides each row by the summed weights, the λ-GRPO lengths count tokens);
+    verl's channel for per-token weights is ``rollout_is_weights``, which these losses honour. A bool
+    mask costs no check; any other dtype one host sync."""
+    if response_mask.dtype == torch.bool:
+        return response_mask
+    bad = (response_mask != 0) & (response_mask != 1)
+    if bool(bad.any()):
+        example = response_mask[bad].flatten()[:3].tolist()
+        raise _error(f"response_mask: expected 0/1 values (or a bool tensor), got {int(bad.sum())} other values, "
+                     f"e.g. {example}. verl's ppo_loss passes response_mask.to(bool); pass per-token weights as "
+                     "rollout_is_weights")
+    return response_mask != 0
+
+
+_WARNED_LAMBDA = []
+
+
+def _warn_unused_lambda(pl) -> None:
+    """λ's options on a registered policy loss, which has no λ: say once that they do nothing."""
+    if _WARNED_LAMBDA or pl is None:
+        return
+    lr, init = _get(pl, "lambda_lr", LAMBDA_LR), _get(pl, "lambda_init", 0.0)
+    if lr != LAMBDA_LR or init != 0.0:
+        _WARNED_LAMBDA.append(True)
+        warnings.warn(f"lambda_grpo in verl: policy_loss.lambda_lr={lr}, lambda_init={init} have no effect on the "
+                      "registered policy losses (verl's vanilla, cispo, sapo, gspo); λ-GRPO needs "
+                      "lambda_grpo.integrations.verl.LambdaTrainingWorker (docs/integrations.md, verl, λ-GRPO)",
+                      stacklevel=3)
+
+
 def _policy_loss(verl_loss: str, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                  rollout_is_weights):
     if config is None:
         raise _error("the policy loss needs the actor config (config=None)")
     if verl_loss == "sapo":
         loss_agg_mode = SAPO_AGG_MODE
-    mask = response_mask if response_mask.dtype == torch.bool else response_mask != 0
+    _check_shapes(old_log_prob, log_prob, advantages, response_mask, rollout_is_weights)
+    mask = _bool_mask(response_mask)
     if verl_loss == "gspo":
         _check_gspo(advantages, rollout_is_weights, mask)
     cfg = loss_config_from_verl(config, loss_agg_mode, verl_loss=verl_loss)
+    _warn_unused_lambda(_get(config, "policy_loss"))
     norms = normalisers_from_verl(config, loss_agg_mode, mask)
     out = grpo_loss_from_logprobs(log_prob, mask, advantages, 1, old_logp=old_log_prob, config=cfg,
                                   token_weights=rollout_is_weights, return_per_token=True, **norms)
@@ -414,19 +485,31 @@ if _VERL_ERROR is None:
         ``actor_rollout_ref.actor.policy_loss.loss_mode=lambda_grpo`` (or ``lambda_grpo_cispo``,
         ``lambda_grpo_sapo``, ``lambda_grpo_gspo``) and e.g. ``+actor_rollout_ref.actor.policy_loss.trace=recent``.
         ``loss_mode`` must be a loss that reads these fields (one of ``LOSS_NAMES``): any other is
-        refused, so that a trace is never silently dropped."""
+        refused, so that a trace is never silently dropped.
+
+        ``lambda_lr`` (λ's SGD rate, >= 0) and ``lambda_init`` (λ's start; 0 is dapo) are read only by
+        :class:`LambdaTrainingWorker` (λ-GRPO, ``loss_mode="lambda_grpo"``); the registered policy
+        losses alone have no λ and warn once when these are set off their defaults."""
 
         loss_mode: str = LOSS_NAME
         trace: Optional[str] = None
         trace_decay: float = 0.99
         trace_mode: str = "ratio"
         adv_clamp_min: Optional[float] = None
+        lambda_lr: float = LAMBDA_LR
+        lambda_init: float = 0.0
 
         def __post_init__(self):
             if self.loss_mode not in LOSS_NAMES:
                 raise _error(f"LambdaGRPOPolicyLossConfig.loss_mode: expected one of {sorted(LOSS_NAMES)} (the losses "
                              f"that read trace, trace_decay, trace_mode and adv_clamp_min), got {self.loss_mode!r}; "
                              f"set actor_rollout_ref.actor.policy_loss.loss_mode={LOSS_NAME}")
+            for name in ("lambda_lr", "lambda_init"):
+                v = getattr(self, name)
+                if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or (
+                        name == "lambda_lr" and v < 0):
+                    raise _error(f"LambdaGRPOPolicyLossConfig.{name}: expected a finite number"
+                                 f"{' >= 0' if name == 'lambda_lr' else ''}, got {v!r}")
             try:
                 LossConfig(trace=self.trace, trace_decay=self.trace_decay, trace_mode=self.trace_mode,
                            adv_clamp_min=self.adv_clamp_min, **VERL_LOSSES[LOSS_NAMES[self.loss_mode]])
@@ -438,9 +521,15 @@ if _VERL_ERROR is None:
     __all__.append("LambdaGRPOPolicyLossConfig")
 
 
-def __getattr__(name):  # LambdaGRPOPolicyLossConfig without verl: say why
+_WORKERS = ("LambdaTrainingWorker", "LambdaActorRolloutRefWorker")
+
+
+def __getattr__(name):  # LambdaGRPOPolicyLossConfig without verl: say why; the workers on first use
     if name == "LambdaGRPOPolicyLossConfig":
         _require_verl(f"lambda_grpo.integrations.verl.{name}")
+    if name in _WORKERS:
+        _require_verl(f"lambda_grpo.integrations.verl.{name}")
+        return _define_workers()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -494,50 +583,84 @@ class LambdaState:
     to ``lam.grad``. After the engine's optimiser step, :meth:`step` averages that gradient over
     the data-parallel group (as the model's gradients are averaged), takes one SGD step of rate
     ``lr`` and clears the gradient. Every rank starts from the same value and applies the same
-    averaged gradient, so λ stays identical on every rank. A non-finite averaged gradient skips
-    the step (as verl skips a model update with a non-finite gradient norm).
+    averaged gradient, so λ stays identical on every rank. The step is skipped (the gradient
+    still cleared) where the engine skipped its update (``skip``, on any rank) or the averaged
+    gradient is not finite, as verl skips a model update with a non-finite gradient norm.
     """
 
-    def __init__(self, init: float = 0.0, lr: float = 0.1):
+    def __init__(self, init: float = 0.0, lr: float = LAMBDA_LR):
         for name, v in (("init", init), ("lr", lr)):
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-                raise _error(f"LambdaState.{name}: expected a finite number, got {v!r}")
+                raise _error(f"LambdaState.{name}: expected a finite number{' >= 0' if name == 'lr' else ''}, "
+                             f"got {v!r}")
+        if lr < 0:  # as LambdaGRPOConfig.lambda_lr and TrainConfig.lambda_lr (issue 18, finding 5)
+            raise _error(f"LambdaState.lr: expected a finite number >= 0, got {lr!r}")
         self.lam = torch.tensor(float(init), dtype=torch.float64, requires_grad=True)
         self.lr = float(lr)
         self.steps = 0
+        self.last_grad: Optional[float] = None  # the averaged, unscaled gradient of the last step() call
+        self.last_skipped = False
 
     @property
     def value(self) -> float:
         return float(self.lam.detach())
 
-    def step(self, group=None) -> float:
+    def step(self, group=None, *, scale: float = 1.0, skip: bool = False) -> float:
         """All-reduce (mean over ``group``, torch.distributed's default group when None, nothing
-        when torch.distributed is not initialised) the accumulated gradient, step, clear it.
-        Returns the averaged gradient (0 when no backward reached λ)."""
+        when torch.distributed is not initialised) the accumulated gradient, divide it by
+        ``scale`` (the loss scale of an fp16 ``GradScaler``, which multiplied every backward),
+        step unless ``skip`` is true on some rank or the result is not finite, clear the gradient.
+        A collective: every rank of ``group`` must call it, also ranks whose backward never reached
+        λ. Returns the averaged gradient (0 when no backward reached λ)."""
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (math.isfinite(scale) and scale > 0):
+            raise _error(f"LambdaState.step: scale: expected a finite number > 0, got {scale!r}")
         g = torch.zeros((), dtype=torch.float64) if self.lam.grad is None else self.lam.grad.detach().clone()
+        buf = torch.stack([g.reshape(()), torch.tensor(1.0 if skip else 0.0, dtype=torch.float64)])
         dist = torch.distributed
+        world = 1
         if dist.is_available() and dist.is_initialized():
             backend = dist.get_backend(group)
             dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-            buf = g.reshape(1).to(dev)
+            buf = buf.to(dev)
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
-            g = buf.cpu().reshape(()) / dist.get_world_size(group)
+            buf, world = buf.cpu(), dist.get_world_size(group)
+        g = buf[0] / world / scale
+        skipped = bool(buf[1] > 0) or not bool(torch.isfinite(g))
         self.lam.grad = None
-        if torch.isfinite(g):
+        if not skipped:
             with torch.no_grad():
                 self.lam -= self.lr * g
             self.steps += 1
+        self.last_grad, self.last_skipped = float(g), skipped
         return float(g)
 
     def state_dict(self) -> dict:
         return {"lam": self.value, "lr": self.lr, "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()`` in place (``lam`` stays the same tensor)."""
         with torch.no_grad():
             self.lam.fill_(float(state["lam"]))
         self.lr = float(state.get("lr", self.lr))
         self.steps = int(state.get("steps", 0))
         self.lam.grad = None
+
+
+def _actor_loss_config(config, length_r: float) -> LossConfig:
+    """The LossConfig of :func:`lambda_grpo_actor_loss` under the actor config ``config``."""
+    if _get(config, "loss_agg_mode", "token-mean") != "token-mean":
+        raise _error(f"λ-GRPO normalises like dapo: actor.loss_agg_mode must be 'token-mean', got "
+                     f"{_get(config, 'loss_agg_mode')!r}")
+    beta = 0.0
+    kl_estimator = "k3"
+    if _get(config, "use_kl_loss", False):
+        kl_type = _get(config, "kl_loss_type", "low_var_kl")
+        if kl_type not in KL_ESTIMATORS:
+            raise _error(f"kl_loss_type {kl_type!r} has no equivalent; expected one of {sorted(KL_ESTIMATORS)}")
+        beta, kl_estimator = float(_get(config, "kl_loss_coef", 0.0)), KL_ESTIMATORS[kl_type]
+    entropy_coef = float(_get(config, "entropy_coeff", 0.0) or 0.0)
+    return loss_config_from_verl(config, "token-mean", aggregation="lambda_grpo", beta=beta,
+                                 kl_estimator=kl_estimator, entropy_coef=entropy_coef).replace(length_r=float(length_r))
 
 
 def lambda_grpo_actor_loss(config, model_output, data, dp_group=None, *, lam_state: LambdaState,
@@ -550,25 +673,14 @@ def lambda_grpo_actor_loss(config, model_output, data, dp_group=None, *, lam_sta
     (``entropy_coeff``), all weighted by the λ-GRPO row weights f_i and divided by
     ``batch_num_tokens / dp_size`` (so at λ = 0 it equals verl's ``ppo_loss`` with ``token-mean``,
     up to verl's ±10 clamp of low_var_kl). The batch must carry ``lg_group_lengths`` (B, G) and
-    ``lg_group_index`` (B,) (:func:`group_lengths_from_uid`, written by the trainer); λ's gradient
-    accumulates in ``lam_state.lam.grad``, stepped by the worker after the optimiser step.
+    ``lg_group_index`` (B,) (:func:`group_lengths_from_uid`; :class:`LambdaTrainingWorker` writes
+    them from ``uid``); λ's gradient accumulates in ``lam_state.lam.grad``, stepped by the worker
+    after the optimiser step. :class:`LambdaTrainingWorker` installs this loss by itself.
     """
     from verl.utils.metric import AggregationType, Metric
     from verl.workers.utils.padding import no_padding_2_padding
 
-    if _get(config, "loss_agg_mode", "token-mean") != "token-mean":
-        raise _error(f"λ-GRPO normalises like dapo: actor.loss_agg_mode must be 'token-mean', got "
-                     f"{_get(config, 'loss_agg_mode')!r}")
-    beta = 0.0
-    kl_estimator = "k3"
-    if _get(config, "use_kl_loss", False):
-        kl_type = _get(config, "kl_loss_type", "low_var_kl")
-        if kl_type not in KL_ESTIMATORS:
-            raise _error(f"kl_loss_type {kl_type!r} has no equivalent; expected one of {sorted(KL_ESTIMATORS)}")
-        beta, kl_estimator = float(_get(config, "kl_loss_coef", 0.0)), KL_ESTIMATORS[kl_type]
-    entropy_coef = float(_get(config, "entropy_coeff", 0.0) or 0.0)
-    cfg = loss_config_from_verl(config, "token-mean", aggregation="lambda_grpo", beta=beta,
-                                kl_estimator=kl_estimator, entropy_coef=entropy_coef).replace(length_r=float(length_r))
+    cfg = _actor_loss_config(config, length_r)
 
     log_prob = no_padding_2_padding(model_output["log_probs"], data)
     entropy = model_output.get("entropy", None)
@@ -583,7 +695,8 @@ def lambda_grpo_actor_loss(config, model_output, data, dp_group=None, *, lam_sta
             fields.append(k)
     missing = [k for k in (GROUP_LENGTHS_KEY, GROUP_INDEX_KEY) if k not in data.keys()]
     if missing:
-        raise _error(f"the batch has no {missing}: the λ-GRPO trainer writes them from uid (group_lengths_from_uid)")
+        raise _error(f"the batch has no {missing}: LambdaTrainingWorker.train_mini_batch writes them from the batch's "
+                     "uid (group_lengths_from_uid)")
     d = data.select(*fields).to_padded_tensor()
     mask = d["response_mask"].to(torch.bool)
     gl, gi = d[GROUP_LENGTHS_KEY], d[GROUP_INDEX_KEY]
@@ -597,3 +710,226 @@ def lambda_grpo_actor_loss(config, model_output, data, dp_group=None, *, lam_sta
     metrics["actor/pg_loss"] = Metric(value=out.loss.detach(), aggregation=AggregationType.SUM)
     metrics["actor/lambda"] = Metric(value=lam_state.value, aggregation=AggregationType.MEAN)
     return out.loss, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# λ-GRPO in verl's actor update: the worker classes (defined on first use, see __getattr__)
+# --------------------------------------------------------------------------------------------
+_UNSET = object()
+
+
+def _loss_fn_target(loss_fn, ppo_loss):
+    """(actor config, length_r) of a loss function given to ``set_loss_fn``: verl's
+    ``partial(ppo_loss, config=actor_config)`` (what ``ActorRolloutRefWorker.init_model`` passes) or
+    ``partial(lambda_grpo_actor_loss, config=actor_config[, length_r=...][, lam_state=...])``."""
+    if isinstance(loss_fn, functools.partial) and not loss_fn.args and "config" in loss_fn.keywords:
+        kw = dict(loss_fn.keywords)
+        if loss_fn.func is ppo_loss and set(kw) == {"config"}:
+            return kw["config"], 1.0 / 9.0
+        if loss_fn.func is lambda_grpo_actor_loss and set(kw) <= {"config", "lam_state", "length_r"}:
+            return kw["config"], float(kw.get("length_r", 1.0 / 9.0))
+    raise _error("LambdaTrainingWorker.set_loss_fn: loss_fn: expected functools.partial(verl.workers.utils.losses."
+                 "ppo_loss, config=actor_config) (what ActorRolloutRefWorker.init_model passes) or functools.partial("
+                 f"lambda_grpo_actor_loss, config=actor_config), got {loss_fn!r} (λ-GRPO has no distillation loss)")
+
+
+_DEFINED: dict = {}
+
+
+def _define_workers() -> dict:
+    """Define LambdaTrainingWorker and LambdaActorRolloutRefWorker (once): they subclass verl's
+    worker classes, whose module needs verl's whole worker stack (ray among it), which importing this
+    module must not pull in (verl loads it as a plug-in in every process)."""
+    if _DEFINED:
+        return _DEFINED
+    import torch.distributed as dist
+    from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn
+    from verl.single_controller.base.decorator import register as _register
+    from verl.utils import tensordict_utils as tu
+    from verl.utils.fs import copy_to_local, is_non_local
+    from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
+    from verl.workers.utils.losses import ppo_loss
+
+    def _dp(engine):
+        group = engine.get_data_parallel_group()
+        world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+        return group, world
+
+    class LambdaTrainingWorker(TrainingWorker):
+        """verl's ``TrainingWorker`` (same constructor) that trains λ-GRPO, λ included.
+
+        - :meth:`set_loss_fn` takes what verl gives its actor worker, ``partial(ppo_loss,
+          config=actor_config)``, and installs :func:`lambda_grpo_actor_loss` with ``config``
+          instead: ``actor.policy_loss.loss_mode`` must be ``"lambda_grpo"`` and
+          ``actor.loss_agg_mode`` ``"token-mean"``; λ starts at ``policy_loss.lambda_init`` with SGD
+          rate ``policy_loss.lambda_lr`` (:class:`LambdaGRPOPolicyLossConfig`; plain
+          ``PolicyLossConfig``: 0 and 0.1). Once λ has been stepped or loaded, a later
+          ``set_loss_fn`` keeps it.
+        - :meth:`train_mini_batch` writes each row's group (``lg_group_lengths``,
+          ``lg_group_index``) from the batch's ``uid``, over the whole data-parallel batch (one
+          ``all_gather_object`` of the rows' uid and response lengths), before verl splits it into
+          mini- and micro-batches; fields already in the batch are overwritten. A batch without
+          ``uid`` must carry both fields.
+        - :meth:`train_batch` (one optimiser step): after verl's step, dλ is averaged over the
+          data-parallel group and λ takes one SGD step on every rank; the step is skipped where the
+          engine skipped its update (non-finite gradient norm, seen on every rank through the
+          engine's ``optimizer_step``); under fp16 dλ is divided by the loss scale the
+          ``GradScaler`` used. The metrics get ``actor/lambda_grad`` (the averaged dλ); the loss
+          logs ``actor/lambda`` (λ of the forward).
+        - :meth:`save_checkpoint` / :meth:`load_checkpoint`: verl's, plus λ's state in
+          ``lambda_grpo_world_size_{W}_rank_{r}.json`` next to verl's own per-rank shards, written and
+          read by every rank (so it is wherever that rank's model shard is, shared file system or not);
+          after a load, λ is checked to be the same on every data-parallel rank.
+
+        ``worker.lambda_state`` is the :class:`LambdaState`. FSDP engines only (``fsdp``, ``fsdp2``).
+        """
+
+        def __init__(self, config):
+            super().__init__(config)
+            strategy = getattr(self.engine_config, "strategy", None)
+            if strategy not in ("fsdp", "fsdp2"):
+                raise _error(f"LambdaTrainingWorker: engine strategy: expected 'fsdp' or 'fsdp2' (the engines it is "
+                             f"tested with), got {strategy!r}")
+            self.lambda_state = LambdaState()
+            self._lambda_touched = False  # stepped or loaded: set_loss_fn keeps λ from then on
+            self._grad_norm = _UNSET
+            engine_step = self.engine.optimizer_step
+
+            def optimizer_step():  # the engine's own step; its gradient norm, on every rank
+                self._grad_norm = engine_step()
+                return self._grad_norm
+
+            self.engine.optimizer_step = optimizer_step
+
+        @_register(dispatch_mode=Dispatch.ONE_TO_ALL)
+        def set_loss_fn(self, loss_fn):
+            config, length_r = _loss_fn_target(loss_fn, ppo_loss)
+            pl = _get(config, "policy_loss")
+            mode = _get(pl, "loss_mode", "vanilla")
+            if mode != LOSS_NAME:
+                raise _error(f"LambdaTrainingWorker trains λ-GRPO: actor.policy_loss.loss_mode: expected "
+                             f"{LOSS_NAME!r}, got {mode!r}")
+            _actor_loss_config(config, length_r)  # refuse a bad config now, not at the first step
+            if not self._lambda_touched:
+                fresh = LambdaState(init=_get(pl, "lambda_init", 0.0), lr=_get(pl, "lambda_lr", LAMBDA_LR))
+                self.lambda_state.load_state_dict(fresh.state_dict())
+            super().set_loss_fn(functools.partial(lambda_grpo_actor_loss, config=config, lam_state=self.lambda_state,
+                                                  length_r=length_r))
+
+        def _write_groups(self, data) -> None:
+            uid = tu.get(data, "uid")
+            keys = set(data.keys())
+            if uid is None:
+                if {GROUP_LENGTHS_KEY, GROUP_INDEX_KEY} <= keys:
+                    return
+                raise _error(f"LambdaTrainingWorker.train_mini_batch: the batch has no 'uid' (nor "
+                             f"{GROUP_LENGTHS_KEY!r}, {GROUP_INDEX_KEY!r}): λ-GRPO needs each row's group")
+            uid = uid.tolist() if isinstance(uid, (torch.Tensor, np.ndarray)) else list(uid)
+            rm = data["response_mask"]
+            rm = rm.to_padded_tensor(0) if rm.is_nested else rm
+            lengths = (rm != 0).sum(dim=-1).cpu().tolist()
+            if len(uid) != len(lengths):
+                raise _error(f"uid: expected {len(lengths)} entries (one per row), got {len(uid)}")
+            group, world = _dp(self.engine)
+            parts = [(uid, lengths)]
+            if world > 1:  # the whole data-parallel batch: groups are spread over the ranks
+                parts = [None] * world
+                dist.all_gather_object(parts, (uid, lengths), group=group)
+            all_uid = [u for p in parts for u in p[0]]
+            all_len = torch.tensor([n for p in parts for n in p[1]], dtype=torch.long)
+            width = int(all_len.max()) if len(all_len) else 0
+            gl, gi = group_lengths_from_uid(all_uid, torch.arange(width)[None] < all_len[:, None])
+            off = sum(len(p[0]) for p in parts[:self.engine.get_data_parallel_rank()])
+            data[GROUP_LENGTHS_KEY] = gl[off:off + len(uid)]
+            data[GROUP_INDEX_KEY] = gi[off:off + len(uid)]
+
+        @_register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="train"), blocking=False)
+        def train_mini_batch(self, data):
+            self._write_groups(data)
+            return super().train_mini_batch(data)
+
+        @_register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="train"), blocking=False)
+        def train_batch(self, data):
+            scaler = getattr(self.engine, "scaler", None)
+            # the scale of this step's backward passes (the scaler's update() in optimizer_step may change it)
+            scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+            self.lambda_state.lam.grad = None  # as the engine's zero_grad
+            self._grad_norm = _UNSET
+            output = super().train_batch(data)
+            if self._grad_norm is _UNSET:
+                raise RuntimeError("LambdaTrainingWorker: the engine's train_batch did not call optimizer_step, so λ "
+                                   "cannot follow the model's update")
+            gn = self._grad_norm
+            skipped = gn is None or not math.isfinite(float(gn))
+            group, _ = _dp(self.engine)
+            g = self.lambda_state.step(group, scale=scale, skip=skipped)
+            self._lambda_touched = True
+            if output is not None:
+                metrics = dict(tu.get(output, "metrics"))
+                metrics["actor/lambda_grad"] = g
+                tu.assign_non_tensor(output, metrics=metrics)
+            return output
+
+        def _lambda_path(self, local_path: str) -> str:
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            return os.path.join(local_path, LAMBDA_CKPT.format(world=world, rank=rank))
+
+        @_register(dispatch_mode=Dispatch.ONE_TO_ALL)
+        def save_checkpoint(self, local_path, hdfs_path=None, global_step=0, max_ckpt_to_keep=None):
+            out = super().save_checkpoint(local_path, hdfs_path, global_step, max_ckpt_to_keep)
+            if local_path is not None:
+                path = self._lambda_path(local_path)
+                tmp = f"{path}.tmp"
+                with open(tmp, "w") as f:  # a float's repr round-trips exactly through JSON
+                    json.dump(dict(self.lambda_state.state_dict(), global_step=int(global_step)), f)
+                os.replace(tmp, path)
+                if dist.is_available() and dist.is_initialized():
+                    dist.barrier()  # as verl's own save: every rank's files are there when it returns
+            return out
+
+        @_register(dispatch_mode=Dispatch.ONE_TO_ALL)
+        def load_checkpoint(self, local_path, hdfs_path=None, del_local_after_load=False):
+            state, local = None, None
+            if local_path is not None:  # read first: verl may delete the local copies after its load
+                path = self._lambda_path(local_path)
+                local = copy_to_local(path) if is_non_local(path) else path
+                if os.path.exists(local):
+                    with open(local) as f:
+                        state = json.load(f)
+            out = super().load_checkpoint(local_path, hdfs_path, del_local_after_load)
+            if local_path is None:
+                return out
+            if state is None:
+                warnings.warn(f"LambdaTrainingWorker.load_checkpoint: no λ state ({os.path.basename(local)}) in "
+                              f"{local_path}; λ keeps its value {self.lambda_state.value}", stacklevel=2)
+            else:
+                self.lambda_state.load_state_dict(state)
+                self._lambda_touched = True
+                if del_local_after_load and local != self._lambda_path(local_path):
+                    os.remove(local)
+            group, world = _dp(self.engine)
+            if world > 1:  # every rank restored the same λ (a missing or stale file on one rank would not)
+                v = torch.tensor([self.lambda_state.value, self.lambda_state.lr], dtype=torch.float64)
+                hi, lo = v.clone(), -v
+                dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+                dist.all_reduce(lo, op=dist.ReduceOp.MAX, group=group)
+                if not torch.equal(hi, -lo):
+                    raise _error(f"load_checkpoint({local_path!r}): λ or its lr differs across the data-parallel ranks "
+                                 f"(λ in [{-lo[0].item()}, {hi[0].item()}], lr in [{-lo[1].item()}, {hi[1].item()}]): "
+                                 "every rank needs its own lambda_grpo_world_size_*_rank_*.json")
+            return out
+
+    class LambdaActorRolloutRefWorker(ActorRolloutRefWorker):
+        """verl's ``ActorRolloutRefWorker`` whose actor is a :class:`LambdaTrainingWorker`
+        (``actor_worker_cls``): ``init_model`` builds it and hands it ``partial(ppo_loss,
+        config=actor_config)``, which it turns into λ-GRPO; ``update_actor``, ``save_checkpoint`` and
+        ``load_checkpoint`` reach it unchanged. The reference model stays verl's ``TrainingWorker``."""
+
+        actor_worker_cls = LambdaTrainingWorker
+
+    for cls in (LambdaTrainingWorker, LambdaActorRolloutRefWorker):
+        cls.__qualname__ = cls.__name__  # pickled by reference, as module attributes
+        globals()[cls.__name__] = cls
+        _DEFINED[cls.__name__] = cls
+    return _DEFINED
