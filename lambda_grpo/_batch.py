@@ -1,26 +1,60 @@
-"""`Batch`: the validated inputs every backend computes on (a leaf module: it imports nothing of ours)."""
+"""`Batch`: the one structure every entry point normalises its inputs into, once (a leaf module:
+it imports nothing of ours). Validation (lambda_grpo/_validate.py) builds it; the backends, the
+custom ops and the engines only read it.
+
+Two layouts live in it, so that nothing after validation looks at packing again:
+- the *row layout* (B, T): every per-token tensor the row math reads (mask, advantages, old and
+  reference log-probs, token weights, token ids), padded, zeros or False where masked;
+- the *vocabulary layout* (N,): the token ids and mask in the order of the rows of the logits
+  or hidden states that the vocabulary passes walk. Padded inputs: N = B*T and these are flat
+  views of the row layout. Packed inputs (`cu_seqlens`, lambda_grpo/_packed.py): N tokens, and
+  `packed_pos` (N,) maps vocabulary row j to flat index packed_pos[j] of the row layout.
+`to_rows` and `to_vocab` move a per-token tensor between the two.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import torch
 
 
 def compute_dtype(logits_dtype: torch.dtype) -> torch.dtype:
-    """Per-token math runs in fp32, or float64 for float64 logits (SPEC §4)."""
+    """Per-token math runs in fp32, or float64 for float64 logits (docs/math.md §1)."""
     return torch.float64 if logits_dtype == torch.float64 else torch.float32
+
+
+def to_rows(x: torch.Tensor, pos: Optional[torch.Tensor], B: int, T: int, fill=0) -> torch.Tensor:
+    """(N,) vocabulary layout -> (B, T) rows (fill elsewhere); differentiable (its gradient is the
+    gather back). pos None: x is already (B*T,) or (B, T)."""
+    if pos is None:
+        return x.reshape(B, T)
+    out = torch.full((B * T,), fill, dtype=x.dtype, device=x.device)
+    return out.index_put((pos,), x).view(B, T)
+
+
+def from_rows(x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
+    """(..., B, T) rows -> (..., N) vocabulary layout (the flat (..., B*T) when pos is None)."""
+    lead = x.shape[:-2]
+    flat = x.reshape(*lead, -1)
+    return flat if pos is None else flat.index_select(flat.dim() - 1, pos)
+
+
+# The tensors of a Batch that travel through the custom ops, by name, in this order (the ops take
+# them as one list argument; lambda_grpo/_ops.py). `logits` / `hidden` / `logp` and `lam` travel as
+# arguments of their own: they carry gradients.
+PARTS = ("tokens", "mask", "advantages", "old_logp", "ref_logp", "num_tokens", "num_sequences", "group_lengths",
+         "group_index", "token_weights", "packed_pos", "vocab_tokens", "vocab_mask")
+PART = {name: i for i, name in enumerate(PARTS)}
 
 
 @dataclass
 class Batch:
-    """Validated, normalised inputs. Shapes: logits (B, T, V); everything per token (B, T).
+    """Validated, normalised inputs (see the module docstring for the two layouts).
 
-    The field order is the order of the custom ops' schema (lambda_grpo/_ops.py). `logits` is
-    None for the entry point from log-probs (the row math never reads it). With packed inputs
-    (`packed_pos` set) the logits are (N, V) and everything per token is in the padded (B, T_max)
-    row layout (lambda_grpo/_packed.py).
+    `logits` is the (B, T, V) or packed (N, V) logits, or None for the entry points from
+    log-probs and hidden states (their own tensors travel beside the Batch).
     """
 
     logits: Optional[torch.Tensor]
@@ -38,15 +72,37 @@ class Batch:
     group_lengths: Optional[torch.Tensor] = None
     group_index: Optional[torch.Tensor] = None
     token_weights: Optional[torch.Tensor] = None  # (B, T) compute dtype, multiplies the surrogate
-    # packed (varlen) inputs (lambda_grpo/_packed.py): logits / hidden are (N, V) / (N, H) and packed
-    # token j is at flat index packed_pos[j] of the (B, T) layout of every tensor above; None: padded
-    packed_pos: Optional[torch.Tensor] = None
+    packed_pos: Optional[torch.Tensor] = None  # (N,) int64: vocabulary row j is flat row-layout index pos[j]
+    vocab_tokens: Optional[torch.Tensor] = None  # (N,) int64 ids in the vocabulary layout (None: from log-probs)
+    vocab_mask: Optional[torch.Tensor] = None  # (N,) bool
     # 0-d bool on the device: a value rule of the inputs failed (lambda_grpo/_validate.py), the loss
     # is then NaN; None when no value rule applies. `values` keeps what LossOutput.input_errors reads.
     poison: Optional[torch.Tensor] = None
     values: Any = None
 
+    def __post_init__(self):
+        if self.vocab_mask is None:  # padded: the vocabulary layout is a flat view of the rows
+            self.vocab_mask = self.mask.reshape(-1)
+            self.vocab_tokens = None if self.tokens is None else self.tokens.reshape(-1)
+
     @property
     def shape(self):
-        """(B, T) of the batch."""
+        """(B, T) of the row layout."""
         return tuple(self.mask.shape)
+
+    def to_rows(self, x: torch.Tensor, fill=0) -> torch.Tensor:
+        """A per-token tensor (N,) of the vocabulary layout in the (B, T) row layout."""
+        B, T = self.mask.shape
+        return to_rows(x, self.packed_pos, B, T, fill)
+
+    def to_vocab(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., B, T) of the row layout -> (..., N) of the vocabulary layout."""
+        return from_rows(x, self.packed_pos)
+
+    def parts(self) -> List[Optional[torch.Tensor]]:
+        """The tensors of PARTS, in order (what the custom ops take)."""
+        return [getattr(self, name) for name in PARTS]
+
+    @classmethod
+    def from_parts(cls, parts: List[Optional[torch.Tensor]], logits, lam, group_size: int) -> "Batch":
+        return cls(logits, lam=lam, group_size=group_size, **dict(zip(PARTS, parts)))

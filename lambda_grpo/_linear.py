@@ -30,7 +30,6 @@ import torch
 
 from .config import LossConfig
 from ._batch import Batch, compute_dtype
-from ._packed import row_layout
 from ._rowmath import FusedInputs, fused_inputs, token_constants
 
 # Tokens per chunk: the chunk's logits hold about this many elements (CPU: 2^22 = 16 MiB in fp32,
@@ -84,15 +83,14 @@ def _take(x: Optional[torch.Tensor], idx: torch.Tensor) -> Optional[torch.Tensor
 
 
 def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], batch: Batch,
-                   cfg: LossConfig, eng, need_grad: bool, per_token: bool, head_grad: bool = True,
-                   pos: Optional[torch.Tensor] = None):
+                   cfg: LossConfig, eng, need_grad: bool, per_token: bool, head_grad: bool = True):
     """(RowPass, LinearGrads or None) of the loss from hidden states; see the module docstring.
     head_grad=False (a frozen LM head): dweight and dbias are neither allocated nor computed
     (None), which saves the (V, H) fp32 buffer and one matmul per chunk.
 
-    pos (packed inputs, lambda_grpo/_packed.py): hidden (N, H), batch.tokens and batch.mask (N,),
-    every other per-token tensor in the (B, T) row layout; valid token `idx[j]` of the hidden rows
-    is `dst[j]` of the row layout (the same as idx when not packed)."""
+    The hidden rows are in the Batch's vocabulary layout (lambda_grpo/_batch.py): (B*T, H), or
+    (N, H) packed; valid token `idx[j]` of the hidden rows is `dst[j]` of the row layout (the same
+    as idx when not packed)."""
     Hd = hidden.shape[-1]
     B, T = batch.advantages.shape
     V = weight.shape[0]
@@ -100,10 +98,10 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     dtype = compute_dtype(hidden.dtype)
     tau = float(cfg.temperature)
     h2 = hidden.reshape(-1, Hd)
-    idx = batch.mask.reshape(-1).nonzero().squeeze(1)  # the valid tokens: one host read
+    idx = batch.vocab_mask.nonzero().squeeze(1)  # the valid tokens: one host read (skips the padding's matmuls)
     n = int(idx.numel())
-    tokens = batch.tokens.reshape(-1).index_select(0, idx)
-    batch = row_layout(batch, pos)
+    tokens = batch.vocab_tokens.index_select(0, idx)
+    pos = batch.packed_pos
     dst = idx if pos is None else pos.index_select(0, idx)
     consts = token_constants(batch, cfg, dtype)
     ones = torch.ones(n, dtype=torch.bool, device=dev)

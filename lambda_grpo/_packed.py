@@ -1,4 +1,4 @@
-"""Packed (varlen) inputs: the one place that turns a packed batch into the internal row layout.
+"""Packed (varlen) inputs: the one place that turns a packed batch into the Batch's two layouts.
 
 A packed batch concatenates B completions of varying length into N tokens, as TRL's
 ``padding_free`` and verl's ``use_remove_padding`` do; ``cu_seqlens`` (B+1,) holds the cumulative
@@ -21,13 +21,11 @@ valid tokens come in the same order in both layouts (the chunked passes see the 
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Dict, Optional, Tuple
 
 import torch
 
-from .output import LossOutput
-from .reference import reference_rows, reference_vocab
+from ._batch import to_rows
 
 PACKED_HINT = "(packed: cu_seqlens given)"
 
@@ -70,22 +68,6 @@ def packing_map(cu_seqlens, N: int, device) -> Tuple[torch.Tensor, int, int]:
     return pos, B, T
 
 
-def to_rows(x: torch.Tensor, pos: Optional[torch.Tensor], B: int, T: int, fill=0) -> torch.Tensor:
-    """(N,) packed -> (B, T) rows (fill elsewhere); differentiable (its gradient is the gather
-    back). pos None: x is already (B*T,) or (B, T)."""
-    if pos is None:
-        return x.reshape(B, T)
-    out = torch.full((B * T,), fill, dtype=x.dtype, device=x.device)
-    return out.index_put((pos,), x).view(B, T)
-
-
-def from_rows(x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
-    """(..., B, T) rows -> (..., N) packed (the flat (..., B*T) when pos is None)."""
-    lead = x.shape[:-2]
-    flat = x.reshape(*lead, -1)
-    return flat if pos is None else flat.index_select(flat.dim() - 1, pos)
-
-
 def check_packed(x, name: str, N: int, device, what: str, B: Optional[int] = None) -> None:
     """A packed per-token input: a tensor of shape (N,) (or (B,) per sequence when B is given) on
     `device`. Dtypes are checked later by the row-layout rules, which name the argument too."""
@@ -124,41 +106,3 @@ def unpack_inputs(cu_seqlens, N: int, device, what: str, mask: torch.Tensor, tok
         if not (advantages.dim() == 1 and advantages.shape[0] == B):
             advantages = to_rows(advantages.detach(), pos, B, T)
     return pos, B, T, mask_bt, tokens_bt, out, advantages
-
-
-def unpack_output(out: LossOutput, pos: Optional[torch.Tensor]) -> LossOutput:
-    """Per-token outputs (B, T) back to packed (N,); the loss and metrics are per batch."""
-    if pos is None or out.per_token is None:
-        return out
-    return LossOutput(out.loss, out.metrics, {k: from_rows(v, pos) for k, v in out.per_token.items()})
-
-
-def reference_packed_loss(logits: torch.Tensor, batch, cfg, out_dtype, per_token: bool) -> LossOutput:
-    """The float64 reference for packed logits (N, V) (or hidden @ W^T): per-token log-probs on
-    the packed rows, padded explicitly into (B, T) by an autograd scatter, then the reference row
-    math; gradients come back packed through the scatter."""
-    pos = batch.packed_pos
-    B, T = batch.mask.shape
-    tok, m = from_rows(batch.tokens, pos), from_rows(batch.mask, pos)
-    logp, ent = reference_vocab(logits, tok, m, cfg.temperature, cfg.needs_entropy, torch.float64)
-    out = reference_rows(to_rows(logp, pos, B, T), None if ent is None else to_rows(ent, pos, B, T), batch, cfg,
-                         out_dtype, torch.float64, per_token)
-    return unpack_output(out, pos)
-
-
-def row_layout(batch, pos: Optional[torch.Tensor]):
-    """Inside the custom ops: `batch` holds tokens and mask in the layout of the logits / hidden
-    rows ((N,) packed) and every other per-token tensor in (B, T); return the Batch the row math
-    reads, with mask and tokens in (B, T). Identity when pos is None."""
-    if pos is None:
-        return batch
-    B, T = batch.advantages.shape
-    return replace(batch, mask=to_rows(batch.mask.reshape(-1), pos, B, T, fill=False),
-                   tokens=to_rows(batch.tokens.reshape(-1), pos, B, T))
-
-
-def vocab_layout(batch) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Tokens and mask of a validated Batch in the layout of the logits / hidden rows: flat
-    (B*T,), or packed (N,) when batch.packed_pos is set."""
-    pos = batch.packed_pos
-    return from_rows(batch.tokens, pos), from_rows(batch.mask, pos)

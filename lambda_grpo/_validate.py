@@ -378,7 +378,8 @@ def _validate_packed(primary, tokens, mask, advantages, group_size, old_logp, re
     batch = _validate_rows(primary, tokens_bt, mask_bt, adv, group_size, per["old_logp"], per["ref_logp"], lam,
                            config, num_tokens, num_sequences, group_lengths, group_index, per["token_weights"], B, T,
                            dev, cdt, what, values)
-    batch.packed_pos = pos
+    batch.packed_pos, batch.vocab_mask = pos, mask
+    batch.vocab_tokens = None if tokens is None else tokens
     return batch
 
 

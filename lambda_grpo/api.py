@@ -12,8 +12,7 @@ from torch import nn
 from .config import LossConfig
 from .output import LossOutput
 from ._batch import compute_dtype
-from ._packed import reference_packed_loss, to_rows, unpack_output
-from ._ops import fast_linear_logprobs, fast_loss, fast_token_logprobs, linear_loss, rows_loss
+from ._entry import fast_linear_logprobs, fast_loss, fast_token_logprobs, linear_loss, rows_loss
 from ._validate import (check_backend, check_logits_tokens, fail, safe_ids, validate, validate_linear,
                         validate_logprobs)
 
@@ -102,19 +101,18 @@ def grpo_loss(
     name = resolve_backend(backend, logits.device)
     _check_flags(name, logits, inplace_backward, return_per_token)
     if name == "reference":
+        from .reference import reference_loss, reference_packed_loss
+
         if batch.packed_pos is not None:
             return _finish(reference_packed_loss(logits, batch, cfg, compute_dtype(logits.dtype), return_per_token),
                            batch)
-        from .reference import reference_loss
-
         return _finish(reference_loss(batch, cfg, per_token=return_per_token), batch)
     if name == "triton":
         from ._vocab_triton import check_runnable
 
         check_runnable(logits)
     # eager and torch.compile alike: the custom ops of lambda_grpo/_ops.py
-    out = fast_loss(batch, cfg, name, inplace=inplace_backward, per_token=return_per_token)
-    return _finish(unpack_output(out, batch.packed_pos), batch)
+    return _finish(fast_loss(batch, cfg, name, inplace=inplace_backward, per_token=return_per_token), batch)
 
 
 def _finish(out: LossOutput, batch) -> LossOutput:
@@ -169,11 +167,9 @@ def grpo_loss_from_logprobs(
                               num_sequences, group_lengths, group_index, token_weights, cu_seqlens)
     _check_flags("rows", logp, False, return_per_token)
     entropy = entropy if cfg.needs_entropy else None
-    pos = batch.packed_pos
-    if pos is not None:  # an autograd scatter into the row layout: the gradients come back (N,)
-        B, T = batch.mask.shape
-        logp, entropy = to_rows(logp, pos, B, T), None if entropy is None else to_rows(entropy, pos, B, T)
-    return _finish(unpack_output(rows_loss(logp, entropy, batch, cfg, per_token=return_per_token), pos), batch)
+    if batch.packed_pos is not None:  # an autograd scatter into the row layout: the gradients come back (N,)
+        logp, entropy = batch.to_rows(logp), None if entropy is None else batch.to_rows(entropy)
+    return _finish(rows_loss(logp, entropy, batch, cfg, per_token=return_per_token), batch)
 
 
 def fused_linear_grpo_loss(
@@ -222,19 +218,18 @@ def fused_linear_grpo_loss(
     name = resolve_backend(backend, hidden.device)
     _check_flags(name, hidden, False, return_per_token)
     if name == "reference":
+        from .reference import reference_linear_loss, reference_packed_loss
+
         if batch.packed_pos is not None:
             logits = hidden.double() @ weight.double().T + (0 if bias is None else bias.double())
             return _finish(reference_packed_loss(logits, batch, cfg, compute_dtype(hidden.dtype), return_per_token),
                            batch)
-        from .reference import reference_linear_loss
-
         return _finish(reference_linear_loss(hidden, weight, bias, batch, cfg, per_token=return_per_token), batch)
     if name == "triton":
         from ._vocab_triton import check_runnable
 
         check_runnable(hidden)
-    return _finish(unpack_output(linear_loss(hidden, weight, bias, batch, cfg, name, per_token=return_per_token),
-                                 batch.packed_pos), batch)
+    return _finish(linear_loss(hidden, weight, bias, batch, cfg, name, per_token=return_per_token), batch)
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, *,

@@ -256,3 +256,17 @@ def reference_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, tempera
     logprobs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
     out = logprobs.gather(-1, tokens.long().clamp(0, logits.shape[-1] - 1)[..., None]).squeeze(-1)
     return out.to(compute_dtype(logits.dtype))
+
+
+def reference_packed_loss(logits: torch.Tensor, batch: Batch, cfg: LossConfig, out_dtype, per_token: bool
+                          ) -> LossOutput:
+    """The float64 reference for packed logits (N, V) (or hidden @ W^T): per-token log-probs on
+    the packed rows, padded explicitly into (B, T) by an autograd scatter, then the reference row
+    math; gradients come back packed through the scatter; per-token outputs (N,)."""
+    logp, ent = reference_vocab(logits, batch.vocab_tokens, batch.vocab_mask, cfg.temperature, cfg.needs_entropy,
+                                torch.float64)
+    out = reference_rows(batch.to_rows(logp), None if ent is None else batch.to_rows(ent), batch, cfg, out_dtype,
+                         torch.float64, per_token)
+    if out.per_token is not None:
+        out = LossOutput(out.loss, out.metrics, {k: batch.to_vocab(v) for k, v in out.per_token.items()})
+    return out

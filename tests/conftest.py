@@ -16,17 +16,20 @@ if not torch.cuda.is_available():
 def _inductor_cache_per_source() -> None:
     """Inductor caches compiled graphs on disk keyed by the graph, not by the Python source of our
     custom ops' fake kernels: after a change of an op's output shapes a stale entry fails with
-    "expected size 5==4 ... incorrect fake kernel". A cache folder per version of lambda_grpo/_ops.py
+    "expected size 5==4 ... incorrect fake kernel". A cache folder per version of lambda_grpo/_ops.py and _compute.py
     keeps the cache useful between runs and never stale."""
     import hashlib
     import tempfile
 
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lambda_grpo", "_ops.py")
+    pkg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lambda_grpo")
+    h = hashlib.sha256()
     try:
-        with open(src, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()[:12]
+        for name in ("_ops.py", "_compute.py"):  # the ops and their fake kernels
+            with open(os.path.join(pkg, name), "rb") as f:
+                h.update(f.read())
     except OSError:
         return
+    digest = h.hexdigest()[:12]
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"lg-inductor-{digest}"))
 
 
