@@ -186,7 +186,7 @@ def dry_plan() -> Plan:
                      "test_bad_inputs_raise_value_error or test_nonfinite_logits_give_nonfinite_loss"],
         pytest_skip=("tests/test_triton_int64.py not run: it addresses a 2^31-element (4.3 GB) buffer; "
                      "the full interpreted suite takes minutes (it runs in `make test`)"),
-        deadline_s=280, hard_limit_s=330)
+        deadline_s=340, hard_limit_s=380)
 
 
 # ------------------------------------------------------------------------------------------
