@@ -96,8 +96,8 @@ def model_rows(providers: List, V: int, dtype: str, mode: str, N: int) -> List[d
         rows.append({"design": design, "V": V, "dtype": dtype, "mode": mode, "N": N, "passes": passes,
                      "bytes_per_token": bpt, "h100_ms": bpt * N / H100_HBM_BYTES_PER_S * 1e3, "how": how})
 
-    add("ours: backend='triton'", 3.0, "lambda_grpo/kernels (SCHEDULES below): a valid row read twice, dlogits "
-        "written once, fused or two-pass")
+    add("ours: backend='triton'", 3.0, "kernel source, counted under the interpreter (bench/gpu_model.py:SCHEDULES): "
+        "a valid row read twice, dlogits written once, fused or two-pass")
     add("Liger 0.8.5 triton_grpo_loss", 3.0,
         "kernel source: fwd one online-logsumexp loop over V; bwd one loop reading logits, writing dlogits")
     add("TRL 1.16 on CUDA (selective_log_softmax -> trl/kernels/logprob_entropy.py)", 3.0,
