@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 VERL_STAMP := $(VENV)/.installed-verl
 
-.PHONY: install install-verl demo test lint bench bench-quick kernels-report compare gpu-check gpu-check-dry clean
+.PHONY: install install-verl demo test lint bench bench-quick kernels-report compare gpu-check gpu-stamp gpu-check-dry clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
@@ -51,14 +51,20 @@ bench-quick: $(STAMP)
 kernels-report: $(STAMP)
 	$(BIN)/python -m bench.kernels
 
-# NEEDS CUDA: the GPU acceptance run (docs/gpu.md), ~7 min on an H100/H200. It runs with the
-# machine's own CUDA build of torch + triton ($(GPU_PY)), not the CPU virtual environment above;
-# outputs go to bench/results/gpu-<time>/ unless GPU_CHECK_ARGS="--out DIR".
+# NEEDS CUDA: the GPU acceptance run (docs/gpu.md), at most 8 min on an H100/H200 (~3.5 min
+# modelled: python -m bench.gpu_check --estimate). It runs with the machine's own CUDA build of
+# torch + triton ($(GPU_PY)), not the CPU virtual environment above; outputs go to
+# bench/results/gpu-<time>/ unless GPU_CHECK_ARGS="--out DIR".
 GPU_PY ?= python3
 gpu-check:
 	$(GPU_PY) -m bench.gpu_check $(GPU_CHECK_ARGS)
 
-# The same code path on the CPU under the Triton interpreter, at tiny sizes (also a test).
+# Before shipping the tree to a GPU machine (which gets a stale .git): git HEAD, a dirty flag and
+# the source tree hash into bench/results/commit-under-test.json, which the run verifies and reports.
+gpu-stamp:
+	python3 -m bench.gpu_check --stamp
+
+# The same code path on the CPU under the Triton interpreter, at tiny sizes (also a test, ~2 min).
 gpu-check-dry: $(STAMP)
 	$(BIN)/python -m bench.gpu_check --dry-run
 
