@@ -71,7 +71,7 @@ def row_outputs(rp, cfg: LossConfig, has_ref: bool, per_token: bool, like: Tenso
     dlam = rp.dlam.to(dtype) if rp.dlam is not None else torch.zeros((), dtype=dtype, device=like.device)
     toks = (torch.stack([rp.per_token[k].to(dtype) for k in PER_TOKEN_KEYS]) if per_token
             else _empty(like, dtype))
-    return rp.loss.to(dtype).clone(), metrics, rp.metrics["seq_weight"].to(dtype).clone(), dlam.clone(), toks
+    return rp.loss.to(dtype), metrics, rp.metrics["seq_weight"].to(dtype), dlam, toks
 
 
 def fake_row_outputs(cfg: LossConfig, has_ref: bool, per_token: bool, like: Tensor, B: int, T: int, dtype):

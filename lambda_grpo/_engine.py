@@ -49,6 +49,12 @@ class Engine(Protocol):
         """lambda_grpo._rowmath.RowPass of (B, T) log-probs: loss, dL/dlogp, dL/dH, dL/dlam, metrics."""
 
 
+_LOADED: dict = {}
+
+
 def engine(name: str) -> Engine:
     """The engine module, imported on first use."""
-    return importlib.import_module(ENGINES[name])
+    eng = _LOADED.get(name)
+    if eng is None:
+        eng = _LOADED[name] = importlib.import_module(ENGINES[name])
+    return eng

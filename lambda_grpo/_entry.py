@@ -20,11 +20,12 @@ from ._rowmath import PER_TOKEN_KEYS
 def loss_output(loss, metrics, seq_weight, toks, cfg: LossConfig, batch: Batch, per_token: bool) -> LossOutput:
     """The LossOutput of an op's outputs: metrics by name (metric_names order), seq_weight, and
     per-token outputs in the layout of the caller's tensors ((B, T), or (N,) packed)."""
-    out = {k: metrics[i].detach() for i, k in enumerate(metric_names(cfg, batch.ref_logp is not None))}
-    out["seq_weight"] = seq_weight.detach()
+    # the op's outputs other than the loss are non-differentiable: no detach needed
+    out = dict(zip(metric_names(cfg, batch.ref_logp is not None), metrics.unbind()))
+    out["seq_weight"] = seq_weight
     tokens = None
     if per_token:
-        tokens = {k: toks[i].detach() for i, k in enumerate(PER_TOKEN_KEYS)}
+        tokens = dict(zip(PER_TOKEN_KEYS, toks.unbind()))
         if batch.packed_pos is not None:
             tokens = {k: batch.to_vocab(v) for k, v in tokens.items()}
     return LossOutput(loss, out, tokens)

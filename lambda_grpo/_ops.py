@@ -143,7 +143,7 @@ def _upstream(ctx, d: Tensor, mask: Optional[Tensor], g: Tensor) -> Tensor:
     factor = g if held is None else g / held
     d2 = d.view(-1, d.shape[-1]) if d.dim() > 1 else d.view(-1, 1)
     eng.scale_(d2, mask if mask is not None else torch.ones(d2.shape[0], dtype=torch.bool, device=d.device), factor)
-    scales[id(d)] = g.detach().clone()
+    scales[id(d)] = g  # the scale d now holds (nothing writes into g after the backward it was handed to)
     ctx.scales = scales
     return d
 

@@ -85,27 +85,29 @@ def lambda_grpo_weights_and_grad(lengths: torch.Tensor, group_size: int, lam: to
 
 
 def aggregation_weights(cfg: LossConfig, lengths: torch.Tensor, count: torch.Tensor, n_tok: torch.Tensor,
-                        n_seq: torch.Tensor, T: int, lam: Optional[torch.Tensor], group_size: int, dtype,
+                        n_seq: Optional[torch.Tensor], T: int, lam: Optional[torch.Tensor], group_size: int, dtype,
                         group_lengths: Optional[torch.Tensor] = None, group_index: Optional[torch.Tensor] = None):
-    """SPEC §5, the one copy every fast backend uses: the weight W_{i,t} = w_i of each valid
-    token of row i, f_i and df_i/dlambda / max(1, N_tok).
+    """docs/math.md §6, the one copy every fast backend uses: the weight W_{i,t} = w_i of each
+    valid token of row i, f_i and df_i/dlambda / max(1, N_tok).
 
-    lengths (B,) n_i; count: 0-d local number of valid tokens; n_tok, n_seq: 0-d normalisers
-    (global, or the local counts); T the padded length (dr_grpo's default L). lambda-GRPO's
-    groups are contiguous runs of group_size rows, or, when group_lengths (B, G) and
-    group_index (B,) are given, row i's group has the lengths group_lengths[i] and row i is
-    its member group_index[i] (rows of one group may then sit in other micro-batches or on
-    other ranks). Returns (w (B,), f (B,), df (B,) or None) in `dtype` (f, df computed in
-    float64). A row with no valid token gets w = 0: it contributes nothing, and 0 * inf cannot
-    arise (dr_grpo at T = 0).
+    lengths (B,) n_i; count: 0-d local number of valid tokens; n_tok: 0-d normaliser (global, or
+    the local count); n_seq: 0-d global number of sequences, or None for the local B; T the padded
+    length (dr_grpo's default L). lambda-GRPO's groups are contiguous runs of group_size rows, or,
+    when group_lengths (B, G) and group_index (B,) are given, row i's group has the lengths
+    group_lengths[i] and row i is its member group_index[i] (rows of one group may then sit in
+    other micro-batches or on other ranks). Returns (w (B,), f (B,), df (B,) or None) in `dtype`
+    (f, df computed in float64). w is finite for every row, an empty one included (dr_grpo's L is
+    at least 1, grpo's n_i is clamped at 1), so an empty row's sum 0 contributes exactly 0.
     """
     B = lengths.shape[0]
-    lengths = lengths.to(dtype)
-    f = torch.ones(B, dtype=dtype, device=lengths.device)
+    dev = lengths.device
+    f = torch.ones(B, dtype=dtype, device=dev)
     df = None
     agg = cfg.aggregation
+    if n_seq is None and agg in ("grpo", "dr_grpo", "seq_mean_token_sum"):
+        n_seq = torch.full((), float(B), dtype=dtype, device=dev)
     if agg == "grpo":
-        w = 1 / (n_seq * torch.clamp(lengths, min=1))
+        w = 1 / (n_seq * torch.clamp(lengths.to(dtype), min=1))
     elif agg == "bnpo":
         w = (1 / torch.clamp(count, min=1)).expand(B)
     elif agg == "dapo":
@@ -114,7 +116,7 @@ def aggregation_weights(cfg: LossConfig, lengths: torch.Tensor, count: torch.Ten
         L = cfg.max_completion_length if cfg.max_completion_length is not None else max(T, 1)
         w = (1 / (n_seq * L)).expand(B)
     elif agg == "token_sum":
-        w = torch.ones(B, dtype=dtype, device=lengths.device)
+        w = f
     elif agg == "seq_mean_token_sum":
         w = (1 / n_seq).expand(B)
     elif agg == "lambda_grpo":
@@ -131,8 +133,7 @@ def aggregation_weights(cfg: LossConfig, lengths: torch.Tensor, count: torch.Ten
         f, df, w = f64.to(dtype), (df64 * inv).to(dtype), (f64 * inv).to(dtype)
     else:  # LossConfig validates the name; this is a guard for a new aggregation added in one place only
         raise ValueError(f"aggregation: no weights for {agg!r}")
-    w = torch.where(lengths > 0, w, torch.zeros((), dtype=dtype, device=lengths.device))
-    return w, f, df
+    return w.contiguous(), f, df
 
 
 def geometric_sum(m: torch.Tensor, a: float) -> torch.Tensor:
@@ -162,24 +163,22 @@ def token_constants(batch: Batch, cfg: LossConfig, dtype) -> TokenConstants:
     """TokenConstants of a validated batch (see the class); no host sync."""
     mask = batch.mask
     B, T = mask.shape
-    dev = mask.device
-    zero = torch.zeros((), dtype=dtype, device=dev)
     lengths = mask.sum(dim=1, dtype=torch.int32)
     count = lengths.sum().to(dtype)
     n_tok = count if batch.num_tokens is None else batch.num_tokens.to(dtype)
-    n_seq = (torch.full((), float(B), dtype=dtype, device=dev) if batch.num_sequences is None
-             else batch.num_sequences.to(dtype))
-    A = torch.where(mask, batch.advantages.to(dtype), zero)
+    n_seq = None if batch.num_sequences is None else batch.num_sequences.to(dtype)
+    A = batch.advantages.to(dtype)
     if cfg.adv_clamp_min is not None:
-        A = torch.where(mask, torch.clamp(A, min=cfg.adv_clamp_min), zero)
+        A = torch.clamp(A, min=cfg.adv_clamp_min)
+    A = torch.where(mask, A, 0.0)
     w_row, seq_weight, dseq = aggregation_weights(cfg, lengths, count, n_tok, n_seq, T, batch.lam, batch.group_size,
                                                   dtype, batch.group_lengths, batch.group_index)
-    W = torch.where(mask, w_row[:, None], zero)
+    W = torch.where(mask, w_row[:, None], 0.0)
     # c_t multiplies the surrogate of token t: the weight-mode trace coefficient times the
     # per-token importance weight, whichever are present (None: both absent, c = 1)
     coef = weight_trace_coefficients(mask, cfg, dtype) if cfg.weight_trace else None
     if batch.token_weights is not None:
-        tw = torch.where(mask, batch.token_weights.to(dtype), zero)
+        tw = torch.where(mask, batch.token_weights.to(dtype), 0.0)
         coef = tw if coef is None else coef * tw
     return TokenConstants(mask, lengths, A, w_row, W, coef, count, seq_weight, dseq)
 

@@ -224,7 +224,9 @@ def _per_token(x, name: str, B: int, T: int, device, dtype, allow_seq: bool = Fa
         fail(name, "a floating dtype", x.dtype)
     if x.device != device:
         fail(name, f"device {device} (that of {what})", x.device)
-    x = x.detach().to(dtype)
+    if x.requires_grad:
+        x = x.detach()
+    x = x.to(dtype)
     if x.dim() == 1:
         x = x[:, None].expand(B, T)
     return x

@@ -31,11 +31,18 @@ def kernels_interpreted() -> bool:
     """Whether the kernels were created by the Triton interpreter. triton.jit decides once, when
     a kernel module is imported (reading TRITON_INTERPRET then), so the environment variable
     alone says nothing: it may have been set after this module was imported."""
+    return _INTERPRETED
+
+
+def _interpreted() -> bool:
     try:
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:  # a Triton without the interpreter
         return False
     return isinstance(vocab_fwd_kernel, InterpretedFunction)
+
+
+_INTERPRETED = _interpreted()
 
 
 def check_runnable(logits: torch.Tensor) -> None:
@@ -53,7 +60,17 @@ def check_runnable(logits: torch.Tensor) -> None:
 
 
 def _f32(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if x is None else x.detach().to(torch.float32).contiguous().view(-1)
+    """A flat contiguous fp32 tensor without autograd history; no op when x is one already (the
+    usual case: the row math hands over such tensors, and every op here is host time)."""
+    if x is None:
+        return None
+    if x.requires_grad:
+        x = x.detach()
+    if x.dtype != torch.float32:
+        x = x.float()
+    if x.dim() != 1 or not x.is_contiguous():
+        x = x.contiguous().view(-1)
+    return x
 
 
 def vocab_forward(logits2d, tokens, mask, tau: float, want_entropy: bool, want_lse: bool):

@@ -120,8 +120,21 @@ def _finish(out: LossOutput, batch) -> LossOutput:
     gradient through it, NaN (no host read); `out.input_errors` says which rule, when read."""
     loss = out.loss
     if batch.poison is not None:
-        loss = loss * torch.where(batch.poison, float("nan"), 1.0).to(loss.dtype)
+        nan, one = _nan_one(loss.device, loss.dtype)
+        loss = loss * torch.where(batch.poison, nan, one)
     return LossOutput(loss, out.metrics, out.per_token, batch.values)
+
+
+_CONSTANTS: dict = {}
+
+
+def _nan_one(device, dtype):
+    """0-d NaN and 1 on `device` (made once: a new constant per call is host time)."""
+    key = (device, dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = (torch.full((), float("nan"), dtype=dtype, device=device),
+                           torch.ones((), dtype=dtype, device=device))
+    return _CONSTANTS[key]
 
 
 def grpo_loss_from_logprobs(

@@ -171,6 +171,8 @@ class LossConfig:
         # A canonical string form, computed once: the torch.library ops take the config as a
         # string constant (torch.compile cannot run json.dumps while tracing).
         object.__setattr__(self, "_json", json.dumps(asdict(self), sort_keys=True))
+        given = [v for v in (self.dual_clip, self.delta) if v is not None]
+        object.__setattr__(self, "_dual_floor", min(given) if given else None)
 
     # --- derived flags (what the backends branch on) -------------------------------------
     @property
@@ -200,8 +202,7 @@ class LossConfig:
         """The c of the fast backends' floor max(s, c A) where A < 0: the dual clip, and TRL's delta,
         which is the same rule (capping the unclipped ratio at delta > 1 + eps_high changes s only
         where A < 0 and rho > delta, to delta A: the dual clip at c = delta); both given, the smaller."""
-        given = [v for v in (self.dual_clip, self.delta) if v is not None]
-        return min(given) if given else None
+        return self._dual_floor
 
     @property
     def uses_lambda(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -11,7 +12,12 @@ SCALAR_METRICS = ("clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean")
 
 
 def metric_names(cfg, has_ref: bool, with_seq_weight: bool = False) -> List[str]:
-    """The metric keys a loss with config `cfg` reports (SPEC §6), in a fixed order."""
+    """The metric keys a loss with config `cfg` reports (docs/math.md §8), in a fixed order."""
+    return list(_metric_names(cfg.to_json(), cfg, has_ref, with_seq_weight))
+
+
+@lru_cache(maxsize=128)
+def _metric_names(key: str, cfg, has_ref: bool, with_seq_weight: bool) -> tuple:
     names = list(SCALAR_METRICS)
     if has_ref:
         names.append("kl_mean")
@@ -23,7 +29,7 @@ def metric_names(cfg, has_ref: bool, with_seq_weight: bool = False) -> List[str]
         names.append("lambda")
     if with_seq_weight:
         names.append("seq_weight")
-    return names
+    return tuple(names)
 
 
 @dataclass
