@@ -1,4 +1,4 @@
-# Every target sets up its own virtual environment on first use (SPEC §10 install order:
+# Every target sets up its own virtual environment on first use (the install order:
 # the CPU torch wheel first, then the rest, then the packages that must not pull their deps).
 PY ?= python3
 VENV ?= .venv

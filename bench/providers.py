@@ -4,7 +4,7 @@ A provider turns a case's inputs into a `Runner`: `forward()` returns the 0-d lo
 runs autograd, and `leaves` are the tensors whose gradients are compared and freed between calls.
 `skip_reason(case, device)` says, in one printed sentence, why a provider cannot run somewhere.
 
-All providers of the "logits" task compute the SPEC §4-§5 loss of the case's mode from the very
+All providers of the "logits" task compute the docs/math.md §2-§5 loss of the case's mode from the very
 same (B, T, V) logits; those of the "hidden" task start from hidden states and the LM-head weight
 and therefore include the LM-head matmul (forward and both backward matmuls).
 """

@@ -45,8 +45,10 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _compute as C
-from ._batch import PART
+from ._compute import (config_from_str, flags_from_str, linear_logprobs_backward_, linear_logprobs_forward,
+                       linear_loss_forward, linear_loss_forward_fake, logprobs_backward, logprobs_forward,
+                       loss_forward, loss_forward_fake, rows_forward, rows_forward_fake, two_pass_grad)
+from ._batch import PART, compute_dtype
 from ._engine import engine
 
 
@@ -82,17 +84,17 @@ def _doors(op, body, setup_context, backward):
 @torch.library.custom_op("lambda_grpo::loss_fwd", mutates_args=())
 def loss_fwd_op(logits: Tensor, parts: List[Optional[Tensor]], lam: Optional[Tensor], config: str, engine: str,
                 flags: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return C.loss_forward(logits, parts, lam, config, engine, flags)
+    return loss_forward(logits, parts, lam, config, engine, flags)
 
 
-loss_fwd_op.register_fake(C.loss_forward_fake)
+loss_fwd_op.register_fake(loss_forward_fake)
 
 
 @torch.library.custom_op("lambda_grpo::loss_bwd", mutates_args=())
 def loss_bwd(logits: Tensor, tokens: Tensor, mask: Tensor, rows: Tensor, grad_loss: Tensor, config: str,
              engine: str) -> Tensor:
     """The two-pass backward: dL/dlogits (B, T, V) = g * (softmax VJP of the saved coefficients)."""
-    return C.two_pass_grad(logits, tokens, mask, rows, grad_loss, config, engine, None)
+    return two_pass_grad(logits, tokens, mask, rows, grad_loss, config, engine, None)
 
 
 @loss_bwd.register_fake
@@ -106,12 +108,12 @@ def loss_bwd_inplace(logits: Tensor, tokens: Tensor, mask: Tensor, rows: Tensor,
     """loss_bwd written over the logits (inplace_backward=True, eager only)."""
     if not logits.is_contiguous():
         raise ValueError("logits: expected a contiguous tensor for inplace_backward=True")
-    C.two_pass_grad(logits, tokens, mask, rows, grad_loss, config, engine, logits.view(-1, logits.shape[-1]))
+    two_pass_grad(logits, tokens, mask, rows, grad_loss, config, engine, logits.view(-1, logits.shape[-1]))
 
 
 def _loss_setup(ctx, inputs, output):
     logits, parts, lam, config, eng, flags = inputs
-    cfg, f = C.config_from_str(config), C.flags_from_str(flags)
+    cfg, f = config_from_str(config), flags_from_str(flags)
     # Only the loss carries a gradient. set_materialize_grads(False): the backward reads only the
     # loss's gradient; otherwise autograd hands it a zero tensor for every other output, among
     # them `grad`: a new (B, T, V) buffer of zeros in every fused backward (measured: a second
@@ -187,7 +189,7 @@ def _loss_backward(ctx, g_loss, *unused):
     return dlogits, None, _lam_grad(ctx, g_loss, dlam, 2), None, None, None
 
 
-loss_fwd = _doors(loss_fwd_op, C.loss_forward, _loss_setup, _loss_backward)
+loss_fwd = _doors(loss_fwd_op, loss_forward, _loss_setup, _loss_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,10 +198,10 @@ loss_fwd = _doors(loss_fwd_op, C.loss_forward, _loss_setup, _loss_backward)
 @torch.library.custom_op("lambda_grpo::rows_fwd", mutates_args=())
 def rows_fwd_op(logp: Tensor, entropy: Optional[Tensor], parts: List[Optional[Tensor]], lam: Optional[Tensor],
                 config: str, flags: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return C.rows_forward(logp, entropy, parts, lam, config, flags)
+    return rows_forward(logp, entropy, parts, lam, config, flags)
 
 
-rows_fwd_op.register_fake(C.rows_forward_fake)
+rows_fwd_op.register_fake(rows_forward_fake)
 
 
 def _rows_setup(ctx, inputs, output):
@@ -227,7 +229,7 @@ def _rows_backward(ctx, g_loss, *unused):
     return d_logp, d_ent, None, _lam_grad(ctx, g_loss, dlam, 3), None, None
 
 
-rows_fwd = _doors(rows_fwd_op, C.rows_forward, _rows_setup, _rows_backward)
+rows_fwd = _doors(rows_fwd_op, rows_forward, _rows_setup, _rows_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,10 +239,10 @@ rows_fwd = _doors(rows_fwd_op, C.rows_forward, _rows_setup, _rows_backward)
 def linear_fwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], parts: List[Optional[Tensor]],
                   lam: Optional[Tensor], config: str, engine: str, flags: str
                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return C.linear_loss_forward(hidden, weight, bias, parts, lam, config, engine, flags)
+    return linear_loss_forward(hidden, weight, bias, parts, lam, config, engine, flags)
 
 
-linear_fwd_op.register_fake(C.linear_loss_forward_fake)
+linear_fwd_op.register_fake(linear_loss_forward_fake)
 
 
 def _linear_setup(ctx, inputs, output):
@@ -265,7 +267,7 @@ def _linear_backward(ctx, g_loss, *unused):
     return d_h, d_w, d_b, None, _lam_grad(ctx, g_loss, dlam, 4), None, None, None
 
 
-linear_fwd = _doors(linear_fwd_op, C.linear_loss_forward, _linear_setup, _linear_backward)
+linear_fwd = _doors(linear_fwd_op, linear_loss_forward, _linear_setup, _linear_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,20 +275,20 @@ linear_fwd = _doors(linear_fwd_op, C.linear_loss_forward, _linear_setup, _linear
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("lambda_grpo::logprobs_fwd", mutates_args=())
 def logprobs_fwd_op(logits: Tensor, tokens: Tensor, temperature: float, engine: str) -> Tuple[Tensor, Tensor]:
-    return C.logprobs_forward(logits, tokens, temperature, engine)
+    return logprobs_forward(logits, tokens, temperature, engine)
 
 
 @logprobs_fwd_op.register_fake
 def _(logits, tokens, temperature, engine):
     B, T, V = logits.shape
-    dtype = C.compute_dtype(logits.dtype)
+    dtype = compute_dtype(logits.dtype)
     return logits.new_empty(B, T, dtype=dtype), logits.new_empty(2, B * T, dtype=dtype)
 
 
 @torch.library.custom_op("lambda_grpo::logprobs_bwd", mutates_args=())
 def logprobs_bwd(logits: Tensor, tokens: Tensor, lse: Tensor, grad: Tensor, temperature: float,
                  engine: str) -> Tensor:
-    return C.logprobs_backward(logits, tokens, lse, grad, temperature, engine)
+    return logprobs_backward(logits, tokens, lse, grad, temperature, engine)
 
 
 @logprobs_bwd.register_fake
@@ -309,20 +311,20 @@ def _lp_backward(ctx, g_logp, g_lse):
     return d, None, None, None
 
 
-logprobs_fwd = _doors(logprobs_fwd_op, C.logprobs_forward, _lp_setup, _lp_backward)
+logprobs_fwd = _doors(logprobs_fwd_op, logprobs_forward, _lp_setup, _lp_backward)
 
 
 @torch.library.custom_op("lambda_grpo::linear_logprobs_fwd", mutates_args=())
 def linear_logprobs_fwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor, temperature: float,
                            want_entropy: bool, engine: str) -> Tuple[Tensor, Tensor, Tensor]:
     """(logp (B, T), entropy (B, T) or empty, lse (2, B*T) = [max, log sum])."""
-    return C.linear_logprobs_forward(hidden, weight, bias, tokens, temperature, want_entropy, engine)
+    return linear_logprobs_forward(hidden, weight, bias, tokens, temperature, want_entropy, engine)
 
 
 @linear_logprobs_fwd_op.register_fake
 def _(hidden, weight, bias, tokens, temperature, want_entropy, engine):
     B, T, _ = hidden.shape
-    dtype = C.compute_dtype(hidden.dtype)
+    dtype = compute_dtype(hidden.dtype)
     ent = hidden.new_empty(B, T, dtype=dtype) if want_entropy else hidden.new_empty(0, dtype=dtype)
     return hidden.new_empty(B, T, dtype=dtype), ent, hidden.new_empty(2, B * T, dtype=dtype)
 
@@ -331,7 +333,7 @@ def _(hidden, weight, bias, tokens, temperature, want_entropy, engine):
 def linear_logprobs_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor, lse: Tensor,
                         ent: Tensor, g_logp: Tensor, g_ent: Optional[Tensor], temperature: float, engine: str
                         ) -> Tuple[Tensor, Tensor, Tensor]:
-    return C.linear_logprobs_backward_(hidden, weight, bias, tokens, lse, ent, g_logp, g_ent, temperature, engine)
+    return linear_logprobs_backward_(hidden, weight, bias, tokens, lse, ent, g_logp, g_ent, temperature, engine)
 
 
 @linear_logprobs_bwd.register_fake
@@ -361,4 +363,4 @@ def _llp_backward(ctx, g_logp, g_ent, g_lse):
             db if (ctx.has_bias and ctx.needs_input_grad[2]) else None, None, None, None, None)
 
 
-linear_logprobs_fwd = _doors(linear_logprobs_fwd_op, C.linear_logprobs_forward, _llp_setup, _llp_backward)
+linear_logprobs_fwd = _doors(linear_logprobs_fwd_op, linear_logprobs_forward, _llp_setup, _llp_backward)

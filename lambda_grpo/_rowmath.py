@@ -3,7 +3,7 @@
 Everything here is O(B * T) (plus O(B * T * block) for the blocked trace scans); nothing touches
 the vocabulary. Given the per-token log-probs (and entropies) it returns the loss, the metrics,
 d(loss)/d(logp), d(loss)/d(H) and d(loss)/d(lambda) in closed form, without autograd. The
-reference backend (autograd over SPEC formulas) is the truth these are tested against.
+reference backend (autograd over the formulas of docs/math.md) is the truth these are tested against.
 
 Layout conventions: (B, T) tensors in the compute dtype (fp32, or float64 for float64 logits);
 masked positions carry zeros. Trace scans run over the *valid-token ordinals* of each row, so
@@ -50,7 +50,7 @@ class TokenConstants:
 
 
 def lambda_grpo_weights_and_grad(lengths: torch.Tensor, group_size: int, lam: torch.Tensor, r: float):
-    """f = G softmax(h^lam) per group and df/dlam in closed form, all in float64 (SPEC §5).
+    """f = G softmax(h^lam) per group and df/dlam in closed form, all in float64 (docs/math.md §5).
 
     df_i/dlam = f_i (v_i ln h_i - sum_j p_j v_j ln h_j), v = h^lam, p = softmax(v).
     lengths: (B,) float64; lam: 0-d float64. Returns two (B,) float64 tensors.
@@ -263,7 +263,7 @@ def _shift_gather(v: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def trace_forward(x: torch.Tensor, mask: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
-    """Ratio mode z_t = sum_{k<=t} w(t, k) x_k (SPEC §4), (B, T) -> (B, T), zeros at holes.
+    """Ratio mode z_t = sum_{k<=t} w(t, k) x_k (docs/math.md §3), (B, T) -> (B, T), zeros at holes.
 
     recent: z = R.  both: z_t = P_{m-1} + R_t - a^(t-m+1) R_{m-1}, m = ceil(t/2),
     with R_t = x_t + a R_{t-1} and P_t = P_{t-1} + a^t x_t.

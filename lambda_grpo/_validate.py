@@ -25,7 +25,7 @@ import contextlib
 import math
 import numbers
 import os
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import torch
 
@@ -36,7 +36,6 @@ from ._packed import PACKED_HINT, unpack_inputs
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 BACKENDS = ("auto", "reference", "torch", "triton")
 
-Scalar = Union[int, float, torch.Tensor, None]
 
 
 def fail(name: str, expected: str, actual) -> None:
@@ -275,7 +274,7 @@ def validate(
     token_weights=None,
     cu_seqlens=None,
 ) -> Batch:
-    """Check every SPEC §8 rule for the entry points from logits and return normalised inputs.
+    """Check every docs/math.md §10 rule for the entry points from logits and return normalised inputs.
     With cu_seqlens (packed inputs): logits (N, V), every per-token input (N,); the Batch holds the
     (B, T_max) row layout of the per-token tensors and `packed_pos` (lambda_grpo/_packed.py)."""
     if not isinstance(config, LossConfig):

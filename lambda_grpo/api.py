@@ -1,4 +1,4 @@
-"""Public functional API and the nn.Module (SPEC §7)."""
+"""Public functional API and the nn.Module (docs/math.md §13)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ Number = Union[int, float, torch.Tensor, None]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto" is triton on CUDA and torch elsewhere (SPEC §7)."""
+    """"auto" is triton on CUDA and torch elsewhere (docs/math.md §13)."""
     check_backend(backend)
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
@@ -36,19 +36,24 @@ def grpo_loss(
     old_logp: Optional[torch.Tensor] = None,
     ref_logp: Optional[torch.Tensor] = None,
     lam: Optional[torch.Tensor] = None,
+    *,
     config: Optional[LossConfig] = None,
     num_tokens: Number = None,
     num_sequences: Number = None,
     backend: str = "auto",
     inplace_backward: bool = False,
     return_per_token: bool = False,
-    *,
     group_lengths: Optional[torch.Tensor] = None,
     group_index: Optional[torch.Tensor] = None,
     token_weights: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
 ) -> LossOutput:
-    """The GRPO-family loss from policy logits (SPEC §3-§6).
+    """The GRPO-family loss from policy logits (docs/math.md).
+
+    The three loss functions share one argument order: the primary input(s) (here logits;
+    logp; hidden, weight), tokens where the entry point takes them, mask, advantages,
+    group_size, old_logp, ref_logp, lam, positional or by keyword; everything else (config,
+    normalisers, backend, flags, group and packing tensors) is keyword-only.
 
     Args:
       logits: (B, T, V) fp32/bf16/fp16/fp64, *aligned*: logits[b, t] scores tokens[b, t]. A causal
@@ -142,11 +147,11 @@ def grpo_loss_from_logprobs(
     mask: torch.Tensor,
     advantages: torch.Tensor,
     group_size: int,
-    *,
     old_logp: Optional[torch.Tensor] = None,
     ref_logp: Optional[torch.Tensor] = None,
-    entropy: Optional[torch.Tensor] = None,
     lam: Optional[torch.Tensor] = None,
+    *,
+    entropy: Optional[torch.Tensor] = None,
     config: Optional[LossConfig] = None,
     num_tokens: Number = None,
     num_sequences: Number = None,
@@ -192,11 +197,11 @@ def fused_linear_grpo_loss(
     mask: torch.Tensor,
     advantages: torch.Tensor,
     group_size: int,
-    *,
-    bias: Optional[torch.Tensor] = None,
     old_logp: Optional[torch.Tensor] = None,
     ref_logp: Optional[torch.Tensor] = None,
     lam: Optional[torch.Tensor] = None,
+    *,
+    bias: Optional[torch.Tensor] = None,
     config: Optional[LossConfig] = None,
     num_tokens: Number = None,
     num_sequences: Number = None,
@@ -326,8 +331,8 @@ class GRPOLoss(nn.Module):
         else:
             self.lam = None
 
-    def forward(self, logits, tokens, mask, advantages, group_size, old_logp=None, ref_logp=None,
-                num_tokens=None, num_sequences=None, return_per_token: bool = False, *, group_lengths=None,
+    def forward(self, logits, tokens, mask, advantages, group_size, old_logp=None, ref_logp=None, *,
+                num_tokens=None, num_sequences=None, return_per_token: bool = False, group_lengths=None,
                 group_index=None, token_weights=None, cu_seqlens=None) -> LossOutput:
         """:func:`grpo_loss` with this module's config, backend and lam (cu_seqlens: packed inputs)."""
         return grpo_loss(logits, tokens, mask, advantages, group_size=group_size, old_logp=old_logp,
@@ -337,20 +342,23 @@ class GRPOLoss(nn.Module):
                          group_lengths=group_lengths, group_index=group_index, token_weights=token_weights,
                          cu_seqlens=cu_seqlens)
 
-    def forward_hidden(self, hidden, weight, tokens, mask, advantages, group_size, bias=None, **kwargs) -> LossOutput:
+    def forward_hidden(self, hidden, weight, tokens, mask, advantages, group_size, old_logp=None, ref_logp=None,
+                       **kwargs) -> LossOutput:
         """:func:`fused_linear_grpo_loss` with this module's config, backend and lam."""
         for k in ("lam", "config", "backend"):
             if k in kwargs:
                 fail(k, "not given (GRPOLoss owns it)", "a value")
-        return fused_linear_grpo_loss(hidden, weight, tokens, mask, advantages, group_size, bias=bias, lam=self.lam,
-                                      config=self.config, backend=self.backend, **kwargs)
+        return fused_linear_grpo_loss(hidden, weight, tokens, mask, advantages, group_size, old_logp, ref_logp,
+                                      self.lam, config=self.config, backend=self.backend, **kwargs)
 
-    def forward_logprobs(self, logp, mask, advantages, group_size, **kwargs) -> LossOutput:
+    def forward_logprobs(self, logp, mask, advantages, group_size, old_logp=None, ref_logp=None,
+                         **kwargs) -> LossOutput:
         """:func:`grpo_loss_from_logprobs` with this module's config and lam (same keywords)."""
         for k in ("lam", "config"):
             if k in kwargs:
                 fail(k, "not given (GRPOLoss owns it)", "a value")
-        return grpo_loss_from_logprobs(logp, mask, advantages, group_size, lam=self.lam, config=self.config, **kwargs)
+        return grpo_loss_from_logprobs(logp, mask, advantages, group_size, old_logp, ref_logp, self.lam,
+                                       config=self.config, **kwargs)
 
     def extra_repr(self) -> str:
         return f"config={self.config}, backend={self.backend!r}, inplace_backward={self.inplace_backward}"

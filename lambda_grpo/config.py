@@ -1,4 +1,4 @@
-"""`LossConfig`: the frozen, validated description of one GRPO-family loss (SPEC §4-§5)."""
+"""`LossConfig`: the frozen, validated description of one GRPO-family loss (docs/math.md §2-§5)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 TRACE_STYLES = (None, "recent", "both")
 TRACE_MODES = ("ratio", "weight")
 
-# Fixed constants of the math (SPEC §4-§5). They are not config fields because the spec
+# Fixed constants of the math (docs/math.md §2-§5). They are not config fields because the spec
 # fixes them; they live here so that every backend reads the same numbers.
 LOG_RATIO_CLAMP = 20.0  # rho = exp(clamp(z, -20, 20))
 LENGTH_SIGMA_MIN = 1e-6  # sigma_g below this: z_i = 0 (all lengths equal)
@@ -33,8 +33,8 @@ def _fail(name: str, expected: str, actual) -> None:
 class LossConfig:
     """Hyper-parameters of the GRPO-family loss. Frozen and validated on construction.
 
-    Fields (SPEC §4-§7):
-      aggregation: one of "grpo", "bnpo", "dapo", "dr_grpo", "lambda_grpo" (SPEC §5).
+    Fields (docs/math.md §2-§8, §13):
+      aggregation: one of "grpo", "bnpo", "dapo", "dr_grpo", "lambda_grpo" (docs/math.md §5).
       eps_low, eps_high: PPO clip range [1 - eps_low, 1 + eps_high], both >= 0.
       dual_clip: c > 1 enables dual clipping for A < 0 (s = max(s, c*A)); None disables it.
       beta: KL coefficient (>= 0); beta > 0 needs ref_logp.
@@ -67,7 +67,7 @@ class LossConfig:
         detached weight per row, w = exp(clamp(sum_t clamp(x_t, +-20), ln 1e-8, 20)) the row's
         sequence ratio, (k, l) = (vespo_k_pos, vespo_lambda_pos) where A >= 0, else the _neg
         pair, l floored at 1e-4 (TRL's defaults k 2/3, lambda 3/2).
-    Aggregations beyond SPEC §5: "token_sum" (W = 1, verl's token-sum) and "seq_mean_token_sum"
+    Aggregations beyond docs/math.md §4: "token_sum" (W = 1, verl's token-sum) and "seq_mean_token_sum"
     (W = 1 / N_seq, verl's seq-mean-token-sum; TRL's luspo with the clip surrogate).
     """
 

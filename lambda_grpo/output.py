@@ -36,7 +36,7 @@ def _metric_names(key: str, cfg, has_ref: bool, with_seq_weight: bool) -> tuple:
 class LossOutput:
     """`loss`: 0-d tensor (fp32; float64 for float64 logits), differentiable w.r.t. logits and lam.
 
-    `metrics`: detached tensors computed without a host sync (SPEC §6): 0-d means over the
+    `metrics`: detached tensors computed without a host sync (docs/math.md §8): 0-d means over the
     valid tokens of the local batch (`clip_frac_low`, `clip_frac_high`, `clip_frac`,
     `ratio_mean`, `kl_mean` when ref_logp is given, `entropy_mean` when entropy is computed,
     `lambda` for lambda_grpo, `phi_mean` (VESPO's weight phi) for surrogate="vespo") and

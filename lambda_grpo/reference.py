@@ -1,8 +1,8 @@
-"""The reference backend: SPEC §4-§6 in plain torch, line by line. The source of truth.
+"""The reference backend: docs/math.md §2-§8 in plain torch, line by line. The source of truth.
 
 Nothing here is optimised. Autograd produces every gradient, d(lambda) included. All math
 runs in `dtype` (float64 by default) whatever the dtype of the logits; the loss and metrics
-are returned in the SPEC output dtype (fp32, or float64 for float64 logits). Tests compare
+are returned in the output dtype of docs/math.md §8 (fp32, or float64 for float64 logits). Tests compare
 every other backend with this module, and measure "plain torch in the logits' dtype" by
 calling it with `dtype=torch.float32`.
 """
@@ -18,7 +18,7 @@ from ._batch import Batch, compute_dtype
 
 
 def trace_weight_matrix(n: int, a: float, style: str, dtype, device) -> torch.Tensor:
-    """(n, n) matrix w[t, k] of SPEC §4 over valid-token ordinals; zero above the diagonal."""
+    """(n, n) matrix w[t, k] of docs/math.md §3 over valid-token ordinals; zero above the diagonal."""
     t = torch.arange(n, device=device)[:, None]
     k = torch.arange(n, device=device)[None, :]
     if style == "recent":
@@ -52,7 +52,7 @@ def trace_coefficients(mask: torch.Tensor, cfg: LossConfig, dtype) -> torch.Tens
 
 
 def lambda_grpo_weights(lengths: torch.Tensor, group_size: int, lam: torch.Tensor, r: float) -> torch.Tensor:
-    """f_i = G * softmax_{j in group}(h_j ** lam)_i with h from standardised lengths (SPEC §5).
+    """f_i = G * softmax_{j in group}(h_j ** lam)_i with h from standardised lengths (docs/math.md §5).
 
     lengths: (B,) float64 counts n_i. lam: 0-d float64 (differentiable). Returns (B,) float64.
 
@@ -102,7 +102,7 @@ def reference_vocab(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tens
 
 
 def reference_loss(batch: Batch, cfg: LossConfig, dtype=torch.float64, per_token: bool = False) -> LossOutput:
-    """SPEC §4-§6 for a validated batch from logits; `dtype` is the dtype of all the math."""
+    """docs/math.md §2-§8 for a validated batch from logits; `dtype` is the dtype of all the math."""
     logp, entropy = reference_vocab(batch.logits, batch.tokens, batch.mask, cfg.temperature, cfg.needs_entropy, dtype)
     return reference_rows(logp, entropy, batch, cfg, compute_dtype(batch.logits.dtype), dtype, per_token)
 
@@ -121,7 +121,7 @@ def reference_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias, batc
 
 def reference_rows(logp: torch.Tensor, entropy, batch: Batch, cfg: LossConfig, out_dtype, dtype=torch.float64,
                    per_token: bool = False) -> LossOutput:
-    """SPEC §4-§6 from per-token logp (B, T) (and entropy H (B, T) or None), differentiable in
+    """docs/math.md §2-§8 from per-token logp (B, T) (and entropy H (B, T) or None), differentiable in
     both: everything after the vocabulary. Results in `out_dtype`, math in `dtype`."""
     mask = batch.mask
     B, T = mask.shape

@@ -3,7 +3,7 @@
 Tolerance rule (DEVELOPERS.md), element by element: each element of a backend's result may be
 at most FACTOR x as far from the float64 truth as plain PyTorch in the same dtype, plus a small
 per-dtype atol and a few units of fp32 roundoff of the element's own size. "Plain PyTorch in the
-same dtype" is the reference backend run with fp32 math (SPEC §4: per-token math is fp32 for
+same dtype" is the reference backend run with fp32 math (docs/math.md §2: per-token math is fp32 for
 fp32/bf16/fp16 logits) on the very same input tensors, gradients landing in the logits' dtype
 exactly as the backend's do. The truth is the reference in float64 on the same values.
 

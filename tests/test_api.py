@@ -1,4 +1,4 @@
-"""Public API behaviour (SPEC §6-§7): token_logprobs, group_advantages, GRPOLoss, LossOutput."""
+"""Public API behaviour (docs/math.md §8, §13): token_logprobs, group_advantages, GRPOLoss, LossOutput."""
 
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def test_module_explicit_normalisers_and_default_backend():
 
 
 # --------------------------------------------------------------------------------------------
-# LossOutput and metrics (SPEC §6)
+# LossOutput and metrics (docs/math.md §8)
 # --------------------------------------------------------------------------------------------
 
 

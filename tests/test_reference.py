@@ -1,6 +1,6 @@
 """The reference backend is the source of truth, so it is checked here against things that are
-not itself: hand-computed numbers, the SPEC §4 recurrences written as plain loops, an
-independent numpy transcription of SPEC §4-§6 (finite differences for its gradients), and
+not itself: hand-computed numbers, the docs/math.md §3 recurrences written as plain loops, an
+independent numpy transcription of docs/math.md §2-§8 (finite differences for its gradients), and
 torch.autograd.gradcheck of the reference in float64.
 """
 
@@ -27,7 +27,7 @@ AGGS = ("grpo", "bnpo", "dapo", "dr_grpo", "lambda_grpo")
 
 
 # --------------------------------------------------------------------------------------------
-# An independent transcription of SPEC §4-§6 in numpy / python loops. It shares no code with
+# An independent transcription of docs/math.md §2-§8 in numpy / python loops. It shares no code with
 # lambda_grpo: trace weights come straight from the w(t, k) definitions, lengths statistics
 # from numpy, the softmax over the group by hand.
 # --------------------------------------------------------------------------------------------
@@ -40,7 +40,7 @@ def _w(t: int, k: int, a: float, style: str) -> float:
 
 
 def spec_lambda_weights(lengths, G: int, lam: float, r: float = 1 / 9, with_scale: bool = False):
-    """f_i and df_i/dlam of SPEC §5 (closed form), numpy float64.
+    """f_i and df_i/dlam of docs/math.md §5 (closed form), numpy float64.
 
     with_scale: also return the magnitude of the terms that cancel in df_i/dlam (a rounding scale)."""
     n = np.asarray(lengths, dtype=np.float64).reshape(-1, G)
@@ -66,7 +66,7 @@ def spec_lambda_weights(lengths, G: int, lam: float, r: float = 1 / 9, with_scal
 
 def spec_loss(inputs: dict, cfg: lg.LossConfig, lam: float = 0.0, logits=None, old=None,
               num_tokens=None, num_sequences=None):
-    """(loss, metrics) of SPEC §4-§6 in numpy float64. `old` overrides inputs['old_logp']."""
+    """(loss, metrics) of docs/math.md §2-§8 in numpy float64. `old` overrides inputs['old_logp']."""
     L = inputs["logits"] if logits is None else logits
     L = L.detach().double().numpy() if isinstance(L, torch.Tensor) else np.asarray(L, dtype=np.float64)
     B, T, V = L.shape
@@ -166,7 +166,7 @@ def ref_run(inputs: dict, cfg: lg.LossConfig, lam=None, **kw):
 
 
 # --------------------------------------------------------------------------------------------
-# Trace weights by hand (SPEC §4)
+# Trace weights by hand (docs/math.md §3)
 # --------------------------------------------------------------------------------------------
 
 
@@ -205,7 +205,7 @@ def test_traced_log_ratio_skips_holes_by_hand():
 
 
 # --------------------------------------------------------------------------------------------
-# SPEC §4 O(n) recurrences as plain loops vs the reference's z and its autograd gradient
+# docs/math.md §3 O(n) recurrences as plain loops vs the reference's z and its autograd gradient
 # --------------------------------------------------------------------------------------------
 
 
@@ -270,7 +270,7 @@ def test_spec_recurrences_match_reference_trace(style, a):
 
 
 # --------------------------------------------------------------------------------------------
-# lambda-GRPO weights (SPEC §5): by hand, numpy, closed-form dlam, finite differences
+# lambda-GRPO weights (docs/math.md §5): by hand, numpy, closed-form dlam, finite differences
 # --------------------------------------------------------------------------------------------
 
 
@@ -303,7 +303,7 @@ def test_lambda_weights_and_dlam_match_numpy_closed_form(G, groups, lam, r, seed
     want_f, want_df, scale = spec_lambda_weights(lengths, G, lam, r, with_scale=True)
     np.testing.assert_allclose(f.detach().numpy(), want_f, rtol=1e-10, atol=1e-12)
     assert np.allclose(want_f.reshape(-1, G).sum(1), G)
-    # d(sum_i c_i f_i)/dlam by autograd vs the SPEC closed form
+    # d(sum_i c_i f_i)/dlam by autograd vs the closed form of docs/math.md §5
     c = rng.normal(size=G * groups)
     (dl,) = torch.autograd.grad((f * torch.tensor(c)).sum(), lam_t)
     np.testing.assert_allclose(float(dl), float((c * want_df).sum()), rtol=1e-10,
@@ -346,7 +346,7 @@ def test_loss_dlam_matches_spec_formula():
 
 
 # --------------------------------------------------------------------------------------------
-# Clip and dual clip by hand (SPEC §4)
+# Clip and dual clip by hand (docs/math.md §2)
 # --------------------------------------------------------------------------------------------
 
 

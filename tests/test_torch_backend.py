@@ -1,5 +1,5 @@
 """backend="torch" against the float64 reference (tests/_compare.py tolerance rule), and the
-invariants of SPEC §3-§6 checked on both backends.
+invariants of docs/math.md §1-§8 checked on both backends.
 
 Shape grid (B, T, V, G) and why each shape is there:
 - (4, 7, 13, 2): the generic case; V = 13 is prime, not a multiple of any block or vector width.
@@ -164,7 +164,7 @@ def test_masked_tokens_get_exactly_zero_gradient(backend, dtype, cfg):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("trace", [None, "both"])
 def test_masked_positions_ignore_garbage_tokens(backend, trace):
-    # token ids out of [0, V) where mask = 0 are never read (SPEC §8: no out-of-bounds read)
+    # token ids out of [0, V) where mask = 0 are never read (docs/math.md §10: no out-of-bounds read)
     cfg = lg.LossConfig(aggregation="lambda_grpo", beta=0.1, trace=trace, entropy_coef=0.01)
     inp = make_batch(B=4, T=6, V=11, G=2, dtype=torch.float32, seed=4, mask="holes", per_token_adv=True)
     hole = ~inp["mask"]
@@ -181,7 +181,7 @@ def test_masked_positions_ignore_garbage_tokens(backend, trace):
 @pytest.mark.parametrize("name", ["old_logp", "ref_logp", "advantages"])
 @pytest.mark.parametrize("trace", [None, "both"])
 def test_masked_positions_ignore_non_finite_inputs(backend, name, trace):
-    # SPEC §3: masked positions take no part in anything. Padding of old/ref/advantages may hold
+    # docs/math.md §1: masked positions take no part in anything. Padding of old/ref/advantages may hold
     # anything (nan, -inf from a padded log-prob); neither the loss nor any gradient may see it.
     cfg = lg.LossConfig(aggregation="lambda_grpo", beta=0.1, trace=trace, entropy_coef=0.01)
     inp = make_batch(B=4, T=6, V=11, G=2, dtype=torch.float32, seed=4, mask="holes", per_token_adv=True)

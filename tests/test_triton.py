@@ -1,4 +1,4 @@
-"""backend="triton" against the float64 reference, under TRITON_INTERPRET=1 on CPU (SPEC §9).
+"""backend="triton" against the float64 reference, under TRITON_INTERPRET=1 on CPU (docs/kernels.md).
 
 Every check goes through tests/_compare.py's tolerance rule: at most 2x as far from the
 float64 truth as plain torch (the reference in fp32) on the same inputs, plus a small atol.

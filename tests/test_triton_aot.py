@@ -1,5 +1,5 @@
 """The kernels compile for real GPUs: every specialisation the launchers can pick, to cubin for
-sm_80 and sm_90, with `ptxas -v` register/spill counts (SPEC §9).
+sm_80 and sm_90, with `ptxas -v` register/spill counts (docs/kernels.md).
 
 Runs `python -m lambda_grpo.kernels._aot` in a subprocess WITHOUT TRITON_INTERPRET: under the
 interpreter `@triton.jit` yields interpreted functions that cannot be compiled. Slow on a

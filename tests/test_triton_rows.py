@@ -296,7 +296,7 @@ class Computed:
         """Float64 sizes that a rounding error of each output is proportional to: the magnitudes
         of the terms each value adds (|terms| of a sum, not its possibly cancelled result).
 
-        x = logp - old, d = ref - logp, E = exp(d). A traced z adds trace(|x|) (the SPEC §4
+        x = logp - old, d = ref - logp, E = exp(d). A traced z adds trace(|x|) (the docs/math.md §3
         weights over |x|), so rho is known to rho (1 + trace(|x|)) ulps; the surrogate adds at
         most |c A| (rho + 1 + eps_high + dual); the k3 KL adds E, |d| and 1, its derivative E
         and 1; dL/dlogp adds w beta |dkl| and w |ds|, the latter through the trace adjoint when
@@ -645,7 +645,7 @@ def test_fast_scan_matches_interpreter_scan(small_blocks):
 
 
 # --------------------------------------------------------------------------------------------
-# Non-finite values: a NaN log-prob; beta = 0 with an overflowing KL (SPEC §4: the KL enters
+# Non-finite values: a NaN log-prob; beta = 0 with an overflowing KL (docs/math.md §2: the KL enters
 # the loss only through beta kl_t)
 # --------------------------------------------------------------------------------------------
 def _collapsed_token_rows():
@@ -700,3 +700,22 @@ def test_beta0_overflowing_kl_fused_vocab_path():
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isinf(out.metrics["kl_mean"])
     assert torch.isfinite(x.grad).all(), "dlogits of the fused vocab kernel"
+
+
+def test_kernel_codes_come_from_one_table():
+    """The kernels' integer codes (lambda_grpo/kernels/_config.py) cover every name LossConfig
+    accepts, and a name without a code is refused at launch with a ValueError naming the argument,
+    never run as another surrogate (issue 17 point 5)."""
+    from lambda_grpo.config import KL_ESTIMATORS, SURROGATES, TRACE_STYLES
+    from lambda_grpo.kernels import _config
+
+    assert set(_config.SURROGATE_CODES) == set(SURROGATES)
+    assert set(_config.KL_CODES) == set(KL_ESTIMATORS)
+    assert set(_config.TRACE_CODES) == set(TRACE_STYLES)
+    assert len(set(_config.SURROGATE_CODES.values())) == len(SURROGATES)  # no two names share a code
+    rows = make_rows(("holes",), T=6, seed=3)
+    cfg = _cfg()
+    consts = Computed(rows, cfg).res["base"][1]
+    for arg, bad in (("surrogate", "ppo2"), ("kl_estimator", "k4")):
+        with pytest.raises(ValueError, match=rf"^{arg}: expected one of"):
+            _launch(rows, cfg, consts, **{arg: bad})

@@ -1,4 +1,4 @@
-"""SPEC §8: every bad input raises ValueError naming the argument, with expected vs actual.
+"""docs/math.md §10: every bad input raises ValueError naming the argument, with expected vs actual.
 
 Each case is (a function that makes the bad call, the argument name the message must start
 with, a fragment of the actual value the message must show). Device rules are exercised with

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import KL_ESTIMATORS, SURROGATES, TRACE_STYLES
+
 # One vocab tile for every V: 4096 fp32 lanes over 8 warps = 16 values per thread per live
 # tensor, which keeps the entropy variants well below the spill point (see docs/kernels.md).
 # Tiles are masked, so any V (1, 7, 32000, 151936) works; tiny V wastes lanes, which only
@@ -26,9 +28,32 @@ ROW_BLOCK_T = 128
 ROW_WARPS = 4
 
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The kernels' integer codes of the config's names: the one table. The kernels compare against the
+# tl.constexpr copies made from it (lambda_grpo/kernels/_tokenmath.py), a code no branch knows gives
+# NaN there, and `code()` refuses a name without a code at launch.
 TRACE_CODES = {None: 0, "recent": 1, "both": 2}
 KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
-SURROGATE_CODES = {"clip": 0, "cispo": 1, "sapo": 2, "vespo": 3, "cispo_two_sided": 4}  # lambda_grpo.config.SURROGATES
+SURROGATE_CODES = {"clip": 0, "cispo": 1, "sapo": 2, "vespo": 3, "cispo_two_sided": 4}
+
+
+def _check_tables() -> None:
+    """Every name of lambda_grpo.config has a code (a new surrogate or KL estimator added there and
+    not here fails at import, not silently in a kernel)."""
+    for what, names, table in (("surrogate", SURROGATES, SURROGATE_CODES), ("kl_estimator", KL_ESTIMATORS, KL_CODES),
+                               ("trace", TRACE_STYLES, TRACE_CODES)):
+        if set(names) != set(table):
+            raise ImportError(f"lambda_grpo.kernels._config: {what} codes {sorted(map(str, table))} do not match "
+                              f"LossConfig's {sorted(map(str, names))}")
+
+
+_check_tables()
+
+
+def code(table: dict, name: str, value) -> int:
+    """The kernel code of `value` (a ValueError naming the argument when it has none)."""
+    if value not in table:
+        raise ValueError(f"{name}: expected one of {tuple(table)}, got {value!r}")
+    return table[value]
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Per-token GRPO math shared by the row kernel and the fused vocab kernel (SPEC §4).
+"""Per-token GRPO math shared by the row kernel and the fused vocab kernel (docs/math.md §2).
 
 Everything here is elementwise on fp32 values; `kl_est` (1, 2, 3 for k1, k2, k3) and the
 hyper-parameters are runtime scalars, so no choice here recompiles a kernel. A disabled dual
@@ -11,8 +11,18 @@ import triton
 import triton.language as tl
 
 from ..config import LOG_RATIO_CLAMP as _CLAMP
+from ._config import KL_CODES, SURROGATE_CODES
 
 LOG_RATIO_CLAMP = tl.constexpr(_CLAMP)
+# the codes of lambda_grpo/kernels/_config.py, the one table
+S_CLIP = tl.constexpr(SURROGATE_CODES["clip"])
+S_CISPO = tl.constexpr(SURROGATE_CODES["cispo"])
+S_SAPO = tl.constexpr(SURROGATE_CODES["sapo"])
+S_VESPO = tl.constexpr(SURROGATE_CODES["vespo"])
+S_CISPO2 = tl.constexpr(SURROGATE_CODES["cispo_two_sided"])
+K1 = tl.constexpr(KL_CODES["k1"])
+K2 = tl.constexpr(KL_CODES["k2"])
+K3 = tl.constexpr(KL_CODES["k3"])
 
 
 @triton.jit
@@ -21,10 +31,9 @@ def surrogate(z, logp, A, eps_low, eps_high, dual_clip, surr, tau_pos, tau_neg):
     rule is lambda_grpo._rowmath.token_terms. Returns (s, ds/dz, ds/dlogp, rho, drho/dz,
     clip_low, clip_high).
 
-    surr (runtime int, SURROGATE_CODES in lambda_grpo/kernels/_config.py): 0 clip, 1 cispo, 2 sapo, 3 vespo,
-    4 cispo_two_sided. All
-    are computed and one is selected with where() (a handful of flops next to a vocabulary pass;
-    no branch the interpreter or the compiler must specialise). A disabled dual clip is passed as
+    surr (runtime int, SURROGATE_CODES in lambda_grpo/kernels/_config.py). All are computed and one
+    is selected with where() (a handful of flops next to a vocabulary pass; no branch the
+    interpreter or the compiler must specialise); a code none of them has gives NaN. A disabled dual clip is passed as
     +inf; TRL's delta arrives as the dual clip (LossConfig.dual_floor: the same rule).
     - clip: s = min(rho A, clip(rho) A), then max(s, c A) where A < 0. torch splits ties of
       min/max evenly and clamp passes its gradient on [lo, hi], so inside the clip range the two
@@ -43,10 +52,11 @@ def surrogate(z, logp, A, eps_low, eps_high, dual_clip, surr, tau_pos, tau_neg):
     rho = tl.exp(zc)
     drho = tl.where(tl.abs(z) <= LOG_RATIO_CLAMP, rho, 0.0)
     code = tl.zeros_like(z).to(tl.int32) + surr
-    is_clip = code == 0
-    is_cispo = code == 1
-    is_cispo2 = code == 4
-    is_pg = is_cispo | is_cispo2 | (code == 3)  # s = w A logp: the two cispo and vespo (w = 1)
+    is_clip = code == S_CLIP
+    is_cispo = code == S_CISPO
+    is_cispo2 = code == S_CISPO2
+    is_sapo = code == S_SAPO
+    is_pg = is_cispo | is_cispo2 | (code == S_VESPO)  # s = w A logp: the two cispo and vespo (w = 1)
     # clip (with the dual clip)
     clipped = tl.where(rho < 1.0 - eps_low, 1.0 - eps_low, tl.where(rho > 1.0 + eps_high, 1.0 + eps_high, rho))
     s1 = rho * A
@@ -62,8 +72,9 @@ def surrogate(z, logp, A, eps_low, eps_high, dual_clip, surr, tau_pos, tau_neg):
     # sapo
     tau = tl.where(A > 0, tau_pos, tau_neg)
     sig = tl.sigmoid(tau * (rho - 1.0))
-    s = tl.where(is_clip, s_clip, tl.where(is_pg, w * A * logp, sig * (4.0 / tau) * A))
-    ds_dz = tl.where(is_clip, g_clip, tl.where(is_pg, 0.0, 4.0 * sig * (1.0 - sig) * A)) * drho
+    nan = float("nan")
+    s = tl.where(is_clip, s_clip, tl.where(is_pg, w * A * logp, tl.where(is_sapo, sig * (4.0 / tau) * A, nan)))
+    ds_dz = tl.where(is_clip, g_clip, tl.where(is_pg, 0.0, tl.where(is_sapo, 4.0 * sig * (1.0 - sig) * A, nan))) * drho
     ds_dlogp = tl.where(is_pg, w * A, 0.0)
     clip_low = (is_clip & (A < 0) & (rho < 1.0 - eps_low)) | (is_cispo2 & (rho < 1.0 - eps_low))
     clip_high = ((is_clip & (A > 0) & (rho > 1.0 + eps_high)) | (is_cispo & (A > 0) & (rho > eps_high))
@@ -90,9 +101,10 @@ def kl_terms(logp, ref, kl_est, beta, use_ref, rho, drho, kl_rw):
 
 @triton.jit
 def kl_and_grad(logp, ref, kl_est):
-    """kl(d) with d = ref - logp for k1/k2/k3 and d kl / d logp."""
+    """kl(d) with d = ref - logp for k1/k2/k3 (KL_CODES) and d kl / d logp; NaN for another code."""
     d = ref - logp
     ed = tl.exp(d)
-    kl = tl.where(kl_est == 3, ed - d - 1.0, tl.where(kl_est == 1, -d, 0.5 * d * d))
-    dkl = tl.where(kl_est == 3, 1.0 - ed, tl.where(kl_est == 1, 1.0, -d))
+    nan = float("nan")
+    kl = tl.where(kl_est == K3, ed - d - 1.0, tl.where(kl_est == K1, -d, tl.where(kl_est == K2, 0.5 * d * d, nan)))
+    dkl = tl.where(kl_est == K3, 1.0 - ed, tl.where(kl_est == K1, 1.0, tl.where(kl_est == K2, -d, nan)))
     return kl, dkl

@@ -54,7 +54,7 @@ HELP = {
     "micro_batch_prompts": "groups per forward/backward on each process (gradient accumulation inside a mini-batch)",
     "lr": "AdamW learning rate of the model", "lr_schedule": "constant, linear or cosine decay after warm-up",
     "max_grad_norm": "gradient clipping of the model parameters (0: off)",
-    "lambda_lr": "learning rate of lambda (its own optimiser; SPEC §5 default 0.1)",
+    "lambda_lr": "learning rate of lambda (its own optimiser; docs/math.md §5 default 0.1)",
     "lambda_optimizer": "sgd (default) or adam for lambda", "lambda_init": "initial lambda",
     "backend": "loss backend: auto, torch, reference, triton",
     "loss_route": "hidden: the backbone's last hidden states and the LM head's weight go to the fused linear loss "
@@ -135,7 +135,7 @@ def build_parser(prog: str = "python -m lambda_grpo.train") -> argparse.Argument
     p.add_argument("--seeds", default="0", help="--compare: comma-separated seeds")
     p.add_argument("--quiet", action="store_true", help="only warnings on stderr")
     _add_fields(p.add_argument_group("training (TrainConfig)"), TrainConfig, skip=("loss",))
-    _add_fields(p.add_argument_group("loss (lambda_grpo.LossConfig, SPEC §4-§5)"), LossConfig)
+    _add_fields(p.add_argument_group("loss (lambda_grpo.LossConfig, docs/math.md §2-§5)"), LossConfig)
     return p
 
 

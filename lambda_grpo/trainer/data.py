@@ -29,10 +29,6 @@ def render_prompt(tokenizer, question: str, system_prompt: Optional[str], templa
     return f"{prefix}{user}"
 
 
-def _apply(op: str, a: int, b: int) -> int:
-    return a + b if op == "+" else a - b if op == "-" else a * b
-
-
 def arithmetic_problems(cfg: TrainConfig) -> List[Tuple[str, str]]:
     """Unique (question, answer) pairs "a op b [op c ...]" with operands in [min_value, max_value].
 

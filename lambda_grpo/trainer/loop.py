@@ -1,6 +1,6 @@
 """The GRPO training loop: sample, score, advantages, fused loss, optimiser steps, logs, checkpoints.
 
-One step (SPEC §3-§5, issue 4):
+One step (docs/math.md §1-§5, issue 4):
   1. take ``prompts_per_step`` training prompts (chosen by a per-step seed), generate
      ``group_size`` completions each with sampling at the loss temperature, KV cache on;
   2. score every completion (exact final-number match, optional format reward) and turn the
@@ -11,7 +11,7 @@ One step (SPEC §3-§5, issue 4):
   4. mu inner epochs over ``num_mini_batches`` mini-batches, each accumulated over micro-batches
      of whole groups with the mini-batch's global token and sequence counts as normalisers,
      then gradient clipping (model only), an AdamW step for the model and a separate step for
-     lambda (its own optimiser, SGD with lr 0.1 by default: SPEC §5).
+     lambda (its own optimiser, SGD with lr 0.1 by default: docs/math.md §5).
 
 Every step reseeds torch and the prompt sampler from (seed, step), so a run resumed from a
 checkpoint reproduces the metrics of an uninterrupted run exactly.

