@@ -320,6 +320,7 @@ def validate_logprobs(logp, entropy, mask, advantages, group_size, old_logp, ref
         fail("config", "a lambda_grpo.LossConfig", type(config).__name__)
     if not isinstance(logp, torch.Tensor):
         fail("logp", "a torch.Tensor", type(logp).__name__)
+    check_has_data(logp, "logp")
     packed = cu_seqlens is not None
     if logp.dim() != (1 if packed else 2):
         fail("logp", f"shape (N,) with 1 dim {PACKED_HINT}" if packed else "shape (B, T) with 2 dims",
@@ -487,6 +488,8 @@ def validate_linear(hidden, weight, bias, tokens, mask, advantages, group_size, 
         fail("config", "a lambda_grpo.LossConfig", type(config).__name__)
     if not isinstance(hidden, torch.Tensor):
         fail("hidden", "a torch.Tensor", type(hidden).__name__)
+    check_has_data(hidden, "hidden")
+    check_has_data(weight, "weight")
     packed = packed or cu_seqlens is not None
     if hidden.dim() != (2 if packed else 3):
         fail("hidden", f"shape (N, H) with 2 dims {PACKED_HINT}" if packed else "shape (B, T, H) with 3 dims",

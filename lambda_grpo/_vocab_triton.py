@@ -45,14 +45,15 @@ def _interpreted() -> bool:
 _INTERPRETED = _interpreted()
 
 
-def check_runnable(logits: torch.Tensor) -> None:
-    """backend="triton" needs fp32/bf16/fp16 logits on CUDA, or kernels loaded by the interpreter."""
+def check_runnable(logits: torch.Tensor, name: str = "logits") -> None:
+    """backend="triton" needs fp32/bf16/fp16 inputs on CUDA, or kernels loaded by the interpreter;
+    `name` is the caller's argument (logits, or hidden for the hidden-state route)."""
     if logits.dtype not in LOGITS_DTYPES:
-        fail("logits", f"dtype in {LOGITS_DTYPES} for backend='triton' (use 'reference' or 'torch' for float64)",
+        fail(name, f"dtype in {LOGITS_DTYPES} for backend='triton' (use 'reference' or 'torch' for float64)",
              logits.dtype)
     if logits.device.type != "cuda" and not kernels_interpreted():
         raise ValueError(
-            f"logits: expected a CUDA tensor for backend='triton', got device {logits.device}. On a CPU use "
+            f"{name}: expected a CUDA tensor for backend='triton', got device {logits.device}. On a CPU use "
             "backend='torch' (or 'auto'). The Triton interpreter runs these kernels on a CPU only when "
             "TRITON_INTERPRET=1 is in the environment before lambda_grpo's Triton kernels are loaded; this "
             "process has loaded them without it, so setting it now has no effect: start Python with it, "

@@ -116,8 +116,18 @@ def grpo_loss(
         from ._vocab_triton import check_runnable
 
         check_runnable(logits)
+        batch.logits = _unit_stride_along_v(logits)
     # eager and torch.compile alike: the custom ops of lambda_grpo/_ops.py
     return _finish(fast_loss(batch, cfg, name, inplace=inplace_backward, per_token=return_per_token), batch)
+
+
+def _unit_stride_along_v(logits: torch.Tensor) -> torch.Tensor:
+    """The Triton kernels read each row of V logits with unit stride (rows may be strided, as
+    `model(ids).logits[:, P-1:-1]` is); another layout is copied once (a differentiable copy:
+    the gradient flows back to the caller's tensor). inplace_backward already refused it."""
+    if logits.shape[-1] > 1 and logits.stride(-1) != 1:
+        return logits.contiguous()
+    return logits
 
 
 def _finish(out: LossOutput, batch) -> LossOutput:
@@ -246,7 +256,7 @@ def fused_linear_grpo_loss(
     if name == "triton":
         from ._vocab_triton import check_runnable
 
-        check_runnable(hidden)
+        check_runnable(hidden, "hidden")
     return _finish(linear_loss(hidden, weight, bias, batch, cfg, name, per_token=return_per_token), batch)
 
 
@@ -258,16 +268,20 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
     hidden, weight and bias. The logits never exist in full; the backward recomputes each
     chunk's logits (one more matmul) instead of keeping them. Packed inputs: hidden (N, H) with
     tokens (N,) give (N,) tensors (no cu_seqlens needed)."""
+    # tokens first: the mask below is made from them, and this function takes no mask to name
+    if not isinstance(tokens, torch.Tensor):
+        fail("tokens", "a torch.Tensor", type(tokens).__name__)
+    if isinstance(hidden, torch.Tensor) and tuple(tokens.shape) != tuple(hidden.shape[:-1]):
+        lead = "(N,) (N of hidden (N, H))" if hidden.dim() == 2 else "(B, T) (B, T of hidden (B, T, H))"
+        fail("tokens", f"shape {tuple(hidden.shape[:-1])}: {lead}", f"shape {tuple(tokens.shape)}")
     if isinstance(hidden, torch.Tensor) and hidden.dim() == 2:  # packed (N, H): a (1, N, H) view
-        mask = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device) if isinstance(tokens, torch.Tensor) \
-            else tokens
+        mask = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
         validate_linear(hidden, weight, bias, tokens, mask, None, 1, None, None, None, LossConfig(aggregation="dapo"),
                         None, None, packed=True)
         lp, H = linear_token_logprobs(hidden[None], weight, tokens[None], bias=bias, temperature=temperature,
                                       return_entropy=return_entropy, backend=backend)
         return lp[0], (None if H is None else H[0])
-    mask = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device) if isinstance(tokens, torch.Tensor) \
-        else tokens
+    mask = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
     batch_cfg = LossConfig(aggregation="dapo")
     if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
             or not math.isfinite(temperature) or not temperature > 0):
@@ -288,7 +302,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
         if name == "triton":
             from ._vocab_triton import check_runnable
 
-            check_runnable(hidden)
+            check_runnable(hidden, "hidden")
         lp, H = fast_linear_logprobs(hidden, weight, bias, ids, float(temperature), return_entropy, name)
     return _nan_where_out_of_range(lp, tokens, ids), H
 
@@ -394,6 +408,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
             from ._vocab_triton import check_runnable
 
             check_runnable(logits)
+            logits = _unit_stride_along_v(logits)
         lp = fast_token_logprobs(logits, ids, float(temperature), name)
     return _nan_where_out_of_range(lp, tokens, ids)
 
