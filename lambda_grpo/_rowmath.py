@@ -381,6 +381,7 @@ class TokenTerms:
     kl: Optional[torch.Tensor]  # the KL as it enters the loss (times rho when kl_ratio_weighted)
     clip_low: torch.Tensor  # bool: the token counts in clip_frac_low (per surrogate, docs/math.md §8)
     clip_high: torch.Tensor
+    clip_dual: torch.Tensor  # bool: the dual clip (or TRL's delta) sets s
 
 
 def token_terms(z, logp, ref, entropy, A, W, coef, cfg: LossConfig) -> TokenTerms:
@@ -412,6 +413,7 @@ def token_terms(z, logp, ref, entropy, A, W, coef, cfg: LossConfig) -> TokenTerm
         s = torch.minimum(rho * A, torch.clamp(rho, lo, hi) * A)
         clip_low, clip_high = (A < 0) & (rho < lo), (A > 0) & (rho > hi)
         slope = torch.where(clip_low | clip_high, zero, A)
+        dual = no
         if cfg.dual_floor is not None:  # the dual clip, and TRL's delta (LossConfig.dual_floor)
             floor = cfg.dual_floor * A
             dual = (A < 0) & (s < floor)
@@ -466,7 +468,8 @@ def token_terms(z, logp, ref, entropy, A, W, coef, cfg: LossConfig) -> TokenTerm
     if entropy is not None and cfg.entropy_coef != 0:
         loss = loss - cfg.entropy_coef * entropy
         g_ent = W * (-cfg.entropy_coef)
-    return TokenTerms(loss, g_z, g_logp, g_ent, rho, kl, clip_low, clip_high)
+    return TokenTerms(loss, g_z, g_logp, g_ent, rho, kl, clip_low, clip_high,
+                      dual if cfg.surrogate == "clip" else no)
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,7 +485,10 @@ class RowPass:
     per_token: Optional[Dict[str, torch.Tensor]] = None  # PER_TOKEN_KEYS -> (B, T), when asked
 
 
-PER_TOKEN_KEYS = ("loss", "ratio", "kl", "entropy")  # l_t, rho_t, kl_t, H_t; zeros where masked or absent
+# l_t, rho_t, kl_t, H_t and the clip flags of docs/math.md §8 (0/1: the token counts in clip_frac_low,
+# clip_frac_high; the dual clip or TRL's delta sets its surrogate); zeros where masked or absent
+PER_TOKEN_KEYS = ("loss", "ratio", "kl", "entropy", "clip_low", "clip_high", "clip_dual")
+CLIP_CODES = {"clip_low": 1, "clip_high": 2, "clip_dual": 4}  # how the Triton row kernel packs the flags
 
 
 def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, cfg: LossConfig,
@@ -534,5 +540,7 @@ def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, 
     if per_token:
         tokens = {"loss": token_loss, "ratio": masked(rho),
                   "kl": masked(terms.kl) if terms.kl is not None else torch.zeros_like(token_loss),
-                  "entropy": masked(entropy) if entropy is not None else torch.zeros_like(token_loss)}
+                  "entropy": masked(entropy) if entropy is not None else torch.zeros_like(token_loss),
+                  "clip_low": masked(terms.clip_low), "clip_high": masked(terms.clip_high),
+                  "clip_dual": masked(terms.clip_dual)}
     return RowPass(loss, dlogp, dent, dlam, metrics, tokens)

@@ -17,7 +17,7 @@ import torch
 
 from .config import LossConfig
 from ._batch import Batch
-from ._rowmath import (FusedInputs, RowPass, TokenConstants, log_ratio, ratio_map, ratio_map_backward,
+from ._rowmath import (CLIP_CODES, FusedInputs, RowPass, TokenConstants, log_ratio, ratio_map, ratio_map_backward,
                        row_coefficients)
 from ._validate import fail
 from .kernels._config import LOGITS_DTYPES
@@ -118,7 +118,7 @@ def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, 
         x = log_ratio(logp.detach(), batch, mask)
         coef, phi = row_coefficients(x, consts, cfg)
         z = ratio_map(x, mask, cfg) if cfg.sequence_ratio else None
-    coef_lp, coef_h, parts, toks, gz = launch_rows(
+    coef_lp, coef_h, parts, toks, gz, clip = launch_rows(
         logp.contiguous(), mask.contiguous(), _f32(consts.A).view(B, T), consts.lengths.contiguous(),
         _f32(consts.w_row), entropy=None if entropy is None else entropy.contiguous(),
         old_logp=None if batch.old_logp is None else _f32(batch.old_logp).view(B, T),
@@ -153,5 +153,8 @@ def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, 
     if per_token:
         tokens = {"loss": toks[0], "ratio": toks[1], "kl": toks[2],
                   "entropy": entropy if entropy is not None else torch.zeros_like(toks[0])}
+        code = clip.to(torch.int32)
+        for key, bit in CLIP_CODES.items():
+            tokens[key] = (code & bit).ne(0).to(toks[0].dtype)
     has_h = cfg.entropy_coef != 0 and entropy is not None
     return RowPass(loss, coef_lp, coef_h if has_h else None, dlam, metrics, tokens)

@@ -44,8 +44,11 @@ class LossOutput:
 
     `per_token`: with `return_per_token=True`, detached (B, T) tensors in the compute dtype,
     zero where masked: `loss` (l_t, unweighted), `ratio` (rho_t, the ratio that enters the
-    clip: traced in ratio mode), `kl` (kl_t; zeros without ref_logp) and `entropy` (H_t; zeros
-    unless entropy is computed). Otherwise None.
+    clip: traced in ratio mode), `kl` (kl_t; zeros without ref_logp), `entropy` (H_t; zeros
+    unless entropy is computed), and the clip flags (0/1): `clip_low` and `clip_high` (the token
+    counts in clip_frac_low / clip_frac_high, by the surrogate's own rule; TRL's clip region is
+    their sum) and `clip_dual` (the dual clip, or TRL's delta, sets the token's surrogate: verl's
+    pg_clipfrac_lower). Otherwise None.
     """
 
     loss: torch.Tensor

@@ -149,12 +149,16 @@ def reference_rows(logp: torch.Tensor, entropy, batch: Batch, cfg: LossConfig, o
     A = torch.where(mask, batch.advantages.to(dtype), zero)
     if cfg.adv_clamp_min is not None:
         A = torch.clamp(A, min=cfg.adv_clamp_min)
+    clip_dual = torch.zeros_like(mask)
     if cfg.surrogate == "clip":  # PPO clip, TRL's delta (two-sided) and the dual clip
         coef_1 = rho if cfg.delta is None else torch.clamp(rho, max=cfg.delta)
-        surrogate = torch.minimum(coef_1 * A, torch.clamp(rho, 1 - cfg.eps_low, 1 + cfg.eps_high) * A)
+        clipped = torch.clamp(rho, 1 - cfg.eps_low, 1 + cfg.eps_high) * A
+        surrogate = torch.minimum(coef_1 * A, clipped)
         if cfg.dual_clip is not None:
             surrogate = torch.where(A < 0, torch.maximum(surrogate, cfg.dual_clip * A), surrogate)
         clip_low, clip_high = (A < 0) & (rho < 1 - cfg.eps_low), (A > 0) & (rho > 1 + cfg.eps_high)
+        if cfg.dual_floor is not None:  # the dual clip or delta sets s: min(rho A, clip A) below c A, A < 0
+            clip_dual = (A < 0) & (torch.minimum(rho * A, clipped) < cfg.dual_floor * A)
     elif cfg.surrogate == "cispo":  # the clipped ratio is a constant weight of the log-prob's gradient
         surrogate = torch.clamp(rho, max=cfg.eps_high).detach() * A * logp
         clip_low, clip_high = torch.zeros_like(mask), (A > 0) & (rho > cfg.eps_high)
@@ -246,7 +250,9 @@ def reference_rows(logp: torch.Tensor, entropy, batch: Batch, cfg: LossConfig, o
             none = torch.zeros_like(token_loss)
             tokens = {"loss": token_loss, "ratio": torch.where(mask, rho, zero),
                       "kl": none if kl is None else torch.where(mask, kl, zero),
-                      "entropy": none if entropy is None else entropy}
+                      "entropy": none if entropy is None else entropy,
+                      "clip_low": (clip_low & mask).to(dtype), "clip_high": (clip_high & mask).to(dtype),
+                      "clip_dual": (clip_dual & mask).to(dtype)}
             tokens = {k: v.detach().to(out_dtype) for k, v in tokens.items()}
     return LossOutput(loss.to(out_dtype), {k: v.to(out_dtype) for k, v in metrics.items()}, tokens)
 

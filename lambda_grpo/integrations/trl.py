@@ -443,19 +443,19 @@ class LambdaGRPOTrainer(GRPOTrainer):
         pt = out.per_token
         cfg = self.loss_config
         adv = adv2d if cfg.adv_clamp_min is None else adv2d.clamp(min=cfg.adv_clamp_min)
-        ratio = pt["ratio"]
         per_row = adv.shape[1] == 1 and (cfg.sequence_ratio or cfg.surrogate == "vespo")
         n = maskf.sum(-1, keepdim=True)
-        if cfg.sequence_ratio and per_row:  # the row's ratio (TRL: exp(0) = 1 for an empty row)
-            ratio = torch.where(n > 0, (ratio * maskf).sum(-1, keepdim=True) / n.clamp(min=1.0),
-                                torch.ones_like(n))
         flags = []  # 0/1 tensors whose (masked, or per-row) means are logged
+
+        def flag(key):  # the loss's own clip flags (per token; per row: the row's, 0 for an empty row)
+            f = pt[key].float()
+            return f.amax(dim=-1, keepdim=True) if per_row else f
+
         if cfg.surrogate == "clip":
-            low = ((ratio < 1 - cfg.eps_low) & (adv < 0)).float()
-            high = ((ratio > 1 + cfg.eps_high) & (adv > 0)).float()
-            flags = [low, high, ((low + high) > 0).float()]
+            low, high = flag("clip_low"), flag("clip_high")
+            flags = [low, high, low + high]  # TRL's region: low or high (they never both hold)
         elif cfg.surrogate == "cispo":
-            flags = [((ratio > cfg.eps_high) & (adv > 0)).float()]
+            flags = [flag("clip_high")]  # A > 0 and the ratio above CISPO's cap
         elif cfg.surrogate == "vespo":  # the loss's own phi rule, from the (clamped) token log-ratios
             x = torch.where(maskf > 0, torch.log(pt["ratio"].clamp(min=1e-30)), torch.zeros_like(maskf))
             # every position counts (x is 0 off the mask): an empty row gets TRL's phi(w = 1), not 0

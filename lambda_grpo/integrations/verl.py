@@ -254,21 +254,13 @@ def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 def _pg_metrics(out, log_prob, old_log_prob, advantages, mask, cfg: LossConfig) -> dict:
-    """verl's ``vanilla`` metrics, from our per-token ratio (the traced one in ratio mode) and the
-    advantages after ``adv_clamp_min``: pg_clipfrac is our clip_frac; pg_clipfrac_lower the
-    fraction of A < 0 tokens where the dual clip binds; ppo_kl the mean of old - logp."""
+    """verl's ``vanilla`` metrics from the loss's own outputs: pg_clipfrac is our clip_frac;
+    pg_clipfrac_lower the fraction of tokens whose surrogate the dual clip sets (the per-token
+    `clip_dual` flag, A < 0 after ``adv_clamp_min``); ppo_kl the mean of old - logp."""
     with torch.no_grad():
-        A = advantages.detach().to(out.per_token["ratio"].dtype)
-        if A.dim() == 1:
-            A = A[:, None].expand_as(mask)
-        if cfg.adv_clamp_min is not None:
-            A = A.clamp_min(cfg.adv_clamp_min)
-        rho = out.per_token["ratio"]
-        s1 = torch.maximum(-A * rho, -A * rho.clamp(1 - cfg.eps_low, 1 + cfg.eps_high))
-        lower = (s1 > -A * cfg.dual_clip) & (A < 0)
         x = (log_prob.detach() - old_log_prob.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         vals = {"actor/pg_clipfrac": out.metrics["clip_frac"], "actor/ppo_kl": _masked_mean(-x, mask),
-                "actor/pg_clipfrac_lower": _masked_mean(lower.to(rho.dtype), mask)}
+                "actor/pg_clipfrac_lower": _masked_mean(out.per_token["clip_dual"], mask)}
         return {k: float(v) for k, v in vals.items()}
 
 
@@ -279,17 +271,9 @@ def _pg_metrics_no_clip(out, log_prob, old_log_prob, mask, cfg: LossConfig, adva
     sapo: 0), pg_clipfrac_lower 0, ppo_kl the mean of old - logp."""
     with torch.no_grad():
         x = (log_prob.detach() - old_log_prob.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        rho = out.per_token["ratio"]
         clipfrac = 0.0
-        if cfg.surrogate == "cispo_two_sided":
+        if cfg.surrogate in ("cispo_two_sided", "clip"):  # cispo; gspo (the clip flags of the row's ratio)
             clipfrac = float(out.metrics["clip_frac"])
-        elif cfg.surrogate == "clip":  # gspo
-            A = advantages.detach().to(rho.dtype)
-            A = (A[:, None] if A.dim() == 1 else A).expand_as(rho)
-            if cfg.adv_clamp_min is not None:
-                A = A.clamp_min(cfg.adv_clamp_min)
-            clipped = ((A > 0) & (rho > 1 + cfg.eps_high)) | ((A < 0) & (rho < 1 - cfg.eps_low))
-            clipfrac = float(_masked_mean(clipped.to(x.dtype), mask))
         return {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": float(_masked_mean(-x, mask)),
                 "actor/pg_clipfrac_lower": 0.0}
 

@@ -29,7 +29,8 @@ K3 = tl.constexpr(KL_CODES["k3"])
 def surrogate(z, logp, A, eps_low, eps_high, dual_clip, surr, tau_pos, tau_neg):
     """The policy term s of one token and its partials (docs/math.md §2); the torch copy of this
     rule is lambda_grpo._rowmath.token_terms. Returns (s, ds/dz, ds/dlogp, rho, drho/dz,
-    clip_low, clip_high).
+    clip_low, clip_high, clip_dual): the clip flags of docs/math.md §8, clip_dual where the dual
+    clip (or TRL's delta) sets s.
 
     surr (runtime int, SURROGATE_CODES in lambda_grpo/kernels/_config.py). All are computed and one
     is selected with where() (a handful of flops next to a vocabulary pass; no branch the
@@ -79,7 +80,7 @@ def surrogate(z, logp, A, eps_low, eps_high, dual_clip, surr, tau_pos, tau_neg):
     clip_low = (is_clip & (A < 0) & (rho < 1.0 - eps_low)) | (is_cispo2 & (rho < 1.0 - eps_low))
     clip_high = ((is_clip & (A > 0) & (rho > 1.0 + eps_high)) | (is_cispo & (A > 0) & (rho > eps_high))
                  | (is_cispo2 & (rho > 1.0 + eps_high)))
-    return s, ds_dz, ds_dlogp, rho, drho, clip_low, clip_high
+    return s, ds_dz, ds_dlogp, rho, drho, clip_low, clip_high, is_clip & use_dual
 
 
 @triton.jit

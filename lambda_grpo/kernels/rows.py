@@ -47,6 +47,7 @@ def _lin(a1, v1, a2, v2):
                                 "write_tok", "surr", "kl_rw"])
 def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, len_ptr, roww_ptr, z_ptr,
                coef_lp_ptr, coef_h_ptr, gz_ptr, part_ptr, scr_ptr, pos_ptr, tok_loss_ptr, tok_rho_ptr, tok_kl_ptr,
+               tok_clip_ptr,
                T, a: tl.float64, ln_a: tl.float64, eps_low, eps_high, dual_clip, tau_pos, tau_neg,
                beta, ent_coef, kl_est, surr, kl_rw, has_old, has_ref, has_ent, has_c, has_z, write_coef, write_tok,
                BLOCK_T: tl.constexpr, TRACE: tl.constexpr):
@@ -146,7 +147,7 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
                 z = tl.load(s1 + o, mask=mk, other=0.0, volatile=True).to(tl.float32)
             else:
                 z = tl.load(s0 + o, mask=mk, other=0.0, volatile=True).to(tl.float32)
-        s, ds, dsl, rho, drho, clo, chi = surrogate(z, lp, A, eps_low, eps_high, dual_clip, surr, tau_pos, tau_neg)
+        s, ds, dsl, rho, drho, clo, chi, cdu = surrogate(z, lp, A, eps_low, eps_high, dual_clip, surr, tau_pos, tau_neg)
         c = tl.load(c_ptr + base + cols, mask=mk & use_c, other=1.0)
         ref = tl.load(ref_ptr + base + cols, mask=mk & use_ref, other=0.0)
         kl, bkl, bdkl, bkz = kl_terms(lp, ref, kl_est, beta, use_ref, rho, drho, kl_rw)
@@ -163,6 +164,9 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
             tl.store(tok_loss_ptr + base + cols, tl.where(mk, loss, 0.0), mask=cm)
             tl.store(tok_rho_ptr + base + cols, tl.where(mk, rho, 0.0), mask=cm)
             tl.store(tok_kl_ptr + base + cols, tl.where(mk, kl, 0.0), mask=cm)
+            # the clip flags as one code: 1 low, 2 high, 4 dual (lambda_grpo._rowmath.CLIP_CODES)
+            flags = tl.where(clo, 1.0, 0.0) + tl.where(chi, 2.0, 0.0) + tl.where(cdu, 4.0, 0.0)
+            tl.store(tok_clip_ptr + base + cols, tl.where(mk, flags, 0.0), mask=cm)
         if TRACE == 0:
             if write_coef != 0:
                 # z = logp - old: the z-slope and the direct slope both land on logp; a given z
@@ -245,7 +249,8 @@ def launch_rows(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor
     row_weight fp32 (B,)). Every hyper-parameter is required: the defaults live in LossConfig.
 
     Returns (coef_lp (B, T), coef_h (B, T), parts (B, NPARTS), tokens (3, B, T) [l, rho, kl]
-    or None, gz (B, T) or None). ratio_trace: None, "recent" or "both" (trace_mode="ratio");
+    or None, gz (B, T) or None, clip (B, T) or None: the clip flags per token, coded 1 low + 2 high
+    + 4 dual, when write_tokens). ratio_trace: None, "recent" or "both" (trace_mode="ratio");
     weight mode passes trace_coef instead. z: the log-ratio of each token when it is not
     logp - old (the sequence ratio; not with ratio_trace): coef_lp is then the direct slope
     only and gz = dL/dz is returned (when write_coef).
@@ -258,8 +263,8 @@ def launch_rows(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor
         raise ValueError(f"z: expected None with ratio_trace={ratio_trace!r} (the trace defines the ratio)")
     gz = torch.zeros(B, T, device=dev, dtype=torch.float32) if z is not None and write_coef else None
     parts = torch.zeros(B, NPARTS, device=dev, dtype=torch.float32)
-    toks = torch.zeros(3, B, T, device=dev, dtype=torch.float32) if write_tokens else None
-    tok_arg = coef_lp.view(1, B, T).expand(3, B, T) if toks is None else toks
+    toks = torch.zeros(4, B, T, device=dev, dtype=torch.float32) if write_tokens else None
+    tok_arg = coef_lp.view(1, B, T).expand(4, B, T) if toks is None else toks
     scratch = torch.empty((4, B, T) if ratio_trace else (1,), device=dev, dtype=torch.float64)
     pos = torch.empty((B, T) if ratio_trace else (1,), device=dev, dtype=torch.int32)
     if B > 0 and T > 0:
@@ -268,7 +273,7 @@ def launch_rows(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor
                          logp if ref_logp is None else ref_logp, advantages, as_u8(mask),
                          logp if trace_coef is None else trace_coef, lengths, row_weight, logp if z is None else z,
                          coef_lp, coef_h, coef_h if gz is None else gz, parts, scratch, pos,
-                         tok_arg[0], tok_arg[1], tok_arg[2],
+                         tok_arg[0], tok_arg[1], tok_arg[2], tok_arg[3],
                          T, float(trace_decay), math.log(float(trace_decay)), float(eps_low), float(eps_high),
                          float("inf") if dual_clip is None else float(dual_clip),
                          float(sapo_tau_pos), float(sapo_tau_neg),
@@ -278,4 +283,6 @@ def launch_rows(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor
                          int(old_logp is not None), int(ref_logp is not None), int(entropy is not None),
                          int(trace_coef is not None), int(z is not None), int(write_coef), int(write_tokens),
                          **cfg.kwargs())
-    return coef_lp, coef_h, parts, toks, gz
+    if toks is None:
+        return coef_lp, coef_h, parts, None, gz, None
+    return coef_lp, coef_h, parts, toks[:3], gz, toks[3]

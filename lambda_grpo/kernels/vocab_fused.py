@@ -58,7 +58,7 @@ def vocab_fused_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, old_ptr, r
         old = tl.where(use_old, tl.load(old_ptr + pid, mask=use_old, other=0.0), logp)
         x = logp - old  # on-policy logp - logp: 0, or NaN for a non-finite logp
         A = tl.load(adv_ptr + pid)
-        s, ds, dsl, rho, drho, _, _ = surrogate(x, logp, A, eps_low, eps_high, dual_clip, surr, tau_pos, tau_neg)
+        s, ds, dsl, rho, drho, _, _, _ = surrogate(x, logp, A, eps_low, eps_high, dual_clip, surr, tau_pos, tau_neg)
         c = tl.load(c_ptr + pid, mask=use_c, other=1.0)
         ref = tl.load(ref_ptr + pid, mask=use_ref, other=0.0)
         _, _, bdkl, bkz = kl_terms(logp, ref, kl_est, beta, use_ref, rho, drho, kl_rw)
