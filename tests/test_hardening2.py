@@ -17,6 +17,7 @@ The property tests of the issue's "Done when" are in tests/test_properties2.py.
 
 from __future__ import annotations
 
+import warnings
 
 import pytest
 import torch
@@ -97,3 +98,62 @@ _API_ROUTE = pytest.mark.xfail(strict=True, reason="api.py forms the packed refe
 @pytest.mark.parametrize("backend", [pytest.param("reference", marks=_API_ROUTE), "torch", "triton"])
 def test_1_masked_non_finite_hidden_states_packed(backend, bad):
     _finding_1(backend, True, bad)
+
+
+# --------------------------------------------------------------------------------------------
+# 11: no RuntimeWarning from the interpreter's numpy on ordinary Triton calls
+# --------------------------------------------------------------------------------------------
+def _triton_calls(garbage: bool):
+    """Ordinary calls of every Triton entry: default clip (dual clip off), entropy (V = 11 is not a
+    multiple of the vocabulary tile), KL, a trace, packed; with garbage at masked positions or not."""
+    g = torch.Generator().manual_seed(5)
+    B, T, V, H = 4, 5, 11, 6
+    x = torch.randn(B, T, V, generator=g) * 2
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[1] = False
+    adv = torch.randn(B, generator=g)
+    adv[3] = 0.0  # equal rewards: A = 0 at valid tokens too
+    old = torch.log_softmax(x, -1).gather(-1, tokens[..., None]).squeeze(-1) + 0.2 * torch.randn(B, T, generator=g)
+    ref = old + 0.2 * torch.randn(B, T, generator=g)
+    tw = torch.rand(B, T, generator=g) + 0.5
+    hidden = torch.randn(B, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g) / H**0.5
+    if garbage:
+        m = ~mask
+        x[m], hidden[m], old[m], ref[m], tw[m] = float("nan"), float("nan"), float("inf"), float("nan"), float("-inf")
+        tokens[m] = -7
+    lam = torch.tensor(0.3, requires_grad=True)
+    configs = [lg.LossConfig(aggregation="dapo"), lg.LossConfig(aggregation="dapo", dual_clip=3.0),
+               lg.LossConfig(aggregation="lambda_grpo", beta=0.1, entropy_coef=0.02, trace="recent"),
+               lg.LossConfig(aggregation="grpo", surrogate="sapo", entropy_coef=0.02, temperature=0.7)]
+    for cfg in configs:
+        lam_c = lam if cfg.uses_lambda else None
+        xl = x.clone().requires_grad_(True)
+        lg.grpo_loss(xl, tokens, mask, adv, 2, old, ref, lam_c, cfg, backend="triton",
+                     token_weights=tw).loss.backward()
+        hl = hidden.clone().requires_grad_(True)
+        lg.fused_linear_grpo_loss(hl, weight, tokens, mask, adv, 2, old_logp=old, ref_logp=ref, lam=lam_c, config=cfg,
+                                  backend="triton", token_weights=tw).loss.backward()
+    lens = [3, 0, 4, 2]
+    cu = torch.tensor([0, 3, 3, 7, 9], dtype=torch.int32)
+    xp = x.reshape(-1, V)[:9].clone().requires_grad_(True)
+    mp = mask.reshape(-1)[:9]
+    assert sum(lens) == 9
+    lg.grpo_loss(xp, tokens.reshape(-1)[:9], mp, adv, 2, old.reshape(-1)[:9], ref.reshape(-1)[:9], None,
+                 lg.LossConfig(aggregation="dapo", beta=0.1, entropy_coef=0.02), backend="triton",
+                 cu_seqlens=cu).loss.backward()
+    xt = torch.randn(3, 4, V, generator=g).requires_grad_(True)
+    lg.token_logprobs(xt, torch.randint(0, V, (3, 4), generator=g), backend="triton").sum().backward()
+    ht = torch.randn(3, 4, H, generator=g).requires_grad_(True)
+    lp, ent = lg.linear_token_logprobs(ht, weight, torch.randint(0, V, (3, 4), generator=g), backend="triton")
+    (lp.sum() + ent.sum()).backward()
+
+
+@pytest.mark.parametrize("garbage", [False, True], ids=["clean", "garbage_at_masked"])
+def test_11_triton_calls_warn_nothing(garbage):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _triton_calls(garbage)
+    runtime = [f"{w.filename}:{w.lineno}: {w.message}" for w in seen if issubclass(w.category, RuntimeWarning)]
+    assert not runtime, f"{len(runtime)} RuntimeWarning(s): {sorted(set(runtime))}"

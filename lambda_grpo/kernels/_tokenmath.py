@@ -53,7 +53,9 @@ def surrogate(z, logp, A, eps_low, eps_high, dual_clip, surr, tau_pos, tau_neg):
     s2 = clipped * A
     s_clip = tl.where(s2 < s1, s2, s1)  # min(s1, s2) that keeps a NaN s1 (tl.minimum would drop it)
     g_clip = tl.where(s1 <= s2, A, 0.0)  # ds/drho
-    dual = tl.where(A < 0, dual_clip * A, float("-inf"))
+    # the product only where A < 0: a disabled dual clip (+inf) times A = 0 (a masked lane, or equal
+    # rewards) would be NaN, harmless once where() drops it but reported by the interpreter (numpy)
+    dual = tl.where(A < 0, dual_clip * tl.where(A < 0, A, -1.0), float("-inf"))
     use_dual = s_clip < dual
     s_clip = tl.where(use_dual, dual, s_clip)
     g_clip = tl.where(use_dual, 0.0, g_clip)
