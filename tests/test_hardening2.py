@@ -8,7 +8,8 @@ before its fix (99e1d85) and passing after. Public API only (`import lambda_grpo
   zeros there, bit for bit, padded and packed.
 - 11: Triton calls under the interpreter printed "RuntimeWarning: invalid value encountered in
   multiply" (a disabled dual clip, +inf, times A = 0 of a masked lane; 0 * -inf in the entropy sum
-  of the lanes past V). Ordinary calls, also with garbage at masked positions, warn nothing.
+  of the lanes past V; beta = 0 times a legal infinite KL). Ordinary calls, also with garbage at
+  masked positions, warn nothing.
 - 12: the hidden-state route's peak memory against N is reported by bench/hidden_memory.py and
   stays flat beyond dhidden's growth (dW, one chunk of logits, dhidden).
 
@@ -140,6 +141,14 @@ def _triton_calls(garbage: bool):
         hl = hidden.clone().requires_grad_(True)
         lg.fused_linear_grpo_loss(hl, weight, tokens, mask, adv, 2, old_logp=old, ref_logp=ref, lam=lam_c, config=cfg,
                                   backend="triton", token_weights=tw).loss.backward()
+    # a legal infinity (docs/math.md §9): beta = 0 with ref_logp = -inf at a valid token, kl_mean
+    # inf, the loss untouched (the kernels formed 0 * inf before dropping it)
+    ref_inf = ref.clone()
+    ref_inf[0, int(mask[0].nonzero()[0, 0])] = float("-inf")
+    out = lg.grpo_loss(x.clone().requires_grad_(True), tokens, mask, adv, 2, old, ref_inf, None,
+                       lg.LossConfig(aggregation="dapo", trace="recent"), backend="triton")
+    out.loss.backward()
+    assert torch.isinf(out.metrics["kl_mean"]) and torch.isfinite(out.loss)
     lens = [3, 0, 4, 2]
     cu = torch.tensor([0, 3, 3, 7, 9], dtype=torch.int32)
     xp = x.reshape(-1, V)[:9].clone().requires_grad_(True)

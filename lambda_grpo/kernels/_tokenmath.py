@@ -86,8 +86,10 @@ def kl_terms(logp, ref, kl_est, beta, use_ref, rho, drho, kl_rw):
     kl_w = tl.where(rw, rho * kl, kl)
     dkl_w = tl.where(rw, rho * dkl, dkl)
     kz = tl.where(rw, kl * drho, 0.0)
-    return (tl.where(use_ref, kl_w, 0.0), tl.where(on, beta * kl_w, 0.0), tl.where(on, beta * dkl_w, 0.0),
-            tl.where(on, beta * kz, 0.0))
+    # beta multiplies only where the term is on: beta = 0 times an infinite kl (a legal -inf
+    # ref_logp) is a NaN that where() drops, but the interpreter (numpy) reports it
+    return (tl.where(use_ref, kl_w, 0.0), tl.where(on, beta * tl.where(on, kl_w, 0.0), 0.0),
+            tl.where(on, beta * tl.where(on, dkl_w, 0.0), 0.0), tl.where(on, beta * tl.where(on, kz, 0.0), 0.0))
 
 
 @triton.jit
