@@ -400,14 +400,14 @@ CHEAP = [("logits", "reference"), ("logits", "torch"), ("hidden", "reference"), 
 
 
 @pytest.mark.parametrize("entry, backend", CHEAP)
-@settings(max_examples=12, **SETTINGS)
+@settings(max_examples=20, **SETTINGS)
 @given(c=case_strategy(5, [torch.float32, torch.float64], AGGS))
 def test_packed_with_garbage_matches_padded_reference(entry, backend, c):
     _packed_case(entry, backend, c)
 
 
 @pytest.mark.parametrize("entry", ["logits", "hidden"])
-@settings(max_examples=4, **SETTINGS)
+@settings(max_examples=8, **SETTINGS)
 @given(c=case_strategy(4, [torch.float32], AGGS))
 def test_packed_with_garbage_matches_padded_reference_triton(entry, c):
     _packed_case(entry, "triton", c)
@@ -446,14 +446,14 @@ split_args = dict(parts_seed=st.integers(0, 10**6), layouts=st.lists(st.booleans
 
 
 @pytest.mark.parametrize("entry, backend", CHEAP)
-@settings(max_examples=10, **SETTINGS)
+@settings(max_examples=15, **SETTINGS)
 @given(c=case_strategy(5, [torch.float32, torch.float64], SPLIT_AGGS, split=True), **split_args)
 def test_rank_split_sums_to_full_batch_reference(entry, backend, c, parts_seed, layouts):
     _split_case(entry, backend, c, parts_seed, layouts)
 
 
 @pytest.mark.parametrize("entry", ["logits", "hidden"])
-@settings(max_examples=3, **SETTINGS)
+@settings(max_examples=6, **SETTINGS)
 @given(c=case_strategy(4, [torch.float32], SPLIT_AGGS, split=True), **split_args)
 def test_rank_split_sums_to_full_batch_reference_triton(entry, c, parts_seed, layouts):
     _split_case(entry, "triton", c, parts_seed, layouts)
