@@ -107,16 +107,43 @@ def reference_loss(batch: Batch, cfg: LossConfig, dtype=torch.float64, per_token
     return reference_rows(logp, entropy, batch, cfg, compute_dtype(batch.logits.dtype), dtype, per_token)
 
 
+def reference_linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias, mask: torch.Tensor,
+                            dtype=torch.float64) -> torch.Tensor:
+    """hidden @ W^T (+ b) in `dtype`, for hidden (B, T, H) with mask (B, T) or packed (N, H) with
+    mask (N,). Masked rows of hidden are replaced by zeros first: whatever they hold (NaN, inf, as
+    attention gives for fully padded rows) must reach neither the loss nor any gradient. Masking
+    the logits afterwards (reference_vocab) is not enough: the matmul's VJP dW = dlogits^T h
+    multiplies the zero dlogits rows by the hidden rows, and 0 * NaN is NaN."""
+    zero = torch.zeros((), dtype=dtype, device=hidden.device)
+    h = torch.where(mask[..., None], hidden.to(dtype), zero)
+    logits = h @ weight.to(dtype).T
+    return logits if bias is None else logits + bias.to(dtype)
+
+
 def reference_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias, batch: Batch, cfg: LossConfig,
                           dtype=torch.float64, per_token: bool = False) -> LossOutput:
     """The loss from hidden states (B, T, H) and the LM head weight (V, H) (and bias (V,)): the
-    logits hidden @ W^T + b materialised in `dtype`, then the reference loss. Autograd gives
-    dhidden, dW, db and dlam."""
-    logits = hidden.to(dtype) @ weight.to(dtype).T
-    if bias is not None:
-        logits = logits + bias.to(dtype)
-    logp, entropy = reference_vocab(logits, batch.tokens, batch.mask, cfg.temperature, cfg.needs_entropy, dtype)
-    return reference_rows(logp, entropy, batch, cfg, compute_dtype(hidden.dtype), dtype, per_token)
+    logits hidden @ W^T + b materialised in `dtype` (reference_linear_logits: masked rows of hidden
+    take no part), then the reference loss. Autograd gives dhidden, dW, db and dlam.
+
+    Packed inputs (batch.packed_pos set): hidden (N, H), every per-token tensor of `batch` in the
+    (B, T_max) row layout; the per-token log-probs are computed on the packed rows and scattered
+    into the row layout by an autograd index op, so dhidden comes back (N, H) and per-token
+    outputs (N,)."""
+    pos = batch.packed_pos
+    if pos is None:
+        logits = reference_linear_logits(hidden, weight, bias, batch.mask, dtype)
+        logp, entropy = reference_vocab(logits, batch.tokens, batch.mask, cfg.temperature, cfg.needs_entropy, dtype)
+        return reference_rows(logp, entropy, batch, cfg, compute_dtype(hidden.dtype), dtype, per_token)
+    from ._packed import from_rows, to_rows, unpack_output  # _packed imports this module
+
+    B, T = batch.mask.shape
+    tokens, mask = from_rows(batch.tokens, pos), from_rows(batch.mask, pos)
+    logits = reference_linear_logits(hidden, weight, bias, mask, dtype)
+    logp, entropy = reference_vocab(logits, tokens, mask, cfg.temperature, cfg.needs_entropy, dtype)
+    out = reference_rows(to_rows(logp, pos, B, T), None if entropy is None else to_rows(entropy, pos, B, T), batch,
+                         cfg, compute_dtype(hidden.dtype), dtype, per_token)
+    return unpack_output(out, pos)
 
 
 def reference_rows(logp: torch.Tensor, entropy, batch: Batch, cfg: LossConfig, out_dtype, dtype=torch.float64,

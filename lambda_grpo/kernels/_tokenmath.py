@@ -64,7 +64,9 @@ def surrogate(z, logp, A, eps_low, eps_high, dual_clip, surr, tau_pos, tau_neg):
     s2 = clipped * A
     s_clip = tl.where(s2 < s1, s2, s1)  # min(s1, s2) that keeps a NaN s1 (tl.minimum would drop it)
     g_clip = tl.where(s1 <= s2, A, 0.0)  # ds/drho
-    dual = tl.where(A < 0, dual_clip * A, float("-inf"))
+    # the product only where A < 0: a disabled dual clip (+inf) times A = 0 (a masked lane, or equal
+    # rewards) would be NaN, harmless once where() drops it but reported by the interpreter (numpy)
+    dual = tl.where(A < 0, dual_clip * tl.where(A < 0, A, -1.0), float("-inf"))
     use_dual = s_clip < dual
     s_clip = tl.where(use_dual, dual, s_clip)
     g_clip = tl.where(use_dual, 0.0, g_clip)
@@ -96,8 +98,10 @@ def kl_terms(logp, ref, kl_est, beta, use_ref, rho, drho, kl_rw):
     kl_w = tl.where(rw, rho * kl, kl)
     dkl_w = tl.where(rw, rho * dkl, dkl)
     kz = tl.where(rw, kl * drho, 0.0)
-    return (tl.where(use_ref, kl_w, 0.0), tl.where(on, beta * kl_w, 0.0), tl.where(on, beta * dkl_w, 0.0),
-            tl.where(on, beta * kz, 0.0))
+    # beta multiplies only where the term is on: beta = 0 times an infinite kl (a legal -inf
+    # ref_logp) is a NaN that where() drops, but the interpreter (numpy) reports it
+    return (tl.where(use_ref, kl_w, 0.0), tl.where(on, beta * tl.where(on, kl_w, 0.0), 0.0),
+            tl.where(on, beta * tl.where(on, dkl_w, 0.0), 0.0), tl.where(on, beta * tl.where(on, kz, 0.0), 0.0))
 
 
 @triton.jit

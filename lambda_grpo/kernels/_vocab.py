@@ -34,7 +34,9 @@ def lse_entropy(row_ptr, V, inv_temp, BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.co
         e = tl.exp(x - m_new)
         if WITH_ENTROPY:
             shift = tl.where(s > 0, m - m_new, 0.0)
-            u = alpha * (u + s * shift) + tl.sum(tl.where(vm, e * (x - m_new), 0.0), 0)
+            # the lanes past V hold x = -inf and e = 0: centre them at 0, not at -inf (0 * -inf is a
+            # NaN that where() drops, but the interpreter reports it)
+            u = alpha * (u + s * shift) + tl.sum(e * tl.where(vm, x - m_new, 0.0), 0)
         s = s * alpha + tl.sum(e, 0)
         m = m_new
     log_s = tl.log(s)
