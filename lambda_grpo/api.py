@@ -246,12 +246,8 @@ def fused_linear_grpo_loss(
     name = resolve_backend(backend, hidden.device)
     _check_flags(name, hidden, False, return_per_token)
     if name == "reference":
-        from .reference import reference_linear_loss, reference_packed_loss
+        from .reference import reference_linear_loss
 
-        if batch.packed_pos is not None:
-            logits = hidden.double() @ weight.double().T + (0 if bias is None else bias.double())
-            return _finish(reference_packed_loss(logits, batch, cfg, compute_dtype(hidden.dtype), return_per_token),
-                           batch)
         return _finish(reference_linear_loss(hidden, weight, bias, batch, cfg, per_token=return_per_token), batch)
     if name == "triton":
         from ._vocab_triton import check_runnable

@@ -135,15 +135,8 @@ def reference_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias, batc
         logits = reference_linear_logits(hidden, weight, bias, batch.mask, dtype)
         logp, entropy = reference_vocab(logits, batch.tokens, batch.mask, cfg.temperature, cfg.needs_entropy, dtype)
         return reference_rows(logp, entropy, batch, cfg, compute_dtype(hidden.dtype), dtype, per_token)
-    from ._packed import from_rows, to_rows, unpack_output  # _packed imports this module
-
-    B, T = batch.mask.shape
-    tokens, mask = from_rows(batch.tokens, pos), from_rows(batch.mask, pos)
-    logits = reference_linear_logits(hidden, weight, bias, mask, dtype)
-    logp, entropy = reference_vocab(logits, tokens, mask, cfg.temperature, cfg.needs_entropy, dtype)
-    out = reference_rows(to_rows(logp, pos, B, T), None if entropy is None else to_rows(entropy, pos, B, T), batch,
-                         cfg, compute_dtype(hidden.dtype), dtype, per_token)
-    return unpack_output(out, pos)
+    logits = reference_linear_logits(hidden, weight, bias, batch.vocab_mask, dtype)
+    return reference_packed_loss(logits, batch, cfg, compute_dtype(hidden.dtype), per_token, dtype)
 
 
 def reference_rows(logp: torch.Tensor, entropy, batch: Batch, cfg: LossConfig, out_dtype, dtype=torch.float64,
@@ -291,15 +284,15 @@ def reference_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, tempera
     return out.to(compute_dtype(logits.dtype))
 
 
-def reference_packed_loss(logits: torch.Tensor, batch: Batch, cfg: LossConfig, out_dtype, per_token: bool
-                          ) -> LossOutput:
-    """The float64 reference for packed logits (N, V) (or hidden @ W^T): per-token log-probs on
-    the packed rows, padded explicitly into (B, T) by an autograd scatter, then the reference row
-    math; gradients come back packed through the scatter; per-token outputs (N,)."""
+def reference_packed_loss(logits: torch.Tensor, batch: Batch, cfg: LossConfig, out_dtype, per_token: bool,
+                          dtype=torch.float64) -> LossOutput:
+    """The reference for packed logits (N, V) (or hidden @ W^T, reference_linear_loss): per-token
+    log-probs on the packed rows, padded explicitly into (B, T) by an autograd scatter, then the
+    reference row math; gradients come back packed through the scatter; per-token outputs (N,)."""
     logp, ent = reference_vocab(logits, batch.vocab_tokens, batch.vocab_mask, cfg.temperature, cfg.needs_entropy,
-                                torch.float64)
+                                dtype)
     out = reference_rows(batch.to_rows(logp), None if ent is None else batch.to_rows(ent), batch, cfg, out_dtype,
-                         torch.float64, per_token)
+                         dtype, per_token)
     if out.per_token is not None:
         out = LossOutput(out.loss, out.metrics, {k: batch.to_vocab(v) for k, v in out.per_token.items()})
     return out

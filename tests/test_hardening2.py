@@ -92,16 +92,9 @@ def test_1_masked_non_finite_hidden_states_padded(backend, bad):
 
 
 # The fix is lambda_grpo.reference.reference_linear_loss, which masks the hidden rows before the
-# matmul for padded and packed batches alike. lg.fused_linear_grpo_loss still forms the packed
-# reference's logits itself (lambda_grpo/api.py, outside this branch's files: the host-path
-# redesign owns it); once its reference branch calls reference_linear_loss for packed batches too,
-# this case passes and the strict xfail turns into a failure that asks for the mark to go.
-_API_ROUTE = pytest.mark.xfail(strict=True, reason="api.py forms the packed reference's logits itself (issue 18 "
-                                                   "point 1): route it through reference.reference_linear_loss")
-
-
+# matmul for padded and packed batches alike (lg.fused_linear_grpo_loss calls it for both).
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("backend", [pytest.param("reference", marks=_API_ROUTE), "torch", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 def test_1_masked_non_finite_hidden_states_packed(backend, bad):
     _finding_1(backend, True, bad)
 
@@ -136,7 +129,7 @@ def _triton_calls(garbage: bool):
     for cfg in configs:
         lam_c = lam if cfg.uses_lambda else None
         xl = x.clone().requires_grad_(True)
-        lg.grpo_loss(xl, tokens, mask, adv, 2, old, ref, lam_c, cfg, backend="triton",
+        lg.grpo_loss(xl, tokens, mask, adv, 2, old, ref, lam_c, config=cfg, backend="triton",
                      token_weights=tw).loss.backward()
         hl = hidden.clone().requires_grad_(True)
         lg.fused_linear_grpo_loss(hl, weight, tokens, mask, adv, 2, old_logp=old, ref_logp=ref, lam=lam_c, config=cfg,
@@ -146,7 +139,7 @@ def _triton_calls(garbage: bool):
     ref_inf = ref.clone()
     ref_inf[0, int(mask[0].nonzero()[0, 0])] = float("-inf")
     out = lg.grpo_loss(x.clone().requires_grad_(True), tokens, mask, adv, 2, old, ref_inf, None,
-                       lg.LossConfig(aggregation="dapo", trace="recent"), backend="triton")
+                       config=lg.LossConfig(aggregation="dapo", trace="recent"), backend="triton")
     out.loss.backward()
     assert torch.isinf(out.metrics["kl_mean"]) and torch.isfinite(out.loss)
     lens = [3, 0, 4, 2]
@@ -155,7 +148,7 @@ def _triton_calls(garbage: bool):
     mp = mask.reshape(-1)[:9]
     assert sum(lens) == 9
     lg.grpo_loss(xp, tokens.reshape(-1)[:9], mp, adv, 2, old.reshape(-1)[:9], ref.reshape(-1)[:9], None,
-                 lg.LossConfig(aggregation="dapo", beta=0.1, entropy_coef=0.02), backend="triton",
+                 config=lg.LossConfig(aggregation="dapo", beta=0.1, entropy_coef=0.02), backend="triton",
                  cu_seqlens=cu).loss.backward()
     xt = torch.randn(3, 4, V, generator=g).requires_grad_(True)
     lg.token_logprobs(xt, torch.randint(0, V, (3, 4), generator=g), backend="triton").sum().backward()

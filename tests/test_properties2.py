@@ -379,11 +379,6 @@ def compare(entry, c, d, got, truth, base, full_outputs=True):
 def _packed_case(entry, backend, c: Case):
     if backend == "reference":
         c = replace(c, dtype=torch.float64)
-        if entry == "hidden" and c.bad != "huge":
-            # api.py forms the packed reference's logits from the raw hidden rows (issue 18 point 1,
-            # tests/test_hardening2.py::test_1_masked_non_finite_hidden_states_packed, a strict
-            # xfail until api.py routes through reference.reference_linear_loss): finite garbage
-            c = replace(c, bad="huge")
     d = make_data(c, entry)
     truth, base = baseline_run(entry, c, d)
     leaves = _leaves(entry, d, c.dtype, c)
@@ -419,8 +414,6 @@ def test_packed_with_garbage_matches_padded_reference_triton(entry, c):
 def _split_case(entry, backend, c: Case, parts_seed: int, layouts: List[bool]):
     if backend == "reference":
         c = replace(c, dtype=torch.float64)
-        if entry == "hidden":  # padded ranks only, with any garbage: a packed rank's reference is
-            layouts = [False]  # formed by api.py (see _packed_case)
     d = make_data(c, entry)
     B = len(c.lens)
     g = torch.Generator().manual_seed(parts_seed)
