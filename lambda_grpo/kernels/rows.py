@@ -43,6 +43,110 @@ def _lin(a1, v1, a2, v2):
     return a1 * a2, v1 * a2 + v2
 
 
+# --------------------------------------------------------------------------------------------
+# Phases of the ratio-mode trace (docs/math.md §3), over the valid-token ordinals k < n of one row.
+# Scratch planes are float64 rows indexed by ordinal; `pos` maps an ordinal back to its column.
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _compact_log_ratio(logp_row, old_row, mask_row, T, x_out, pos_out, use_old, BLOCK_T: tl.constexpr):
+    """Phase A: x_k = logp - old of the valid tokens, compacted by ordinal into x_out (float64),
+    their columns into pos_out. On-policy (no old) x = lp - lp: 0, or NaN for a non-finite lp."""
+    ar = tl.arange(0, BLOCK_T)
+    carry = tl.zeros([], tl.int32)
+    for t0 in range(0, T, BLOCK_T):
+        cols = t0 + ar
+        mk = tl.load(mask_row + cols, mask=cols < T, other=0) != 0
+        lp = tl.load(logp_row + cols, mask=mk, other=0.0)
+        old = tl.where(use_old, tl.load(old_row + cols, mask=mk & use_old, other=0.0), lp)
+        x = tl.where(mk, lp - old, 0.0)
+        o = tl.cumsum(mk.to(tl.int32), 0) + carry - 1
+        tl.store(x_out + o, x.to(tl.float64), mask=mk)
+        tl.store(pos_out + o, cols, mask=mk)
+        carry += tl.sum(mk.to(tl.int32), 0)
+
+
+@triton.jit
+def _trace_forward(s_x, s_r, s_p, n, a, ln_a, BLOCK_T: tl.constexpr, TRACE: tl.constexpr):
+    """Phases B and C: the traced log-ratio z of every ordinal. B: R_k = x_k + a R_{k-1} (a linear
+    scan) into s_r, and for "both" P_k = P_{k-1} + a^k x_k into s_p. C ("both"):
+    z_k = P_{m-1} + R_k - a^(k-m+1) R_{m-1}, m = ceil(k/2), into s_x. z is then s_r ("recent") or
+    s_x ("both")."""
+    ar = tl.arange(0, BLOCK_T)
+    Rc = tl.zeros([], tl.float64)
+    Pc = tl.zeros([], tl.float64)
+    for k0 in range(0, n, BLOCK_T):
+        k = k0 + ar
+        km = k < n
+        x = tl.load(s_x + k, mask=km, other=0.0, volatile=True)
+        xin = tl.where(k == k0, x + a * Rc, x)
+        _, R = tl.associative_scan((tl.full([BLOCK_T], 1.0, tl.float64) * a, xin), 0, _lin)
+        tl.store(s_r + k, R, mask=km)
+        Rc = tl.sum(tl.where(k == k0 + BLOCK_T - 1, R, 0.0), 0)
+        if TRACE == 2:
+            P = tl.cumsum(tl.exp(k.to(tl.float64) * ln_a) * x, 0) + Pc
+            tl.store(s_p + k, P, mask=km)
+            Pc = tl.sum(tl.where(k == k0 + BLOCK_T - 1, P, 0.0), 0)
+    tl.debug_barrier()
+    if TRACE == 2:
+        for k0 in range(0, n, BLOCK_T):
+            k = k0 + ar
+            km = k < n
+            m = (k + 1) // 2
+            has = km & (k >= 1)
+            Rm = tl.load(s_r + (m - 1), mask=has, other=0.0, volatile=True)
+            Pm = tl.load(s_p + (m - 1), mask=has, other=0.0, volatile=True)
+            Rk = tl.load(s_r + k, mask=km, other=0.0, volatile=True)
+            z = Pm + Rk - tl.exp((k - m + 1).to(tl.float64) * ln_a) * Rm
+            tl.store(s_x + k, z, mask=km)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _trace_adjoint(s_g, s_u, s_q, pos, coef_row, n, w, a, ln_a, BLOCK_T: tl.constexpr, TRACE: tl.constexpr):
+    """Phases E and F: the VJP of the ratio-mode trace z_t = sum_{k<=t} w(t, k) x_k, given
+    g_t = dl_t/dz_t (s_g, by ordinal): dL/dx_k = sum_{t>=k} w(t, k) g_t, added (times the row
+    weight w) to coef_row at the token's column (dx_k/dlogp_k = 1: old is a constant).
+    - recent, w = a^(t-k): the reverse scan U_k = g_k + a U_{k+1} (phase E), dL/dx_k = U_k.
+    - both, w = a^min(t-k, k): a^(t-k) for t <= 2k, a^k beyond, so with e = min(2k, n-1)
+      dL/dx_k = (U_k - a^(e-k+1) U_{e+1}) + a^k Q_{2k+1}, Q_k = sum_{t>=k} g_t: E writes U and Q
+      into s_u and s_q, F combines them."""
+    ar = tl.arange(0, BLOCK_T)
+    Uc = tl.zeros([], tl.float64)
+    Qc = tl.zeros([], tl.float64)
+    nchunks = tl.cdiv(n, BLOCK_T)
+    for j in range(0, nchunks):
+        k0 = (nchunks - 1 - j) * BLOCK_T
+        k = k0 + ar
+        km = k < n
+        g = tl.load(s_g + k, mask=km, other=0.0, volatile=True)
+        gin = tl.where(k == k0 + BLOCK_T - 1, g + a * Uc, g)
+        _, U = tl.associative_scan((tl.full([BLOCK_T], 1.0, tl.float64) * a, gin), 0, _lin, reverse=True)
+        Uc = tl.sum(tl.where(k == k0, U, 0.0), 0)
+        if TRACE == 1:
+            p = tl.load(pos + k, mask=km, other=0, volatile=True)
+            cur = tl.load(coef_row + p, mask=km, other=0.0, volatile=True)
+            tl.store(coef_row + p, cur + (w * U).to(tl.float32), mask=km)
+        else:
+            Q = tl.cumsum(g, 0, reverse=True) + Qc
+            Qc = tl.sum(tl.where(k == k0, Q, 0.0), 0)
+            tl.store(s_u + k, U, mask=km)
+            tl.store(s_q + k, Q, mask=km)
+    if TRACE == 2:
+        tl.debug_barrier()
+        for k0 in range(0, n, BLOCK_T):
+            k = k0 + ar
+            km = k < n
+            e = tl.minimum(2 * k, n - 1)
+            U = tl.load(s_u + k, mask=km, other=0.0, volatile=True)
+            Ue = tl.load(s_u + (e + 1), mask=km & (e + 1 < n), other=0.0, volatile=True)
+            Q2 = tl.load(s_q + (2 * k + 1), mask=km & (2 * k + 1 < n), other=0.0, volatile=True)
+            kf = k.to(tl.float64)
+            dx = U - tl.exp((e - k + 1).to(tl.float64) * ln_a) * Ue + tl.exp(kf * ln_a) * Q2
+            p = tl.load(pos + k, mask=km, other=0, volatile=True)
+            cur = tl.load(coef_row + p, mask=km, other=0.0, volatile=True)
+            tl.store(coef_row + p, cur + (w * dx).to(tl.float32), mask=km)
+
+
 @triton.jit(do_not_specialize=["T", "kl_est", "has_old", "has_ref", "has_ent", "has_c", "has_z", "write_coef",
                                 "write_tok", "surr", "kl_rw"])
 def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, len_ptr, roww_ptr, z_ptr,
@@ -81,48 +185,9 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
     use_c = (tl.zeros([BLOCK_T], tl.int32) + has_c) != 0
     use_z = (tl.zeros([BLOCK_T], tl.int32) + has_z) != 0
     if TRACE != 0:
-        # phase A: compact x_t = logp_t - old_t of the valid tokens by ordinal
-        carry = tl.zeros([], tl.int32)
-        for t0 in range(0, T, BLOCK_T):
-            cols = t0 + ar
-            mk = tl.load(mask_ptr + base + cols, mask=cols < T, other=0) != 0
-            lp = tl.load(logp_ptr + base + cols, mask=mk, other=0.0)
-            old = tl.where(use_old, tl.load(old_ptr + base + cols, mask=mk & use_old, other=0.0), lp)
-            x = tl.where(mk, lp - old, 0.0)  # on-policy lp - lp: 0, or NaN for a non-finite lp
-            o = tl.cumsum(mk.to(tl.int32), 0) + carry - 1
-            tl.store(s0 + o, x.to(tl.float64), mask=mk)
-            tl.store(pos + o, cols, mask=mk)
-            carry += tl.sum(mk.to(tl.int32), 0)
+        _compact_log_ratio(logp_ptr + base, old_ptr + base, mask_ptr + base, T, s0, pos, use_old, BLOCK_T)
         tl.debug_barrier()
-        # phase B: R_k = x_k + a R_{k-1} (linear scan), P_k = P_{k-1} + a^k x_k, over k < n
-        Rc = tl.zeros([], tl.float64)
-        Pc = tl.zeros([], tl.float64)
-        for k0 in range(0, n, BLOCK_T):
-            k = k0 + ar
-            km = k < n
-            x = tl.load(s0 + k, mask=km, other=0.0, volatile=True)
-            xin = tl.where(k == k0, x + a * Rc, x)
-            _, R = tl.associative_scan((tl.full([BLOCK_T], 1.0, tl.float64) * a, xin), 0, _lin)
-            tl.store(s1 + k, R, mask=km)
-            Rc = tl.sum(tl.where(k == k0 + BLOCK_T - 1, R, 0.0), 0)
-            if TRACE == 2:
-                P = tl.cumsum(tl.exp(k.to(tl.float64) * ln_a) * x, 0) + Pc
-                tl.store(s2 + k, P, mask=km)
-                Pc = tl.sum(tl.where(k == k0 + BLOCK_T - 1, P, 0.0), 0)
-        tl.debug_barrier()
-        if TRACE == 2:
-            # phase C: z_k = P_{m-1} + R_k - a^(k-m+1) R_{m-1}, m = ceil(k/2)
-            for k0 in range(0, n, BLOCK_T):
-                k = k0 + ar
-                km = k < n
-                m = (k + 1) // 2
-                has = km & (k >= 1)
-                Rm = tl.load(s1 + (m - 1), mask=has, other=0.0, volatile=True)
-                Pm = tl.load(s2 + (m - 1), mask=has, other=0.0, volatile=True)
-                Rk = tl.load(s1 + k, mask=km, other=0.0, volatile=True)
-                z = Pm + Rk - tl.exp((k - m + 1).to(tl.float64) * ln_a) * Rm
-                tl.store(s0 + k, z, mask=km)
-            tl.debug_barrier()
+        _trace_forward(s0, s1, s2, n, a, ln_a, BLOCK_T, TRACE)
     # phase D: per-token loss, sums, direct coefficients
     acc_s = tl.zeros([BLOCK_T], tl.float32)
     acc_lo = tl.zeros([BLOCK_T], tl.float32)
@@ -190,51 +255,8 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
     tl.store(parts + P_KL, tl.sum(acc_kl, 0))
     tl.store(parts + P_H, tl.sum(acc_h, 0))
     if TRACE != 0:
-        # VJP of the ratio-mode trace z_t = sum_{k<=t} w(t, k) x_k, given g_t = dl_t/dz_t:
-        #   dL/dx_k = sum_{t>=k} w(t, k) g_t.
-        #   recent, w = a^(t-k): the reverse scan U_k = g_k + a U_{k+1}.
-        #   both, w = a^min(t-k, k): a^(t-k) for t <= 2k, a^k beyond, so with e = min(2k, n-1)
-        #   dL/dx_k = (U_k - a^(e-k+1) U_{e+1}) + a^k Q_{2k+1}, Q_k = sum_{t>=k} g_t.
-        # dx_k/dlogp_k = 1 (old is a constant), so this adds w_i dL/dx_k to the token's
-        # coefficient next to its direct KL term.
         tl.debug_barrier()
-        # phase E: reverse scans U_k = g_k + a U_{k+1}, Q_k = g_k + Q_{k+1} over k < n
-        Uc = tl.zeros([], tl.float64)
-        Qc = tl.zeros([], tl.float64)
-        nchunks = tl.cdiv(n, BLOCK_T)
-        for j in range(0, nchunks):
-            k0 = (nchunks - 1 - j) * BLOCK_T
-            k = k0 + ar
-            km = k < n
-            g = tl.load(s3 + k, mask=km, other=0.0, volatile=True)
-            gin = tl.where(k == k0 + BLOCK_T - 1, g + a * Uc, g)
-            _, U = tl.associative_scan((tl.full([BLOCK_T], 1.0, tl.float64) * a, gin), 0, _lin, reverse=True)
-            Uc = tl.sum(tl.where(k == k0, U, 0.0), 0)
-            if TRACE == 1:
-                # recent: dL/dx_k = U_k, added to the token's direct (KL) coefficient
-                p = tl.load(pos + k, mask=km, other=0, volatile=True)
-                cur = tl.load(coef_lp_ptr + base + p, mask=km, other=0.0, volatile=True)
-                tl.store(coef_lp_ptr + base + p, cur + (w * U).to(tl.float32), mask=km)
-            else:
-                Q = tl.cumsum(g, 0, reverse=True) + Qc
-                Qc = tl.sum(tl.where(k == k0, Q, 0.0), 0)
-                tl.store(s1 + k, U, mask=km)
-                tl.store(s2 + k, Q, mask=km)
-        if TRACE == 2:
-            tl.debug_barrier()
-            # phase F: dL/dx_k = U_k - a^(e-k+1) U_{e+1} + a^k Q_{2k+1}, e = min(2k, n-1)
-            for k0 in range(0, n, BLOCK_T):
-                k = k0 + ar
-                km = k < n
-                e = tl.minimum(2 * k, n - 1)
-                U = tl.load(s1 + k, mask=km, other=0.0, volatile=True)
-                Ue = tl.load(s1 + (e + 1), mask=km & (e + 1 < n), other=0.0, volatile=True)
-                Q2 = tl.load(s2 + (2 * k + 1), mask=km & (2 * k + 1 < n), other=0.0, volatile=True)
-                kf = k.to(tl.float64)
-                dx = U - tl.exp((e - k + 1).to(tl.float64) * ln_a) * Ue + tl.exp(kf * ln_a) * Q2
-                p = tl.load(pos + k, mask=km, other=0, volatile=True)
-                cur = tl.load(coef_lp_ptr + base + p, mask=km, other=0.0, volatile=True)
-                tl.store(coef_lp_ptr + base + p, cur + (w * dx).to(tl.float32), mask=km)
+        _trace_adjoint(s3, s1, s2, pos, coef_lp_ptr + base, n, w, a, ln_a, BLOCK_T, TRACE)
 
 
 def launch_rows(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, lengths: torch.Tensor,
