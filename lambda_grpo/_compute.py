@@ -93,7 +93,7 @@ def loss_forward(logits: Tensor, parts, lam: Optional[Tensor], config: str, engi
     dtype = compute_dtype(logits.dtype)
     x2 = logits.view(-1, V) if logits.is_contiguous() else logits.reshape(-1, V)
     tokens, mask = batch.vocab_tokens, batch.vocab_mask
-    consts = token_constants(batch, cfg, dtype)
+    consts = token_constants(batch, cfg, dtype, eng.group_weights)
     tau = float(cfg.temperature)
     fused = f.need_grad and not cfg.row_coupled
     grad, rows = _empty(logits), _empty(logits, dtype)  # two tensors: op outputs may not alias

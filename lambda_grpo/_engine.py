@@ -12,7 +12,7 @@ clamped into [0, V), `mask` (N,) bool; per-token results (N,) in the compute dty
 from __future__ import annotations
 
 import importlib
-from typing import Optional, Protocol, Tuple
+from typing import Callable, Optional, Protocol, Tuple
 
 import torch
 
@@ -23,6 +23,9 @@ class Engine(Protocol):
     # True: an upstream gradient is applied to a saved gradient in place, on the device, without a
     # host read (lambda_grpo/_ops.py:_upstream); False: read on the host, the saved gradient untouched
     RESCALE_IN_PLACE: bool
+    # lambda-GRPO's (w, f, df) in one launch, or None: the torch row math computes them
+    # (lambda_grpo/_rowmath.py:aggregation_weights)
+    group_weights: Optional[Callable]
 
     def vocab_forward(self, logits2d: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, tau: float,
                       want_entropy: bool, want_lse: bool

@@ -103,7 +103,7 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     tokens = batch.vocab_tokens.index_select(0, idx)
     pos = batch.packed_pos
     dst = idx if pos is None else pos.index_select(0, idx)
-    consts = token_constants(batch, cfg, dtype)
+    consts = token_constants(batch, cfg, dtype, eng.group_weights)
     ones = torch.ones(n, dtype=torch.bool, device=dev)
     logp = torch.zeros(B * T, dtype=dtype, device=dev)
     ent = torch.zeros(B * T, dtype=dtype, device=dev) if cfg.needs_entropy else None

@@ -86,7 +86,8 @@ def lambda_grpo_weights_and_grad(lengths: torch.Tensor, group_size: int, lam: to
 
 def aggregation_weights(cfg: LossConfig, lengths: torch.Tensor, count: torch.Tensor, n_tok: torch.Tensor,
                         n_seq: Optional[torch.Tensor], T: int, lam: Optional[torch.Tensor], group_size: int, dtype,
-                        group_lengths: Optional[torch.Tensor] = None, group_index: Optional[torch.Tensor] = None):
+                        group_lengths: Optional[torch.Tensor] = None, group_index: Optional[torch.Tensor] = None,
+                        group_weights=None):
     """docs/math.md §6, the one copy every fast backend uses: the weight W_{i,t} = w_i of each
     valid token of row i, f_i and df_i/dlambda / max(1, N_tok).
 
@@ -98,6 +99,9 @@ def aggregation_weights(cfg: LossConfig, lengths: torch.Tensor, count: torch.Ten
     other micro-batches or on other ranks). Returns (w (B,), f (B,), df (B,) or None) in `dtype`
     (f, df computed in float64). w is finite for every row, an empty one included (dr_grpo's L is
     at least 1, grpo's n_i is clamped at 1), so an empty row's sum 0 contributes exactly 0.
+    group_weights: an engine's one-launch implementation of the lambda-GRPO branch (the Triton
+    engine's lambda_grpo/kernels/groups.py, tested against lambda_grpo_weights_and_grad), fp32;
+    it may decline (None) a group it cannot take.
     """
     B = lengths.shape[0]
     dev = lengths.device
@@ -120,6 +124,12 @@ def aggregation_weights(cfg: LossConfig, lengths: torch.Tensor, count: torch.Ten
     elif agg == "seq_mean_token_sum":
         w = (1 / n_seq).expand(B)
     elif agg == "lambda_grpo":
+        fast = None
+        if group_weights is not None and dtype == torch.float32:
+            fast = group_weights(lengths, group_size, lam, cfg.length_r, n_tok, group_lengths, group_index)
+        if fast is not None:
+            w, f, df = fast
+            return w, f, df
         lam64 = lam.detach().to(device=lengths.device, dtype=torch.float64)
         if group_lengths is None:
             f64, df64 = lambda_grpo_weights_and_grad(lengths.to(torch.float64), group_size, lam64, cfg.length_r)
@@ -159,8 +169,9 @@ def weight_trace_coefficients(mask: torch.Tensor, cfg: LossConfig, dtype) -> tor
     return torch.where(mask, c, torch.zeros_like(c)).to(dtype)
 
 
-def token_constants(batch: Batch, cfg: LossConfig, dtype) -> TokenConstants:
-    """TokenConstants of a validated batch (see the class); no host sync."""
+def token_constants(batch: Batch, cfg: LossConfig, dtype, group_weights=None) -> TokenConstants:
+    """TokenConstants of a validated batch (see the class); no host sync. group_weights: the
+    engine's lambda-GRPO weights in one launch, or None (see aggregation_weights)."""
     mask = batch.mask
     B, T = mask.shape
     lengths = mask.sum(dim=1, dtype=torch.int32)
@@ -172,7 +183,7 @@ def token_constants(batch: Batch, cfg: LossConfig, dtype) -> TokenConstants:
         A = torch.clamp(A, min=cfg.adv_clamp_min)
     A = torch.where(mask, A, 0.0)
     w_row, seq_weight, dseq = aggregation_weights(cfg, lengths, count, n_tok, n_seq, T, batch.lam, batch.group_size,
-                                                  dtype, batch.group_lengths, batch.group_index)
+                                                  dtype, batch.group_lengths, batch.group_index, group_weights)
     W = torch.where(mask, w_row[:, None], 0.0)
     # c_t multiplies the surrogate of token t: the weight-mode trace coefficient times the
     # per-token importance weight, whichever are present (None: both absent, c = 1)

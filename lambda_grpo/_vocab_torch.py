@@ -399,6 +399,8 @@ def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, 
 # an upstream gradient is applied by reading it on the host (lambda_grpo/_ops.py:_upstream): on a CPU
 # that read costs nothing, and d itself is the gradient when g == 1 (no pass over it)
 RESCALE_IN_PLACE = False
+# lambda-GRPO's group weights: the torch row math's own (lambda_grpo/_rowmath.py)
+group_weights = None
 
 
 def scale_(d: torch.Tensor, mask: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from ._rowmath import (CLIP_CODES, FusedInputs, RowPass, TokenConstants, log_rat
                        row_coefficients)
 from ._validate import fail
 from .kernels._config import LOGITS_DTYPES
+from .kernels.groups import launch_group_weights
 from .kernels.rows import PART, launch_rows
 from .kernels.vocab_bwd import scale_rows, vocab_backward as _vocab_backward
 from .kernels.vocab_fused import vocab_fused as _vocab_fused
@@ -98,6 +99,8 @@ def vocab_backward(logits2d, tokens, mask, lse, gl, gh, H, tau: float, scale: to
 
 # apply an upstream gradient to a saved gradient in place, on the device (lambda_grpo/_ops.py:_upstream)
 RESCALE_IN_PLACE = True
+# lambda-GRPO's group weights in one launch (lambda_grpo/kernels/groups.py)
+group_weights = launch_group_weights
 
 
 def scale_(d2d: torch.Tensor, mask: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

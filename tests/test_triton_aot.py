@@ -85,7 +85,7 @@ def test_vocab_tiles_use_vector_loads():
 
 
 FLOAT_HYPERPARAMETERS = {"inv_temp", "eps_low", "eps_high", "dual_clip", "tau_pos", "tau_neg", "beta",
-                         "ent_coef", "a", "ln_a"}
+                         "ent_coef", "a", "ln_a", "length_r"}
 
 
 def test_hyperparameters_never_specialise():

@@ -26,6 +26,10 @@ VOCAB_WARPS = 8
 # its cost is O(B*T), negligible next to the vocab passes.
 ROW_BLOCK_T = 128
 ROW_WARPS = 4
+# λ-GRPO group weights: one program per row over its group's G lengths, G <= MAX_GROUP_BLOCK
+# (larger groups fall back to the torch function); a handful of float64 flops per length.
+MAX_GROUP_BLOCK = 256
+GROUP_WARPS = 1
 
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The kernels' integer codes of the config's names: the one table. The kernels compare against the
@@ -86,6 +90,17 @@ def row_launch(trace) -> Launch:
     return _launch(ROW_WARPS, BLOCK_T=ROW_BLOCK_T, TRACE=TRACE_CODES[trace])
 
 
+def group_launch(group_size: int):
+    """The group-weights kernel's launch for groups of `group_size` rows, or None beyond
+    MAX_GROUP_BLOCK. BLOCK_G is the next power of two: one compiled variant per power."""
+    block = 1
+    while block < group_size:
+        block *= 2
+    if block > MAX_GROUP_BLOCK:
+        return None
+    return _launch(GROUP_WARPS, BLOCK_G=block)
+
+
 def specialisations():
     """Every (kernel name, signature-dtype choices, Launch) the launchers can pick.
 
@@ -99,3 +114,7 @@ def specialisations():
         yield "scale", dt, scale_launch()
     for tr in (None, "recent", "both"):
         yield "rows", None, row_launch(tr)
+    block = 1
+    while block <= MAX_GROUP_BLOCK:
+        yield "groups", None, group_launch(block)
+        block *= 2
