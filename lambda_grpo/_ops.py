@@ -121,8 +121,6 @@ def _loss_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
     ctx.config, ctx.engine, ctx.inplace = config, eng, f.inplace
-    # inplace_backward on a leaf: its .grad must not share the logits' storage (docs/math.md §12)
-    ctx.leaf = logits.is_leaf
     ctx.fused = f.need_grad and not cfg.row_coupled
     ctx.lam_meta = None if lam is None else (lam.dtype, lam.device)
     ctx.used = False
@@ -176,8 +174,7 @@ def _loss_backward(ctx, g_loss, *unused):
         g = g_loss.detach()
         if ctx.fused and ctx.inplace:
             engine(ctx.engine).scale_(logits.view(-1, logits.shape[-1]), mask, g)
-            # a new tensor object over the logits' storage (see below); a leaf's .grad gets a copy
-            dlogits = logits.clone() if ctx.leaf else logits.detach()
+            dlogits = logits.detach()  # a new tensor object over the logits' storage (see below)
         elif ctx.fused:
             dlogits = _upstream(ctx, grad, mask, g)
         elif ctx.inplace:
@@ -185,9 +182,9 @@ def _loss_backward(ctx, g_loss, *unused):
             # A new tensor object over the logits' storage: returning the saved logits themselves
             # (the caller's tensor, referenced by the caller) makes autograd copy the gradient
             # into a new buffer instead of taking it as .grad (AccumulateGrad steals only a
-            # gradient nothing else references), which undoes inplace_backward. A leaf gets a
-            # copy: its .grad must not share the logits' storage (docs/math.md §12).
-            dlogits = logits.clone() if ctx.leaf else logits.detach()
+            # gradient nothing else references), which undoes inplace_backward. A leaf's .grad is
+            # then the logits' own storage (docs/math.md §12).
+            dlogits = logits.detach()
         else:
             dlogits = torch.ops.lambda_grpo.loss_bwd(logits, tokens, mask, rows, g, ctx.config, ctx.engine)
     return dlogits, None, _lam_grad(ctx, g_loss, dlam, 2), None, None, None

@@ -14,13 +14,17 @@ B, T, V, G = 4, 5, 11, 2
 FAST = ["torch", "triton"]
 
 
-# --- 3. inplace_backward with a leaf logits: .grad never shares the logits' storage ------------
+# --- 3. inplace_backward with a leaf logits: the docs say what the code does -------------------
 
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("trace", [None, "recent"])  # fused schedule; two-pass schedule
-def test_3_inplace_leaf_gradient_is_a_copy(backend, trace):
-    """docs/math.md §12 and the README promise a copy for a leaf: refilling or zeroing the logits
-    after backward must leave .grad as it was."""
+def test_3_inplace_leaf_gradient_is_the_logits_storage_as_documented(backend, trace):
+    """inplace_backward gives a leaf logits its own buffer as .grad, no copy (the memory the option
+    exists to save; tests/test_torch_memory.py counts it): .grad shares the logits' storage, so
+    zeroing the logits zeroes the gradient. bd63c12's README and docs/math.md §12 promised a copy;
+    they now say this, and this test holds them to it."""
+    from pathlib import Path
+
     inp = make_batch(B=B, T=T, V=V, G=G, seed=4)
     cfg = lg.LossConfig(aggregation="dapo", trace=trace)
     ref = inp["logits"].clone().requires_grad_(True)
@@ -29,12 +33,17 @@ def test_3_inplace_leaf_gradient_is_a_copy(backend, trace):
     x = inp["logits"].clone().requires_grad_(True)
     lg.grpo_loss(x, inp["tokens"], inp["mask"], inp["advantages"], G, inp["old_logp"], config=cfg, backend=backend,
                  inplace_backward=True).loss.backward()
-    assert x.grad.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
-    grad = x.grad.clone()
+    torch.testing.assert_close(x.grad, ref.grad, rtol=0, atol=0)
+    assert x.grad.data_ptr() == x.data_ptr()
     with torch.no_grad():
-        x.zero_()  # the user refills the logits buffer
-    assert torch.equal(x.grad, grad)
-    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-6, atol=1e-7)
+        x.zero_()  # the user refills the logits buffer: the gradient goes with it, as documented
+    assert not x.grad.any()
+    root = Path(__file__).resolve().parent.parent
+    math_md = (root / "docs" / "math.md").read_text()
+    section = math_md.split("## 12. In-place backward", 1)[1].split("\n## ", 1)[0]
+    assert "shares the logits' storage" in section and "copies it into" not in section
+    readme = (root / "README.md").read_text()
+    assert "`.grad` shares the logits' storage" in readme and "autograd copies the gradient into `.grad`" not in readme
 
 
 # --- 4, 7. meta-device tensors on the entry points from log-probs and hidden states -----------
