@@ -26,7 +26,8 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import Callable, Dict, List, Tuple
 
-OUR_KERNELS = ("vocab_fused_kernel", "vocab_fwd_kernel", "vocab_bwd_kernel", "row_kernel", "scale_kernel")
+OUR_KERNELS = ("vocab_fused_kernel", "vocab_fwd_kernel", "vocab_bwd_kernel", "row_kernel", "scale_kernel",
+               "group_weights_kernel")
 # launchers of the Triton engine (lambda_grpo/_vocab_triton.py) that the custom ops look up at run time
 ENGINE_LAUNCHERS = ("vocab_fused", "vocab_forward", "vocab_backward", "row_pass", "scale_")
 FUSED_LAUNCHERS = ("vocab_fused",)

@@ -90,7 +90,8 @@ def delegated(args) -> Optional[str]:
 ROUTES = ("logprobs", "logits")
 LAMBDA_STATE = "lambda_grpo_state.pt"
 _DEFAULT_LAMBDA_LR = 0.1
-_DEFAULT_LENGTH_R = 1.0 / 9.0
+_DEFAULTS = LossConfig()  # the adapter's defaults are LossConfig's, never retyped
+_DEFAULT_LENGTH_R = _DEFAULTS.length_r
 # Model inputs TRL forwards to _get_per_token_logps_and_entropies besides the ids (multimodal).
 _FORWARD_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
                  "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
@@ -114,9 +115,9 @@ class LambdaGRPOConfig(GRPOConfig):
 
     trace: Optional[str] = field(default=None, metadata={
         "help": "GRPO-λ eligibility traces: None, 'recent' or 'both' (LossConfig.trace)."})
-    trace_decay: float = field(default=0.99, metadata={
+    trace_decay: float = field(default=_DEFAULTS.trace_decay, metadata={
         "help": "Trace decay a = γ·λ_trace in (0, 1] (LossConfig.trace_decay)."})
-    trace_mode: str = field(default="ratio", metadata={
+    trace_mode: str = field(default=_DEFAULTS.trace_mode, metadata={
         "help": "'ratio' traces the log-ratio, 'weight' the per-token loss (LossConfig.trace_mode)."})
     adv_clamp_min: Optional[float] = field(default=None, metadata={
         "help": "If set, advantages are clamped from below at this value (GRPO-λ uses -0.1)."})

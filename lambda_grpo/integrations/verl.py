@@ -112,6 +112,7 @@ GROUP_LENGTHS_KEY = "lg_group_lengths"
 GROUP_INDEX_KEY = "lg_group_index"
 # λ's SGD rate by default, as lambda_grpo.trainer's TrainConfig.lambda_lr
 LAMBDA_LR = 0.1
+_DEFAULTS = LossConfig()  # the adapter's defaults are LossConfig's, never retyped
 # λ's state in a verl checkpoint directory: one file per rank, next to verl's own shards
 LAMBDA_CKPT = "lambda_grpo_world_size_{world}_rank_{rank}.json"
 
@@ -195,8 +196,8 @@ def loss_config_from_verl(config, loss_agg_mode: str, *, aggregation: Optional[s
                       sapo_tau_neg=float(_get(config, "tau_neg", 1.05)))
     fields.update(
         beta=float(beta), kl_estimator=kl_estimator, entropy_coef=float(entropy_coef),
-        trace=_get(pl, "trace"), trace_decay=float(_get(pl, "trace_decay", 0.99)),
-        trace_mode=_get(pl, "trace_mode", "ratio"), adv_clamp_min=_get(pl, "adv_clamp_min"),
+        trace=_get(pl, "trace"), trace_decay=float(_get(pl, "trace_decay", _DEFAULTS.trace_decay)),
+        trace_mode=_get(pl, "trace_mode", _DEFAULTS.trace_mode), adv_clamp_min=_get(pl, "adv_clamp_min"),
     )
     if fields["adv_clamp_min"] is not None:
         fields["adv_clamp_min"] = float(fields["adv_clamp_min"])
@@ -477,8 +478,8 @@ if _VERL_ERROR is None:
 
         loss_mode: str = LOSS_NAME
         trace: Optional[str] = None
-        trace_decay: float = 0.99
-        trace_mode: str = "ratio"
+        trace_decay: float = _DEFAULTS.trace_decay
+        trace_mode: str = _DEFAULTS.trace_mode
         adv_clamp_min: Optional[float] = None
         lambda_lr: float = LAMBDA_LR
         lambda_init: float = 0.0
@@ -648,7 +649,7 @@ def _actor_loss_config(config, length_r: float) -> LossConfig:
 
 
 def lambda_grpo_actor_loss(config, model_output, data, dp_group=None, *, lam_state: LambdaState,
-                           length_r: float = 1.0 / 9.0):
+                           length_r: float = _DEFAULTS.length_r):
     """The whole verl actor loss of λ-GRPO, for ``set_loss_fn(partial(lambda_grpo_actor_loss,
     config=actor_config, lam_state=state))`` in place of verl's ``ppo_loss`` (same arguments).
 
@@ -709,9 +710,9 @@ def _loss_fn_target(loss_fn, ppo_loss):
     if isinstance(loss_fn, functools.partial) and not loss_fn.args and "config" in loss_fn.keywords:
         kw = dict(loss_fn.keywords)
         if loss_fn.func is ppo_loss and set(kw) == {"config"}:
-            return kw["config"], 1.0 / 9.0
+            return kw["config"], _DEFAULTS.length_r
         if loss_fn.func is lambda_grpo_actor_loss and set(kw) <= {"config", "lam_state", "length_r"}:
-            return kw["config"], float(kw.get("length_r", 1.0 / 9.0))
+            return kw["config"], float(kw.get("length_r", _DEFAULTS.length_r))
     raise _error("LambdaTrainingWorker.set_loss_fn: loss_fn: expected functools.partial(verl.workers.utils.losses."
                  "ppo_loss, config=actor_config) (what ActorRolloutRefWorker.init_model passes) or functools.partial("
                  f"lambda_grpo_actor_loss, config=actor_config), got {loss_fn!r} (λ-GRPO has no distillation loss)")
