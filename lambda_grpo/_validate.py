@@ -167,15 +167,20 @@ def group_error(gl: torch.Tensor, gi: torch.Tensor, group_size: int, mask: torch
     return None
 
 
-def safe_ids(tokens: torch.Tensor, mask: Optional[torch.Tensor], V: int):
-    """(int64 ids clamped into [0, V), 0-d bool 'an id where counted was out of range' or None), on
-    the device: no engine ever reads out of bounds, and a bad id poisons the loss."""
+def safe_ids(tokens: torch.Tensor, V: int):
+    """(int64 ids clamped into [0, V), bool of the same shape: where the id was out of range), on
+    the device: no engine ever reads out of bounds, and a bad id poisons the result."""
     ids = tokens if tokens.dtype == torch.int64 else tokens.long()
-    if ids.numel() == 0:
-        return ids, None
     safe = ids.clamp(0, max(V - 1, 0))  # uint64 ids >= 2**63 wrap to negative int64: clamped, and bad
-    bad = safe != ids
-    return safe, (bad if mask is None else bad & mask).any()
+    return safe, safe != ids
+
+
+def _value_rules(tokens: torch.Tensor, mask: torch.Tensor, V: int, raw_mask: torch.Tensor):
+    """(safe ids, the _Values record) of an entry point with token ids: the device rules of the
+    token range where counted and of a non-bool mask's 0/1 values."""
+    ids, bad = safe_ids(tokens, V)
+    poison = (bad & mask).any() if ids.numel() else None
+    return ids, _Values(tokens, mask, V, raw_mask, _any(poison, _mask_poison(raw_mask)))
 
 
 class _Values:
@@ -290,8 +295,7 @@ def validate(
         mask = _bool_mask(mask)
         check_logits_tokens(logits, tokens, mask=mask, packed=True)
         V = logits.shape[-1]
-        ids, bad = safe_ids(tokens, mask, V)
-        values = _Values(tokens, mask, V, raw_mask, _any(bad, _mask_poison(raw_mask)))
+        ids, values = _value_rules(tokens, mask, V, raw_mask)
         return _validate_packed(logits, ids, mask, advantages, group_size, old_logp, ref_logp, lam, config,
                                 num_tokens, num_sequences, group_lengths, group_index, token_weights, cu_seqlens,
                                 logits.shape[0], logits.device, compute_dtype(logits.dtype), "logits", values)
@@ -302,8 +306,7 @@ def validate(
     mask = _bool_mask(mask)
     check_logits_tokens(logits, tokens, mask=mask)
     B, T, V = logits.shape
-    ids, bad = safe_ids(tokens, mask, V)
-    values = _Values(tokens, mask, V, raw_mask, _any(bad, _mask_poison(raw_mask)))
+    ids, values = _value_rules(tokens, mask, V, raw_mask)
     return _validate_rows(logits, ids, mask, advantages, group_size, old_logp, ref_logp, lam, config,
                           num_tokens, num_sequences, group_lengths, group_index, token_weights, B, T, logits.device,
                           compute_dtype(logits.dtype), "logits", values)
@@ -523,8 +526,7 @@ def validate_linear(hidden, weight, bias, tokens, mask, advantages, group_size, 
     check_tokens(tokens, lead, V, hidden.device, mask, "hidden")
     if packed and cu_seqlens is None:
         return None
-    ids, bad = safe_ids(tokens, mask, V)
-    values = _Values(tokens, mask, V, raw_mask, _any(bad, _mask_poison(raw_mask)))
+    ids, values = _value_rules(tokens, mask, V, raw_mask)
     if cu_seqlens is not None:
         return _validate_packed(None, ids, mask, advantages, group_size, old_logp, ref_logp, lam, config,
                                 num_tokens, num_sequences, group_lengths, group_index, token_weights, cu_seqlens,

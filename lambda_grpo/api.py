@@ -284,8 +284,9 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
         fail("temperature", "a finite number > 0", repr(temperature))
     if not isinstance(return_entropy, bool):
         fail("return_entropy", "a bool", repr(return_entropy))
-    ids = validate_linear(hidden, weight, bias, tokens, mask, torch.zeros(mask.shape[0], device=mask.device), 1, None,
-                          None, None, batch_cfg, None, None).tokens
+    validate_linear(hidden, weight, bias, tokens, mask, torch.zeros(mask.shape[0], device=mask.device), 1, None,
+                    None, None, batch_cfg, None, None)
+    ids, bad = safe_ids(tokens, weight.shape[0])
     name = resolve_backend(backend, hidden.device)
     if name == "reference":
         from .reference import reference_vocab
@@ -300,7 +301,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
 
             check_runnable(hidden, "hidden")
         lp, H = fast_linear_logprobs(hidden, weight, bias, ids, float(temperature), return_entropy, name)
-    return _nan_where_out_of_range(lp, tokens, ids), H
+    return _nan_where(bad, lp), H
 
 
 def _check_flags(backend: str, logits: torch.Tensor, inplace_backward, return_per_token) -> None:
@@ -394,7 +395,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     name = resolve_backend(backend, logits.device)
     # ids out of [0, V) give NaN at their own positions (no host read; under check_values() the
     # call raises instead, in check_logits_tokens)
-    ids, _ = safe_ids(tokens, None, logits.shape[-1])
+    ids, bad = safe_ids(tokens, logits.shape[-1])
     if name == "reference":
         from .reference import reference_token_logprobs
 
@@ -406,14 +407,12 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
             check_runnable(logits)
             logits = _unit_stride_along_v(logits)
         lp = fast_token_logprobs(logits, ids, float(temperature), name)
-    return _nan_where_out_of_range(lp, tokens, ids)
+    return _nan_where(bad, lp)
 
 
-def _nan_where_out_of_range(lp: torch.Tensor, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    if tokens.numel() == 0:
-        return lp
-    raw = tokens if tokens.dtype == torch.int64 else tokens.long()
-    return torch.where(raw == ids, lp, torch.full((), float("nan"), dtype=lp.dtype, device=lp.device))
+def _nan_where(bad: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    """NaN at the positions whose token id was out of range (safe_ids), lp elsewhere."""
+    return torch.where(bad, _nan_one(lp.device, lp.dtype)[0], lp)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "std", eps: float = 1e-4) -> torch.Tensor:
