@@ -278,3 +278,25 @@ def assert_backend_matches(backend: str, inputs: dict, config: lg.LossConfig, la
         if truth["dlam"] is not None:
             assert_close_to_truth("dlam", got["dlam"], truth["dlam"], base["dlam"], dtype)
     return got, truth
+
+
+# --------------------------------------------------------------------------------------------
+# Packed (cu_seqlens) and padded layouts of the same batch, for the packed tests
+# --------------------------------------------------------------------------------------------
+def _pos(lens, T):
+    """Flat (B*T_max) positions of the packed tokens of segments of lengths `lens`."""
+    return torch.cat([torch.arange(n) + i * T for i, n in enumerate(lens)]) if sum(lens) else \
+        torch.zeros(0, dtype=torch.long)
+
+
+def pad(x, lens, fill=0):
+    """(N, ...) packed -> (B, T_max, ...) right-padded, `fill` at the padding; differentiable in x."""
+    B, T = len(lens), max(lens, default=0)
+    out = torch.full((B * T,) + tuple(x.shape[1:]), fill, dtype=x.dtype)
+    return out.index_put((_pos(lens, T),), x).view(B, T, *x.shape[1:])
+
+
+def gather(x, lens):
+    """(B, T_max, ...) -> (N, ...): the packed positions."""
+    B, T = len(lens), max(lens, default=0)
+    return x.reshape(B * T, *x.shape[2:])[_pos(lens, T)]

@@ -7,6 +7,7 @@ makes backend="triton" run on this CPU machine through the interpreter.
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -103,3 +104,13 @@ def _round_bf16_to_nearest_even() -> None:
 
 _speed_up_interpreter()
 _round_bf16_to_nearest_even()
+
+
+@pytest.fixture
+def two_threads():
+    """A pinned thread count of 2 for the test, restored after it (the torch engine splits its
+    chunks over its threads: results must not depend on the machine's default)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)

@@ -34,13 +34,7 @@ BACKENDS = ("reference", "torch", "triton")
 LENS = [3, 5, 0, 4]  # packed segments: an empty one, different lengths
 
 
-@pytest.fixture(autouse=True)
-def _two_threads():
-    """Pinned thread count (the torch engine splits chunks over its threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 def _linear_case(packed: bool, bad: float, seed: int = 0):

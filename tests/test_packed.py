@@ -30,30 +30,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lambda_grpo as lg
+from tests._compare import gather, pad
 
 AGGS = ("grpo", "bnpo", "dapo", "dr_grpo", "lambda_grpo", "token_sum", "seq_mean_token_sum")
 TRACES = [(None, "ratio"), ("recent", "ratio"), ("both", "ratio"), ("recent", "weight"), ("both", "weight")]
 BACKENDS = ("reference", "torch", "triton")
 SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def _pos(lens, T):
-    return torch.cat([torch.arange(n) + i * T for i, n in enumerate(lens)]) if sum(lens) else \
-        torch.zeros(0, dtype=torch.long)
-
-
-def pad(x, lens, fill=0):
-    """(N, ...) packed -> (B, T_max, ...) right-padded."""
-    B, T = len(lens), max(lens, default=0)
-    out = torch.full((B * T,) + tuple(x.shape[1:]), fill, dtype=x.dtype)
-    out[_pos(lens, T)] = x
-    return out.view(B, T, *x.shape[1:])
-
-
-def gather(x_padded, lens):
-    """(B, T_max, ...) -> (N, ...): the packed positions."""
-    B, T = len(lens), max(lens, default=0)
-    return x_padded.reshape(B * T, *x_padded.shape[2:])[_pos(lens, T)]
 
 
 def make_packed(lens, V=9, H=None, seed=0, per_token_adv=False, token_weights=False, holes=True):

@@ -38,7 +38,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lambda_grpo as lg
-from tests._compare import FACTOR, RTOL, abs_err, assert_close_to_truth, max_err
+from tests._compare import FACTOR, RTOL, abs_err, assert_close_to_truth, gather, max_err, pad
 
 V, H = 9, 6
 SETTINGS = dict(deadline=None, derandomize=True, database=None,
@@ -52,12 +52,7 @@ BAD = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "huge": 
 BAD_IDS = (-3, V, 10**9)
 
 
-@pytest.fixture(autouse=True)
-def _two_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 def _config(agg, tr, beta, ent, tau, variant, max_len=None):
@@ -103,24 +98,6 @@ def case_strategy(max_len, dtypes, aggs, split=False):
 # --------------------------------------------------------------------------------------------
 # Data: every per-token tensor is made packed (N, ...); a layout turns it into a call's inputs
 # --------------------------------------------------------------------------------------------
-def _pos(lens, T):
-    return torch.cat([torch.arange(n) + i * T for i, n in enumerate(lens)]) if sum(lens) else \
-        torch.zeros(0, dtype=torch.long)
-
-
-def pad(x, lens, fill=0):
-    """(N, ...) packed -> (B, T_max, ...), `fill` at the padding; differentiable in x."""
-    B, T = len(lens), max(lens, default=0)
-    out = torch.full((B * T,) + tuple(x.shape[1:]), fill, dtype=x.dtype)
-    return out.index_put((_pos(lens, T),), x).view(B, T, *x.shape[1:])
-
-
-def gather(x, lens):
-    """(B, T_max, ...) -> (N, ...) packed."""
-    B, T = len(lens), max(lens, default=0)
-    return x.reshape(B * T, *x.shape[2:])[_pos(lens, T)]
-
-
 def make_data(c: Case, entry: str) -> dict:
     """The clean packed batch in the case's dtype (the garbage goes in per call, see `_inputs`)."""
     g = torch.Generator().manual_seed(c.seed)
