@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
+
+from .child import run_child_json
 
 MIB = 2**20
 MODES = {"fused": dict(aggregation="grpo", beta=0.04),  # no ratio-mode trace: the fused schedule
@@ -131,15 +131,11 @@ def main(argv=None) -> int:
     for N in args.N:
         cmd = [sys.executable, "-m", "bench.hidden_memory", "--child", str(N), "--V", str(args.V), "--H", str(args.H),
                "--mode", args.mode, "--threads", str(args.threads)]
-        env = dict(os.environ)
-        if args.mmap_threshold:
-            env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if res.returncode != 0:
-            sys.stderr.write(res.stderr[-3000:])
-            return res.returncode
-        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-        r = rows[-1]
+        r, err = run_child_json(cmd, args.mmap_threshold)
+        if r is None:
+            sys.stderr.write(err)
+            return 1
+        rows.append(r)
         print(f"N={N:>6}: peak {r['peak_mib']:7.1f} MiB = model {r['model_mib']:7.1f} (dW {r['dW_mib']:.1f} + "
               f"dhidden {r['dhidden_mib']:.1f} + chunk {r['chunk_rows']} rows {r['chunk_mib']:.1f}) "
               f"{r['peak_mib'] - r['model_mib']:+.1f}; peak - dhidden {r['peak_minus_dhidden_mib']:7.1f}; "

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
+
+from .child import run_child_json
 
 MIB = 2**20
 
@@ -90,14 +90,11 @@ def main(argv=None) -> int:
     for route in [r for r in args.routes.split(",") if r]:
         cmd = [sys.executable, "-m", "bench.train_memory", "--child", route, "--steps", str(args.steps), "--",
                *args.trainer]
-        env = dict(os.environ)
-        if args.mmap_threshold:
-            env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if res.returncode != 0:
-            sys.stderr.write(res.stderr[-3000:])
-            return res.returncode
-        results.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        r, err = run_child_json(cmd, args.mmap_threshold)
+        if r is None:
+            sys.stderr.write(err)
+            return 1
+        results.append(r)
     for r in results:
         steps = ", ".join(f"step {i + 1}: {s['peak_mib']:.0f} MiB ({s['step_time_s']:.1f} s)"
                           for i, s in enumerate(r["steps"]))

@@ -25,6 +25,7 @@ says what the one-draw rule would have said.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import subprocess
@@ -105,28 +106,35 @@ def truth_and_base(inp: dict, cfg_name: str, lam: float, moves: int, truth_backe
         truth = run(truth_backend, dict(inp, logits=inp["logits"].double()), cfg, lam)
     base = run("reference", inp, cfg, lam, dtype=torch.float32) if base_backend == "reference" else \
         run(base_backend, inp, cfg, lam)
-    scal = {q: [base[q]] for q in SCALARS if base[q] is not None}
-    scal.update({f"m:{k}": [v] for k, v in base["metrics"].items()})
-    for s in range(moves):
-        moved = ulp_moved(inp, s, keys=("logits", "old_logp", "ref_logp"))
-        b = run("reference", moved, cfg, lam, dtype=torch.float32) if base_backend == "reference" else \
-            run(base_backend, moved, cfg, lam)
+
+    def moved_bases():
+        for s in range(moves):
+            moved = ulp_moved(inp, s, keys=("logits", "old_logp", "ref_logp"))
+            yield run("reference", moved, cfg, lam, dtype=torch.float32) if base_backend == "reference" else \
+                run(base_backend, moved, cfg, lam)
+
+    return truth, base, scalar_baselines(truth, base, moved_bases())
+
+
+def scalar_baselines(truth: dict, base: dict, moved) -> dict:
+    """The scalar rule's baseline of each scalar (SCALARS and every metric, "m:<name>"): plain
+    torch's result farthest from the truth over the inputs (`base`) and their one-ulp moves
+    (`moved`, an iterable of results, consumed one at a time)."""
+    scal: Dict[str, list] = {}
+    for r in itertools.chain([base], moved):
         for q in SCALARS:
-            if b[q] is not None:
-                scal[q].append(b[q])
-        for k, v in b["metrics"].items():
-            scal[f"m:{k}"].append(v)
-        del moved, b
+            if r[q] is not None:
+                scal.setdefault(q, []).append(r[q])
+        for k, v in r["metrics"].items():
+            scal.setdefault(f"m:{k}", []).append(v)
     tr = {**{q: truth[q] for q in SCALARS}, **{f"m:{k}": v for k, v in truth["metrics"].items()}}
-    scalar_base = {k: _farthest(v, tr[k]) for k, v in scal.items()}
-    return truth, base, scalar_base
+    return {k: _farthest(v, tr[k]) for k, v in scal.items()}
 
 
 def judge_result(R: Results, name: str, got: dict, truth: dict, base: dict, scalar_base: dict, inp: dict,
                  cfg_name: str, provider: str, shp: dict, moves: int, dlogits_view=None) -> None:
     """Rows for loss, dlogits, dlam and the metrics of one result against the truth.
     dlogits_view: maps the truth's / plain torch's dlogits to the layout of got's (packed inputs)."""
-    from tests._compare import assert_clip_fractions_match
 
     dtype = inp["logits"].dtype
     dtn = dtn_of(dtype)
@@ -144,26 +152,34 @@ def judge_result(R: Results, name: str, got: dict, truth: dict, base: dict, scal
             ok, err, allowed, detail = judge(q, got[q], truth[q], scalar_base[q], dtype)
             detail += "; " + _one_draw(q, got[q], truth[q], base[q], dtype, moves)
         R.add(S, f"{name}: {q}", "PASS" if ok else "FAIL", err=err, allowed=allowed, detail=detail, **common)
-    # metrics: the clip fractions by tests/_compare.py's boundary rule, the others as scalars
+    add_metrics_row(R, name, got, truth, base, scalar_base, inp, cfg_of(cfg_name), dtype, common)
+
+
+def add_metrics_row(R: Results, name: str, got: dict, truth: dict, base: dict, scalar_base: dict, inp: dict, cfg,
+                    rule, row: dict) -> None:
+    """One row for a result's metrics: the clip fractions by tests/_compare.py's boundary rule,
+    the others as scalars against `scalar_base` (scalar_baselines), judged in `rule`'s dtype."""
+    from tests._compare import assert_clip_fractions_match
+
     bad, worst = [], (0.0, "", 0.0, 0.0)
     if set(got["metrics"]) != set(truth["metrics"]):
         bad.append(f"keys {sorted(got['metrics'])} != {sorted(truth['metrics'])}")
     try:
         if "ratio" in truth and "ratio" in base:
-            assert_clip_fractions_match(got["metrics"], truth, base, inp, cfg_of(cfg_name))
+            assert_clip_fractions_match(got["metrics"], truth, base, inp, cfg)
     except AssertionError as e:
         bad.append(str(e)[:200])
     for k, t in truth["metrics"].items():
         if k.startswith("clip_frac") or k not in got["metrics"]:
             continue
-        ok, err, allowed, _ = judge(k, got["metrics"][k], t, scalar_base[f"m:{k}"], dtype)
+        ok, err, allowed, _ = judge(k, got["metrics"][k], t, scalar_base[f"m:{k}"], rule)
         if not ok:
             bad.append(f"{k}: err {err:.3g} > {allowed:.3g}")
         ratio = err / allowed if allowed > 0 else (math.inf if err > 0 else 0.0)
         if ratio >= worst[0]:
             worst = (ratio, k, err, allowed)
     R.add(S, f"{name}: metrics", "PASS" if not bad else "FAIL", err=worst[2], allowed=worst[3],
-          detail="; ".join(([f"worst: {worst[1]}"] if worst[1] else []) + bad), **common)
+          detail="; ".join(([f"worst: {worst[1]}"] if worst[1] else []) + bad), **row)
 
 
 def _one_draw(q: str, got, truth, base, dtype, moves: int) -> str:

@@ -33,7 +33,7 @@ import lambda_grpo as lg
 from ..cases import LOGIT_SCALE, LOGP_NOISE, _chunked_logp
 from .common import (LAM, Budget, Peak, Plan, Results, cfg_of, cuda_clock, dtn_of, fail, fill_normal_, free,
                      random_mask, skip_spent, too_big, ulp_moved)
-from .correct import SCALARS, _farthest, _one_draw, judge
+from .correct import SCALARS, _one_draw, add_metrics_row, judge, scalar_baselines
 
 S = "hidden"
 
@@ -98,8 +98,6 @@ def _plain(inp: dict, cfg_name: str, lam: float) -> dict:
 
 
 def check_hidden(P: Plan, R: Results, inp: dict, cfg_name: str, lam: float) -> None:
-    from tests._compare import assert_clip_fractions_match
-
     cfg = cfg_of(cfg_name)
     dtype = inp["hidden"].dtype
     B, T, H = inp["hidden"].shape
@@ -108,18 +106,9 @@ def check_hidden(P: Plan, R: Results, inp: dict, cfg_name: str, lam: float) -> N
                provider="triton")
     truth = _ours(inp, cfg, lam, backend="reference", as64=True)
     base = _plain(inp, cfg_name, lam)
-    scal = {q: [base[q]] for q in SCALARS if base[q] is not None}
-    scal.update({f"m:{k}": [v] for k, v in base["metrics"].items()})
-    for s in range(P.scalar_moves):
-        b = _plain(ulp_moved(inp, s, keys=("hidden", "weight"), upcast=False), cfg_name, lam)
-        for q in SCALARS:
-            if b[q] is not None:
-                scal[q].append(b[q])
-        for k, v in b["metrics"].items():
-            scal[f"m:{k}"].append(v)
-        del b
-    tr = {**{q: truth[q] for q in SCALARS}, **{f"m:{k}": v for k, v in truth["metrics"].items()}}
-    sb = {k: _farthest(v, tr[k]) for k, v in scal.items()}
+    moved = (_plain(ulp_moved(inp, s, keys=("hidden", "weight"), upcast=False), cfg_name, lam)
+             for s in range(P.scalar_moves))
+    sb = scalar_baselines(truth, base, moved)
     got = _ours(inp, cfg, lam)
     name = f"fused_linear_grpo_loss {cfg_name} vs float64"
     rule = torch.float32  # the loss, dlambda and metrics are fp32 results
@@ -132,21 +121,7 @@ def check_hidden(P: Plan, R: Results, inp: dict, cfg_name: str, lam: float) -> N
         else:
             ok, err, allowed, detail = judge(q, got[q], truth[q], base[q], dtype)
         R.add(S, f"{name}: {q}", "PASS" if ok else "FAIL", err=err, allowed=allowed, detail=detail, **shp)
-    bad, worst = [], (0.0, "", 0.0, 0.0)
-    try:
-        assert_clip_fractions_match(got["metrics"], truth, base, inp, cfg)
-    except AssertionError as e:
-        bad.append(str(e)[:200])
-    for k, t in truth["metrics"].items():
-        if k.startswith("clip_frac") or k not in got["metrics"]:
-            continue
-        ok, err, allowed, _ = judge(k, got["metrics"][k], t, sb[f"m:{k}"], rule)
-        if not ok:
-            bad.append(f"{k}: err {err:.3g} > {allowed:.3g}")
-        if allowed > 0 and err / allowed >= worst[0]:
-            worst = (err / allowed, k, err, allowed)
-    R.add(S, f"{name}: metrics", "PASS" if not bad else "FAIL", err=worst[2], allowed=worst[3],
-          detail="; ".join(([f"worst: {worst[1]}"] if worst[1] else []) + bad), **shp)
+    add_metrics_row(R, name, got, truth, base, sb, inp, cfg, rule, shp)
 
 
 # ------------------------------------------------------------------------------------------
