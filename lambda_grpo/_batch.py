@@ -6,8 +6,9 @@ Two layouts live in it, so that nothing after validation looks at packing again:
 - the *row layout* (B, T): every per-token tensor the row math reads (mask, advantages, old and
   reference log-probs, token weights, token ids), padded, zeros or False where masked;
 - the *vocabulary layout* (N,): the token ids and mask in the order of the rows of the logits
-  or hidden states that the vocabulary passes walk. Padded inputs: N = B*T and these are flat
-  views of the row layout. Packed inputs (`cu_seqlens`, lambda_grpo/_packed.py): N tokens, and
+  or hidden states that the vocabulary passes walk. Padded inputs: N = B*T and these are the
+  (B, T) tensors of the row layout themselves, contiguous, indexed flat (no view: each is host
+  time; a consumer that needs them 1-d reshapes). Packed inputs (`cu_seqlens`, lambda_grpo/_packed.py): N tokens, and
   `packed_pos` (N,) maps vocabulary row j to flat index packed_pos[j] of the row layout.
 `to_rows` and `to_vocab` move a per-token tensor between the two.
 """
@@ -25,11 +26,16 @@ def compute_dtype(logits_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if logits_dtype == torch.float64 else torch.float32
 
 
+def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`: x itself when it is already (a no-op `.to` still costs a dispatch of host time)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def to_rows(x: torch.Tensor, pos: Optional[torch.Tensor], B: int, T: int, fill=0) -> torch.Tensor:
     """(N,) vocabulary layout -> (B, T) rows (fill elsewhere); differentiable (its gradient is the
     gather back). pos None: x is already (B*T,) or (B, T)."""
     if pos is None:
-        return x.reshape(B, T)
+        return x if x.shape == (B, T) else x.reshape(B, T)
     out = torch.full((B * T,), fill, dtype=x.dtype, device=x.device)
     return out.index_put((pos,), x).view(B, T)
 
@@ -45,7 +51,7 @@ def from_rows(x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
 # them as one list argument; lambda_grpo/_ops.py). `logits` / `hidden` / `logp` and `lam` travel as
 # arguments of their own: they carry gradients.
 PARTS = ("tokens", "mask", "advantages", "old_logp", "ref_logp", "num_tokens", "num_sequences", "group_lengths",
-         "group_index", "token_weights", "packed_pos", "vocab_tokens", "vocab_mask")
+         "group_index", "token_weights", "packed_pos", "vocab_tokens", "vocab_mask", "poison")
 PART = {name: i for i, name in enumerate(PARTS)}
 
 
@@ -73,17 +79,18 @@ class Batch:
     group_index: Optional[torch.Tensor] = None
     token_weights: Optional[torch.Tensor] = None  # (B, T) compute dtype, multiplies the surrogate
     packed_pos: Optional[torch.Tensor] = None  # (N,) int64: vocabulary row j is flat row-layout index pos[j]
-    vocab_tokens: Optional[torch.Tensor] = None  # (N,) int64 ids in the vocabulary layout (None: from log-probs)
-    vocab_mask: Optional[torch.Tensor] = None  # (N,) bool
+    # (N,) int64 ids in the vocabulary layout, (B, T) padded (None: from log-probs)
+    vocab_tokens: Optional[torch.Tensor] = None
+    vocab_mask: Optional[torch.Tensor] = None  # (N,) bool, (B, T) padded
     # 0-d bool on the device: a value rule of the inputs failed (lambda_grpo/_validate.py), the loss
     # is then NaN; None when no value rule applies. `values` keeps what LossOutput.input_errors reads.
     poison: Optional[torch.Tensor] = None
     values: Any = None
 
     def __post_init__(self):
-        if self.vocab_mask is None:  # padded: the vocabulary layout is a flat view of the rows
-            self.vocab_mask = self.mask.reshape(-1)
-            self.vocab_tokens = None if self.tokens is None else self.tokens.reshape(-1)
+        if self.vocab_mask is None:  # padded: the vocabulary layout is the row layout, indexed flat
+            self.vocab_mask = self.mask
+            self.vocab_tokens = self.tokens
 
     @property
     def shape(self):

@@ -23,10 +23,10 @@ from torch import Tensor
 
 from .config import LossConfig
 from .output import metric_names
-from ._batch import PART, Batch, compute_dtype
+from ._batch import PART, Batch, as_dtype, compute_dtype
 from ._engine import engine
 from ._linear import linear_forward, linear_logprobs, linear_logprobs_backward
-from ._rowmath import PER_TOKEN_KEYS, FusedInputs, fused_inputs, row_pass, token_constants
+from ._rowmath import PER_TOKEN_KEYS, FusedInputs, fused_inputs, broadcast_rows, row_pass, token_constants
 
 
 @lru_cache(maxsize=64)
@@ -58,6 +58,38 @@ def flags_from_str(s: str) -> Flags:
     return Flags(int(g), *(c == "1" for c in bits))
 
 
+def vocab_rows(logits: Tensor, eng) -> Tensor:
+    """The logits as the engine's vocabulary functions take them: (B, T, V) as they are for an
+    engine that reads batch and row strides (a slice such as logits[:, P-1:-1] is not copied, and
+    the per-token inputs are indexed by (row, token)), else (N, V) (a view when the layout allows)."""
+    if logits.dim() == 2 or eng.ROWS_3D:
+        return logits
+    return logits.view(-1, logits.shape[-1]) if logits.is_contiguous() else logits.reshape(-1, logits.shape[-1])
+
+
+_NAN_ONE: dict = {}
+
+
+def poisoned(x: Tensor, poison: Optional[Tensor]) -> Tensor:
+    """x, or NaN when the value rules of the inputs failed (`poison`, a 0-d bool on the device;
+    lambda_grpo/_validate.py): the loss in the forward and the upstream gradient in the backward,
+    so that the loss and every gradient are NaN, with no host read and no autograd node of its
+    own. None: no value rule applies."""
+    if poison is None:
+        return x
+    nan, one = nan_one(x.device, x.dtype)
+    return x * torch.where(poison, nan, one)
+
+
+def nan_one(device, dtype):
+    """0-d NaN and 1 on `device` (made once: a new constant per call is host time)."""
+    key = (device, dtype)
+    if key not in _NAN_ONE:
+        _NAN_ONE[key] = (torch.full((), float("nan"), dtype=dtype, device=device),
+                         torch.ones((), dtype=dtype, device=device))
+    return _NAN_ONE[key]
+
+
 def _empty(like: Tensor, dtype=None) -> Tensor:
     return like.new_empty(0, dtype=like.dtype if dtype is None else dtype)
 
@@ -67,11 +99,14 @@ def _empty(like: Tensor, dtype=None) -> Tensor:
 # --------------------------------------------------------------------------------------------
 def row_outputs(rp, cfg: LossConfig, has_ref: bool, per_token: bool, like: Tensor, dtype):
     """(loss, metrics (K,) in metric_names order, seq_weight (B,), dlam, per-token (K', B, T) or empty)."""
-    metrics = torch.stack([rp.metrics[k].to(dtype).reshape(()) for k in metric_names(cfg, has_ref)])
-    dlam = rp.dlam.to(dtype) if rp.dlam is not None else torch.zeros((), dtype=dtype, device=like.device)
+    if rp.metric_vector is not None and rp.metric_vector.dtype == dtype:
+        metrics = rp.metric_vector
+    else:
+        metrics = torch.stack([rp.metrics[k].to(dtype).reshape(()) for k in metric_names(cfg, has_ref)])
+    dlam = as_dtype(rp.dlam, dtype) if rp.dlam is not None else torch.zeros((), dtype=dtype, device=like.device)
     toks = (torch.stack([rp.per_token[k].to(dtype) for k in PER_TOKEN_KEYS]) if per_token
             else _empty(like, dtype))
-    return rp.loss.to(dtype), metrics, rp.metrics["seq_weight"].to(dtype), dlam, toks
+    return as_dtype(rp.loss, dtype), metrics, as_dtype(rp.metrics["seq_weight"], dtype), dlam, toks
 
 
 def fake_row_outputs(cfg: LossConfig, has_ref: bool, per_token: bool, like: Tensor, B: int, T: int, dtype):
@@ -91,33 +126,42 @@ def loss_forward(logits: Tensor, parts, lam: Optional[Tensor], config: str, engi
     eng = engine(engine_name)
     V = logits.shape[-1]
     dtype = compute_dtype(logits.dtype)
-    x2 = logits.view(-1, V) if logits.is_contiguous() else logits.reshape(-1, V)
+    x2 = vocab_rows(logits, eng)
     tokens, mask = batch.vocab_tokens, batch.vocab_mask
     consts = token_constants(batch, cfg, dtype, eng.group_weights)
     tau = float(cfg.temperature)
     fused = f.need_grad and not cfg.row_coupled
     grad, rows = _empty(logits), _empty(logits, dtype)  # two tensors: op outputs may not alias
+    terms = None
     if fused:
         # a (B, T, V) base tensor, not a view, so that autograd can hand it on as .grad uncopied
         grad = _empty(logits) if f.inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        out = x2 if f.inplace else grad.view(-1, V)
+        out = logits if f.inplace else grad  # (B, T, V) contiguous, or packed (N, V)
+        out = out if eng.ROWS_3D else out.view(-1, V)
         fin = fused_inputs(consts, batch, dtype)
         if batch.packed_pos is not None:
-            fin = FusedInputs(*(None if v is None else batch.to_vocab(v.view(batch.shape)) for v in fin))
-        logp, ent, _ = eng.vocab_fused(x2, tokens, mask, tau, cfg.needs_entropy, fin, cfg, out=out)
+            fin = FusedInputs(*(None if v is None else batch.to_vocab(broadcast_rows(v, fin.A)) for v in fin))
+        if eng.finish_fused is not None:  # the kernel also writes each token's terms: no row pass
+            terms = torch.empty((4, *mask.shape), dtype=torch.float32, device=logits.device)
+            logp, ent, _ = eng.vocab_fused(x2, tokens, mask, tau, cfg.needs_entropy, fin, cfg, out=out, terms_out=terms)
+        else:
+            logp, ent, _ = eng.vocab_fused(x2, tokens, mask, tau, cfg.needs_entropy, fin, cfg, out=out)
         lse = None
     else:
         logp, ent, lse = eng.vocab_forward(x2, tokens, mask, tau, cfg.needs_entropy, want_lse=f.need_grad)
-    rp = eng.row_pass(batch.to_rows(logp), None if ent is None else batch.to_rows(ent), batch, cfg, consts,
-                      per_token=f.per_token, want_coef=f.need_grad and not fused)
+    if terms is not None:
+        rp = eng.finish_fused(terms, ent, batch, cfg, consts, per_token=f.per_token)
+    else:
+        rp = eng.row_pass(batch.to_rows(logp), None if ent is None else batch.to_rows(ent), batch, cfg, consts,
+                          per_token=f.per_token, want_coef=f.need_grad and not fused)
     if f.need_grad and not fused:
-        z = torch.zeros(x2.shape[0], dtype=dtype, device=logits.device)
-        gh = z if rp.dentropy is None else batch.to_vocab(rp.dentropy).to(dtype)
-        H = z if (rp.dentropy is None or ent is None) else ent.to(dtype)
-        rows = torch.cat([lse.to(dtype), torch.stack([batch.to_vocab(rp.dlogp).to(dtype), gh, H])])
+        z = torch.zeros(mask.numel(), dtype=dtype, device=logits.device)
+        gh = z if rp.dentropy is None else as_dtype(batch.to_vocab(rp.dentropy), dtype)
+        H = z if (rp.dentropy is None or ent is None) else as_dtype(ent, dtype).reshape(-1)
+        rows = torch.cat([as_dtype(lse, dtype), torch.stack([as_dtype(batch.to_vocab(rp.dlogp), dtype), gh, H])])
     loss, metrics, seq_weight, dlam, toks = row_outputs(rp, cfg, batch.ref_logp is not None, f.per_token, logits,
                                                         dtype)
-    return loss, metrics, seq_weight, dlam, grad, rows, toks
+    return (loss if rp.poisoned else poisoned(loss, batch.poison)), metrics, seq_weight, dlam, grad, rows, toks
 
 
 def loss_forward_fake(logits, parts, lam, config, engine_name, flags):
@@ -136,13 +180,11 @@ def loss_forward_fake(logits, parts, lam, config, engine_name, flags):
 def two_pass_grad(logits, tokens, mask, rows, grad_loss, config, engine_name, out):
     """dL/dlogits = g * softmax-VJP of the saved coefficients `rows` (the two-pass backward)."""
     cfg = config_from_str(config)
-    V = logits.shape[-1]  # (B, T, V), or (N, V) packed
     lse, gl, gh, H = rows[:2], rows[2], rows[3], rows[4]
     has_h = cfg.entropy_coef != 0 and cfg.needs_entropy
-    x2 = logits.view(-1, V) if logits.is_contiguous() else logits.reshape(-1, V)
-    d = engine(engine_name).vocab_backward(x2, tokens.reshape(-1), mask.reshape(-1), lse, gl,
-                                           gh if has_h else None, H if has_h else None, float(cfg.temperature),
-                                           grad_loss, out=out)
+    eng = engine(engine_name)
+    d = eng.vocab_backward(vocab_rows(logits, eng), tokens.reshape(-1), mask.reshape(-1), lse, gl,
+                           gh if has_h else None, H if has_h else None, float(cfg.temperature), grad_loss, out=out)
     return d.view(logits.shape)
 
 
@@ -159,7 +201,7 @@ def rows_forward(logp: Tensor, entropy: Optional[Tensor], parts, lam: Optional[T
     rp = row_pass(logp.detach().to(dtype), ent, batch, cfg, consts, f.per_token)
     loss, metrics, seq_weight, dlam, toks = row_outputs(rp, cfg, batch.ref_logp is not None, f.per_token, logp, dtype)
     dH = _empty(logp, dtype) if rp.dentropy is None else rp.dentropy.to(dtype)
-    return loss, metrics, seq_weight, dlam, rp.dlogp.to(dtype), dH, toks
+    return poisoned(loss, batch.poison), metrics, seq_weight, dlam, rp.dlogp.to(dtype), dH, toks
 
 
 def rows_forward_fake(logp, entropy, parts, lam, config, flags):
@@ -194,7 +236,7 @@ def linear_loss_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
         dh = grads.dhidden
         dw = _empty(weight) if grads.dweight is None else grads.dweight
         db = _empty(weight) if grads.dbias is None else grads.dbias
-    return loss, metrics, seq_weight, dlam, dh, dw, db, toks
+    return (loss if rp.poisoned else poisoned(loss, batch.poison)), metrics, seq_weight, dlam, dh, dw, db, toks
 
 
 def linear_loss_forward_fake(hidden, weight, bias, parts, lam, config, engine_name, flags):
@@ -216,8 +258,9 @@ def logprobs_forward(logits: Tensor, tokens: Tensor, temperature: float, engine_
     """(logp (B, T), lse (2, B*T)); tokens already clamped into [0, V)."""
     B, T, V = logits.shape
     mask = torch.ones(B * T, dtype=torch.bool, device=logits.device)
-    logp, _, lse = engine(engine_name).vocab_forward(logits.reshape(B * T, V), tokens.reshape(-1), mask,
-                                                     float(temperature), False, want_lse=True)
+    eng = engine(engine_name)
+    logp, _, lse = eng.vocab_forward(vocab_rows(logits, eng), tokens.reshape(-1), mask, float(temperature), False,
+                                     want_lse=True)
     return logp.view(B, T), lse
 
 
@@ -226,7 +269,8 @@ def logprobs_backward(logits, tokens, lse, grad, temperature: float, engine_name
     B, T, V = logits.shape
     mask = torch.ones(B * T, dtype=torch.bool, device=logits.device)
     one = torch.ones((), dtype=lse.dtype, device=lse.device)
-    d = engine(engine_name).vocab_backward(logits.reshape(B * T, V), tokens.reshape(-1), mask, lse,
+    eng = engine(engine_name)
+    d = eng.vocab_backward(vocab_rows(logits, eng), tokens.reshape(-1), mask, lse,
                                            grad.reshape(-1).to(lse.dtype).contiguous(), None, None,
                                            float(temperature), one)
     return d.view(B, T, V)

@@ -5,7 +5,8 @@ and the Triton engine (lambda_grpo/_vocab_triton.py, CUDA, or the CPU under TRIT
 The ops name the engine by a string (a constant of a compiled graph) and load it on first use:
 the Triton one must be imported after TRITON_INTERPRET is set.
 
-Layouts: `logits2d` (N, V) rows of the logits (or of one chunk of them), `tokens` (N,) int64
+Layouts: `logits2d` (N, V) rows of the logits (or of one chunk of them; (B, T, V) logits as they
+are, rows strided or not, where the engine's ROWS_3D is True), `tokens` (N,) int64
 clamped into [0, V), `mask` (N,) bool; per-token results (N,) in the compute dtype.
 """
 
@@ -20,9 +21,19 @@ ENGINES = {"torch": "lambda_grpo._vocab_torch", "triton": "lambda_grpo._vocab_tr
 
 
 class Engine(Protocol):
+    # True: the vocabulary functions take (B, T, V) logits with any batch and row strides (a slice
+    # such as logits[:, P-1:-1] is read where it lies); False: (N, V) only (such a slice is copied)
+    ROWS_3D: bool
     # True: an upstream gradient is applied to a saved gradient in place, on the device, without a
     # host read (lambda_grpo/_ops.py:_upstream); False: read on the host, the saved gradient untouched
     RESCALE_IN_PLACE: bool
+    # True: row_pass makes the loss and dlam NaN when batch.poison is set (RowPass.poisoned), and
+    # scale_ takes `poison` (the gradient NaN); False: the op layer applies it (_compute.poisoned)
+    APPLIES_POISON: bool
+    # The fused schedule's RowPass from the terms its vocabulary pass wrote (no row pass), or None:
+    # finish_fused(terms, entropy, batch, cfg, consts, per_token) -> RowPass; vocab_fused then
+    # takes `terms_out` (4 N fp32: l, rho, kl, clip code per token, zeros where masked)
+    finish_fused: Optional[Callable]
     # lambda-GRPO's (w, f, df) in one launch, or None: the torch row math computes them
     # (lambda_grpo/_rowmath.py:aggregation_weights)
     group_weights: Optional[Callable]
@@ -44,8 +55,9 @@ class Engine(Protocol):
                        scale: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """dlogits (N, V) = scale * softmax-VJP of gl = dL/dlogp and gh = dL/dH (H: the entropies)."""
 
-    def scale_(self, d2d: torch.Tensor, mask: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """In place d2d[mask] *= g (a 0-d tensor)."""
+    def scale_(self, d2d: torch.Tensor, mask: torch.Tensor, g: torch.Tensor,
+               poison: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """In place d2d[mask] *= g (a 0-d tensor), NaN where poison (a 0-d bool, or None) is set."""
 
     def row_pass(self, logp: torch.Tensor, entropy: Optional[torch.Tensor], batch, cfg, consts,
                  per_token: bool = False, want_coef: bool = True):

@@ -30,7 +30,7 @@ import torch
 
 from .config import LossConfig
 from ._batch import Batch, compute_dtype
-from ._rowmath import FusedInputs, fused_inputs, token_constants
+from ._rowmath import FusedInputs, fused_inputs, broadcast_rows, token_constants
 
 # Tokens per chunk: the chunk's logits hold about this many elements (CPU: 2^22 = 16 MiB in fp32,
 # a few times a core's cache, enough for the matmul to run near its peak; CUDA: 2^28 = 512 MiB in
@@ -79,7 +79,8 @@ def _chunk_buffer(step: int, n: int, V: int, like: torch.Tensor) -> torch.Tensor
 
 
 def _take(x: Optional[torch.Tensor], idx: torch.Tensor) -> Optional[torch.Tensor]:
-    return None if x is None else x.index_select(0, idx)
+    """Entries idx of the flat row layout of x ((B, T) or (B*T,))."""
+    return None if x is None else x.reshape(-1).index_select(0, idx)
 
 
 def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], batch: Batch,
@@ -98,9 +99,9 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     dtype = compute_dtype(hidden.dtype)
     tau = float(cfg.temperature)
     h2 = hidden.reshape(-1, Hd)
-    idx = batch.vocab_mask.nonzero().squeeze(1)  # the valid tokens: one host read (skips the padding's matmuls)
+    idx = batch.vocab_mask.reshape(-1).nonzero().squeeze(1)  # valid tokens: one host read (skips padding's matmuls)
     n = int(idx.numel())
-    tokens = batch.vocab_tokens.index_select(0, idx)
+    tokens = batch.vocab_tokens.reshape(-1).index_select(0, idx)
     pos = batch.packed_pos
     dst = idx if pos is None else pos.index_select(0, idx)
     consts = token_constants(batch, cfg, dtype, eng.group_weights)
@@ -126,7 +127,7 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     buf = _chunk_buffer(step, n, V, hidden) if n else None
     if fused:
         fin = fused_inputs(consts, batch, dtype)
-        fin = FusedInputs(*(_take(v, dst) for v in fin))
+        fin = FusedInputs(*(None if v is None else _take(broadcast_rows(v, fin.A), dst) for v in fin))
         for s in range(0, n, step):
             e = min(s + step, n)
             hc = h2.index_select(0, idx[s:e])

@@ -47,9 +47,15 @@ from torch import Tensor
 
 from ._compute import (config_from_str, flags_from_str, linear_logprobs_backward_, linear_logprobs_forward,
                        linear_loss_forward, linear_loss_forward_fake, logprobs_backward, logprobs_forward,
-                       loss_forward, loss_forward_fake, rows_forward, rows_forward_fake, two_pass_grad)
+                       loss_forward, loss_forward_fake, poisoned, rows_forward, rows_forward_fake, two_pass_grad)
 from ._batch import PART, compute_dtype
 from ._engine import engine
+
+
+def _call(op, body):
+    """The op under torch.compile (a backward traced into a graph needs it), else its body: the
+    eager backward is not traced, and the dispatcher wrapper costs ~50 us of host time per call."""
+    return op if torch.compiler.is_compiling() else body
 
 
 def _doors(op, body, setup_context, backward):
@@ -94,6 +100,10 @@ loss_fwd_op.register_fake(loss_forward_fake)
 def loss_bwd(logits: Tensor, tokens: Tensor, mask: Tensor, rows: Tensor, grad_loss: Tensor, config: str,
              engine: str) -> Tensor:
     """The two-pass backward: dL/dlogits (B, T, V) = g * (softmax VJP of the saved coefficients)."""
+    return _loss_bwd(logits, tokens, mask, rows, grad_loss, config, engine)
+
+
+def _loss_bwd(logits, tokens, mask, rows, grad_loss, config, engine) -> Tensor:
     return two_pass_grad(logits, tokens, mask, rows, grad_loss, config, engine, None)
 
 
@@ -106,6 +116,10 @@ def _(logits, tokens, mask, rows, grad_loss, config, engine):
 def loss_bwd_inplace(logits: Tensor, tokens: Tensor, mask: Tensor, rows: Tensor, grad_loss: Tensor, config: str,
                      engine: str) -> None:
     """loss_bwd written over the logits (inplace_backward=True, eager only)."""
+    _loss_bwd_inplace(logits, tokens, mask, rows, grad_loss, config, engine)
+
+
+def _loss_bwd_inplace(logits, tokens, mask, rows, grad_loss, config, engine) -> None:
     if not logits.is_contiguous():
         raise ValueError("logits: expected a contiguous tensor for inplace_backward=True")
     two_pass_grad(logits, tokens, mask, rows, grad_loss, config, engine, logits.view(-1, logits.shape[-1]))
@@ -123,6 +137,9 @@ def _loss_setup(ctx, inputs, output):
     ctx.config, ctx.engine, ctx.inplace = config, eng, f.inplace
     ctx.fused = f.need_grad and not cfg.row_coupled
     ctx.lam_meta = None if lam is None else (lam.dtype, lam.device)
+    ctx.poison = parts[PART["poison"]]
+    # the fused schedule's gradient takes the poison in the engine's scale_ (eager), if it can
+    ctx.kernel_poison = ctx.fused and engine(eng).APPLIES_POISON
     ctx.used = False
     # the fused schedule keeps only its gradient: the logits may be freed after the forward
     # (unless they hold the gradient, inplace=True)
@@ -132,9 +149,10 @@ def _loss_setup(ctx, inputs, output):
     ctx.save_for_backward(logits if keep_logits else None, tokens, mask, output[3], grad, output[5])
 
 
-def _upstream(ctx, d: Tensor, mask: Optional[Tensor], g: Tensor) -> Tensor:
+def _upstream(ctx, d: Tensor, mask: Optional[Tensor], g: Tensor, poison: Optional[Tensor] = None) -> Tensor:
     """g * d for a saved gradient d computed for an upstream gradient of 1 (the module docstring's
-    memory contract). Compiled: always the product (inductor writes it over the donated buffer)."""
+    memory contract). Compiled: always the product (inductor writes it over the donated buffer).
+    poison: the value rules' verdict for an engine that applies it in scale_ (else None)."""
     if torch.compiler.is_compiling() or type(g) is not torch.Tensor:
         return d * g.to(d.dtype)
     eng = engine(ctx.engine)
@@ -143,8 +161,9 @@ def _upstream(ctx, d: Tensor, mask: Optional[Tensor], g: Tensor) -> Tensor:
     scales = ctx.scales if hasattr(ctx, "scales") else {}
     held = scales.get(id(d))
     factor = g if held is None else g / held
-    d2 = d.view(-1, d.shape[-1]) if d.dim() > 1 else d.view(-1, 1)
-    eng.scale_(d2, mask if mask is not None else torch.ones(d2.shape[0], dtype=torch.bool, device=d.device), factor)
+    rows = d.numel() // d.shape[-1] if d.dim() > 1 else d.numel()
+    eng.scale_(d if d.dim() > 1 else d.view(-1, 1),
+               mask if mask is not None else torch.ones(rows, dtype=torch.bool, device=d.device), factor, poison)
     scales[id(d)] = g  # the scale d now holds (nothing writes into g after the backward it was handed to)
     ctx.scales = scales
     return d
@@ -168,17 +187,23 @@ def _loss_backward(ctx, g_loss, *unused):
             raise RuntimeError("grpo_loss(inplace_backward=True): backward can run once (the gradient was "
                                "written over the logits); use inplace_backward=False to backward twice")
         ctx.used = True
+    # the value rules' verdict: in the engine's scale_ (its dlam is NaN already), else here
+    in_kernel = ctx.kernel_poison and not torch.compiler.is_compiling()
+    if not in_kernel:
+        g_loss = poisoned(g_loss, ctx.poison)
+    poison = ctx.poison if in_kernel else None
     logits, tokens, mask, dlam, grad, rows = ctx.saved_tensors
     dlogits = None
     if ctx.needs_input_grad[0]:
-        g = g_loss.detach()
+        g = g_loss.detach() if g_loss.requires_grad else g_loss
         if ctx.fused and ctx.inplace:
-            engine(ctx.engine).scale_(logits.view(-1, logits.shape[-1]), mask, g)
+            engine(ctx.engine).scale_(logits.view(-1, logits.shape[-1]), mask, g, poison)
             dlogits = logits.detach()  # a new tensor object over the logits' storage (see below)
         elif ctx.fused:
-            dlogits = _upstream(ctx, grad, mask, g)
+            dlogits = _upstream(ctx, grad, mask, g, poison)
         elif ctx.inplace:
-            torch.ops.lambda_grpo.loss_bwd_inplace(logits, tokens, mask, rows, g, ctx.config, ctx.engine)
+            _call(torch.ops.lambda_grpo.loss_bwd_inplace, _loss_bwd_inplace)(logits, tokens, mask, rows, g, ctx.config,
+                                                                             ctx.engine)
             # A new tensor object over the logits' storage: returning the saved logits themselves
             # (the caller's tensor, referenced by the caller) makes autograd copy the gradient
             # into a new buffer instead of taking it as .grad (AccumulateGrad steals only a
@@ -186,7 +211,8 @@ def _loss_backward(ctx, g_loss, *unused):
             # then the logits' own storage (docs/math.md §12).
             dlogits = logits.detach()
         else:
-            dlogits = torch.ops.lambda_grpo.loss_bwd(logits, tokens, mask, rows, g, ctx.config, ctx.engine)
+            dlogits = _call(torch.ops.lambda_grpo.loss_bwd, _loss_bwd)(logits, tokens, mask, rows, g, ctx.config,
+                                                                      ctx.engine)
     return dlogits, None, _lam_grad(ctx, g_loss, dlam, 2), None, None, None
 
 
@@ -209,6 +235,7 @@ def _rows_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
     logp, entropy, lam = inputs[0], inputs[1], inputs[3]
+    ctx.poison = inputs[2][PART["poison"]]
     ctx.meta = [(x.dtype, x.device) if x is not None else None for x in (logp, entropy)]
     ctx.lam_meta = None if lam is None else (lam.dtype, lam.device)
     ctx.save_for_backward(output[3], output[4], output[5])
@@ -219,6 +246,7 @@ def _rows_backward(ctx, g_loss, *unused):
     # each scales linearly with the upstream gradient g.
     if g_loss is None:
         return (None,) * 6
+    g_loss = poisoned(g_loss, ctx.poison)
     dlam, dlogp, dH = ctx.saved_tensors
     (lp_dt, _), ent_meta = ctx.meta
     g = g_loss.detach()
@@ -251,6 +279,7 @@ def _linear_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     lam = inputs[4]
     ctx.engine = inputs[6]
+    ctx.poison = inputs[3][PART["poison"]]
     ctx.lam_meta = None if lam is None else (lam.dtype, lam.device)
     # the gradients as detached aliases, for the reason given in the module docstring
     ctx.save_for_backward(output[3], output[4].detach(), output[5].detach(), output[6].detach())
@@ -260,6 +289,7 @@ def _linear_backward(ctx, g_loss, *unused):
     # VJP: the forward holds dL/dhidden, dL/dW, dL/db and dL/dlam for g = 1; all are linear in g.
     if g_loss is None:
         return (None,) * 8
+    g_loss = poisoned(g_loss, ctx.poison)
     dlam, dh, dw, db = ctx.saved_tensors
     g = g_loss.detach()
     d_h = _upstream(ctx, dh, None, g) if ctx.needs_input_grad[0] else None
@@ -308,7 +338,8 @@ def _lp_backward(ctx, g_logp, g_lse):
     logits, tokens, lse = ctx.saved_tensors
     d = None
     if ctx.needs_input_grad[0] and g_logp is not None:
-        d = torch.ops.lambda_grpo.logprobs_bwd(logits, tokens, lse, g_logp, ctx.temperature, ctx.engine)
+        d = _call(torch.ops.lambda_grpo.logprobs_bwd, logprobs_backward)(logits, tokens, lse, g_logp, ctx.temperature,
+                                                                         ctx.engine)
     return d, None, None, None
 
 
@@ -357,9 +388,8 @@ def _llp_backward(ctx, g_logp, g_ent, g_lse):
         return (None,) * 7
     if g_logp is None:
         g_logp = torch.zeros(hidden.shape[:2], dtype=lse.dtype, device=lse.device)
-    dh, dw, db = torch.ops.lambda_grpo.linear_logprobs_bwd(hidden, weight, bias, tokens, lse, ent, g_logp,
-                                                           g_ent if ent.numel() else None, ctx.temperature,
-                                                           ctx.engine)
+    dh, dw, db = _call(torch.ops.lambda_grpo.linear_logprobs_bwd, linear_logprobs_backward_)(
+        hidden, weight, bias, tokens, lse, ent, g_logp, g_ent if ent.numel() else None, ctx.temperature, ctx.engine)
     return (dh if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
             db if (ctx.has_bias and ctx.needs_input_grad[2]) else None, None, None, None, None)
 

@@ -17,13 +17,14 @@ sums gets (measured on an H200 at T = 8192; the Triton row kernel scans in float
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Dict, NamedTuple, Optional
 
 import torch
 
 from .config import (LENGTH_H_MIN, LENGTH_SIGMA_MIN, LOG_RATIO_CLAMP, VESPO_LAMBDA_MIN, VESPO_LOG_W_MIN,
                      LossConfig)
-from ._batch import Batch
+from ._batch import Batch, as_dtype
 
 SCAN_BLOCK = 128  # block length of the blocked linear scan (an L x L matrix per block)
 
@@ -40,13 +41,24 @@ class TokenConstants:
 
     mask: torch.Tensor  # (B, T) bool
     lengths: torch.Tensor  # (B,) int32, n_i
-    A: torch.Tensor  # advantages after adv_clamp_min
-    w_row: torch.Tensor  # (B,) W_{i,t} of every valid token of row i (0 for an empty row)
-    W: torch.Tensor  # (B, T) w_row broadcast over the valid tokens
+    adv: torch.Tensor  # (B, T) advantages after adv_clamp_min, NOT masked (maybe a broadcast view)
+    w_row: torch.Tensor  # (B,) W_{i,t} of every valid token of row i (0 for an empty row; maybe a broadcast view)
     coef: Optional[torch.Tensor]  # c_t multiplying the surrogate (weight-mode trace x token weights), or None
     count: torch.Tensor  # 0-d, local number of valid tokens
     seq_weight: torch.Tensor  # (B,) f_i (ones unless lambda_grpo)
     dseq_weight: Optional[torch.Tensor]  # (B,) d f_i / d lambda / max(1, N_tok), lambda_grpo only
+
+    # The masked (B, T) forms, made when first read: the Triton kernels read `adv` and `w_row` at
+    # valid tokens only (with their strides), and every op here is host time.
+    @cached_property
+    def A(self) -> torch.Tensor:
+        """(B, T) advantages after adv_clamp_min, zero where masked."""
+        return torch.where(self.mask, self.adv, 0.0)
+
+    @cached_property
+    def W(self) -> torch.Tensor:
+        """(B, T) w_row broadcast over the valid tokens, zero where masked."""
+        return torch.where(self.mask, self.w_row[:, None], 0.0)
 
 
 def lambda_grpo_weights_and_grad(lengths: torch.Tensor, group_size: int, lam: torch.Tensor, r: float):
@@ -113,16 +125,16 @@ def aggregation_weights(cfg: LossConfig, lengths: torch.Tensor, count: torch.Ten
     if agg == "grpo":
         w = 1 / (n_seq * torch.clamp(lengths.to(dtype), min=1))
     elif agg == "bnpo":
-        w = (1 / torch.clamp(count, min=1)).expand(B)
+        w = torch.clamp(count, min=1).reciprocal().expand(B)
     elif agg == "dapo":
-        w = (1 / torch.clamp(n_tok, min=1)).expand(B)
+        w = torch.clamp(n_tok, min=1).reciprocal().expand(B)
     elif agg == "dr_grpo":
         L = cfg.max_completion_length if cfg.max_completion_length is not None else max(T, 1)
         w = (1 / (n_seq * L)).expand(B)
     elif agg == "token_sum":
         w = f
     elif agg == "seq_mean_token_sum":
-        w = (1 / n_seq).expand(B)
+        w = n_seq.reciprocal().expand(B)
     elif agg == "lambda_grpo":
         fast = None
         if group_weights is not None and dtype == torch.float32:
@@ -143,7 +155,7 @@ def aggregation_weights(cfg: LossConfig, lengths: torch.Tensor, count: torch.Ten
         f, df, w = f64.to(dtype), (df64 * inv).to(dtype), (f64 * inv).to(dtype)
     else:  # LossConfig validates the name; this is a guard for a new aggregation added in one place only
         raise ValueError(f"aggregation: no weights for {agg!r}")
-    return w.contiguous(), f, df
+    return w, f, df  # w may be a broadcast view (stride 0): the consumers index it
 
 
 def geometric_sum(m: torch.Tensor, a: float) -> torch.Tensor:
@@ -175,28 +187,30 @@ def token_constants(batch: Batch, cfg: LossConfig, dtype, group_weights=None) ->
     mask = batch.mask
     B, T = mask.shape
     lengths = mask.sum(dim=1, dtype=torch.int32)
-    count = lengths.sum().to(dtype)
-    n_tok = count if batch.num_tokens is None else batch.num_tokens.to(dtype)
-    n_seq = None if batch.num_sequences is None else batch.num_sequences.to(dtype)
-    A = batch.advantages.to(dtype)
+    count = lengths.sum(dtype=dtype)
+    n_tok = count if batch.num_tokens is None else as_dtype(batch.num_tokens, dtype)
+    n_seq = None if batch.num_sequences is None else as_dtype(batch.num_sequences, dtype)
+    adv = as_dtype(batch.advantages, dtype)
     if cfg.adv_clamp_min is not None:
-        A = torch.clamp(A, min=cfg.adv_clamp_min)
-    A = torch.where(mask, A, 0.0)
+        adv = torch.clamp(adv, min=cfg.adv_clamp_min)
     w_row, seq_weight, dseq = aggregation_weights(cfg, lengths, count, n_tok, n_seq, T, batch.lam, batch.group_size,
                                                   dtype, batch.group_lengths, batch.group_index, group_weights)
-    W = torch.where(mask, w_row[:, None], 0.0)
     # c_t multiplies the surrogate of token t: the weight-mode trace coefficient times the
     # per-token importance weight, whichever are present (None: both absent, c = 1)
     coef = weight_trace_coefficients(mask, cfg, dtype) if cfg.weight_trace else None
     if batch.token_weights is not None:
         tw = torch.where(mask, batch.token_weights.to(dtype), 0.0)
         coef = tw if coef is None else coef * tw
-    return TokenConstants(mask, lengths, A, w_row, W, coef, count, seq_weight, dseq)
+    return TokenConstants(mask, lengths, adv, w_row, coef, count, seq_weight, dseq)
 
 
 class FusedInputs(NamedTuple):
-    """Flat (B*T,) per-token inputs of a fused vocab pass, in the compute dtype: what a token's
-    d(loss)/d(logp) needs besides its own logp and entropy when there is no ratio-mode trace."""
+    """Per-token inputs of a fused vocab pass in the compute dtype: what a token's d(loss)/d(logp)
+    needs besides its own logp and entropy when there is no ratio-mode trace. Only valid tokens
+    are read. In the row layout (`fused_inputs`): A (B, T) any strides (a broadcast view of
+    per-sequence advantages), W (B,) per row (`per_token` spreads it), coef, old_logp, ref_logp
+    (B, T) contiguous, indexed flat; or all gathered to the N tokens of a packed batch or a
+    chunk of valid tokens (lambda_grpo/_compute.py, _linear.py), (N,) each."""
 
     A: torch.Tensor
     W: torch.Tensor
@@ -206,10 +220,17 @@ class FusedInputs(NamedTuple):
 
 
 def fused_inputs(consts: TokenConstants, batch: Batch, dtype) -> FusedInputs:
-    def flat(x):
-        return None if x is None else x.to(dtype).contiguous().view(-1)
+    """FusedInputs in the row layout (no masking, no copy where none is needed: each is host time)."""
+    def rows(x):
+        return None if x is None else as_dtype(x, dtype).contiguous()
 
-    return FusedInputs(flat(consts.A), flat(consts.W), flat(consts.coef), flat(batch.old_logp), flat(batch.ref_logp))
+    return FusedInputs(consts.adv, consts.w_row, rows(consts.coef), rows(batch.old_logp), rows(batch.ref_logp))
+
+
+def broadcast_rows(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """x as a tensor of like's shape: a per-row (B,) x broadcast over the T tokens of each row of a
+    (B, T) `like` (a view), any other x as it is."""
+    return x if x.shape == like.shape else x[:, None].expand_as(like)
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,6 +515,11 @@ class RowPass:
     dlam: Optional[torch.Tensor]  # 0-d d loss / d lambda (lambda_grpo), or None
     metrics: Dict[str, torch.Tensor]
     per_token: Optional[Dict[str, torch.Tensor]] = None  # PER_TOKEN_KEYS -> (B, T), when asked
+    # the metrics other than seq_weight as one (K,) tensor in metric_names order, when the engine
+    # made them so (the Triton engine's finish kernel); `metrics` then holds views of it
+    metric_vector: Optional[torch.Tensor] = None
+    # the engine made loss and dlam NaN under batch.poison already (the Triton finish kernel)
+    poisoned: bool = False
 
 
 # l_t, rho_t, kl_t, H_t and the clip flags of docs/math.md §8 (0/1: the token counts in clip_frac_low,

@@ -30,7 +30,7 @@ from typing import List, Optional
 import torch
 
 from .config import LossConfig
-from ._batch import Batch, compute_dtype  # noqa: F401  (re-exported)
+from ._batch import Batch, as_dtype, compute_dtype  # noqa: F401  (re-exported)
 from ._packed import PACKED_HINT, unpack_inputs
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -230,7 +230,7 @@ def _per_token(x, name: str, B: int, T: int, device, dtype, allow_seq: bool = Fa
         fail(name, f"device {device} (that of {what})", x.device)
     if x.requires_grad:
         x = x.detach()
-    x = x.to(dtype)
+    x = as_dtype(x, dtype)
     if x.dim() == 1:
         x = x[:, None].expand(B, T)
     return x
@@ -397,7 +397,7 @@ def _bool_mask(mask: torch.Tensor) -> torch.Tensor:
         if _host_checks():
             _raise(mask_error(mask))
         mask = mask != 0
-    return mask
+    return mask.contiguous()  # the kernels index it flat (no op when it is contiguous already)
 
 
 def _mask_poison(raw: torch.Tensor) -> Optional[torch.Tensor]:

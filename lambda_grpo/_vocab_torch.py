@@ -30,7 +30,7 @@ import torch
 
 from .config import LossConfig
 from ._batch import Batch, compute_dtype
-from ._rowmath import FusedInputs, RowPass, TokenConstants, row_pass as _row_pass, token_terms
+from ._rowmath import FusedInputs, RowPass, TokenConstants, broadcast_rows, row_pass as _row_pass, token_terms
 
 # Rows per chunk are chosen so a chunk holds about this many elements (fp32: 2 MiB), small
 # enough to stay in a core's cache between the max, exp and sum sweeps. Measured on the 2-core
@@ -245,6 +245,7 @@ def vocab_forward(logits2d: torch.Tensor, tokens: torch.Tensor, mask: torch.Tens
     lse holds the log-sum-exp of x = logits / tau as two numbers, [max x, log sum exp(x - max)]:
     the backward forms log p = (x - max) - log sum, as plain torch's log_softmax does. One fp32
     number max + log sum would lose |lse| 2^-24 of log p (1e-5 relative in p at |x| ~ 200)."""
+    tokens, mask = tokens.reshape(-1), mask.reshape(-1)  # (B, T) of a padded batch: indexed flat
     N, V = logits2d.shape
     dtype = compute_dtype(logits2d.dtype)
     device = logits2d.device
@@ -274,6 +275,7 @@ def vocab_fused(logits2d: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
     a new (N, V) tensor; `out=logits2d` overwrites the logits). The per-token coefficient comes
     from `_rowmath.token_terms`, the same elementwise math as the row pass (z = x = logp - old).
     Returns (logp, entropy or None, dlogits)."""
+    tokens, mask = tokens.reshape(-1), mask.reshape(-1)  # (B, T) of a padded batch: indexed flat
     N, V = logits2d.shape
     dtype = compute_dtype(logits2d.dtype)
     device = logits2d.device
@@ -287,7 +289,8 @@ def vocab_fused(logits2d: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
     # before it writes e
     direct = dlogits.dtype == dtype
     rows_per = _rows_per_chunk(V)
-    A, W, c, old_all, ref_all = inputs
+    # flat (N,) views of the inputs ((B, T) of a padded batch, indexed by vocabulary row; W per row spread)
+    A, W, c, old_all, ref_all = (None if v is None else broadcast_rows(v, inputs.A).reshape(-1) for v in inputs)
 
     def body(s, e, valid, bufs):
         if fresh:
@@ -322,6 +325,7 @@ def vocab_backward(logits2d: torch.Tensor, tokens: torch.Tensor, mask: torch.Ten
     scale * gl = dL/dlogp, scale * gh = dL/dH (gh, H None without an entropy term; scale the
     upstream gradient, 0-d); masked rows get zeros. `out=logits2d` writes the gradient over the
     logits (each chunk is read before it is written)."""
+    tokens, mask = tokens.reshape(-1), mask.reshape(-1)  # (B, T) of a padded batch: indexed flat
     N, V = logits2d.shape
     dtype = lse.dtype
     mx, log_s = lse[0], lse[1]
@@ -396,6 +400,12 @@ def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, 
     return _single_threaded(_row_pass, logp, entropy, batch, cfg, consts, per_token)
 
 
+# the fused schedule runs the row pass (no `finish_fused`: its vocab_fused writes no terms)
+finish_fused = None
+# the op layer applies the value rules' poison (lambda_grpo/_compute.py:poisoned)
+APPLIES_POISON = False
+# (N, V) logits only: a (B, T, V) slice that cannot be viewed as (N, V) is copied by the caller
+ROWS_3D = False
 # an upstream gradient is applied by reading it on the host (lambda_grpo/_ops.py:_upstream): on a CPU
 # that read costs nothing, and d itself is the gradient when g == 1 (no pass over it)
 RESCALE_IN_PLACE = False
@@ -403,8 +413,12 @@ RESCALE_IN_PLACE = False
 group_weights = None
 
 
-def scale_(d: torch.Tensor, mask: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """In place: d *= g (a 0-d tensor; masked rows are zero already). One host read of g."""
+def scale_(d: torch.Tensor, mask: torch.Tensor, g: torch.Tensor, poison: Optional[torch.Tensor] = None
+           ) -> torch.Tensor:
+    """In place: d *= g (a 0-d tensor; masked rows are zero already), NaN under `poison`. One host
+    read of g."""
+    if poison is not None:
+        g = g * torch.where(poison, float("nan"), 1.0)
     if not bool(g == 1):
         d.mul_(g.to(d.dtype))
     return d

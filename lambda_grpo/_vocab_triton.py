@@ -16,13 +16,14 @@ from typing import Optional
 import torch
 
 from .config import LossConfig
+from .output import metric_names
 from ._batch import Batch
-from ._rowmath import (CLIP_CODES, FusedInputs, RowPass, TokenConstants, log_ratio, ratio_map, ratio_map_backward,
-                       row_coefficients)
+from ._rowmath import (CLIP_CODES, FusedInputs, RowPass, TokenConstants, broadcast_rows, log_ratio, ratio_map,
+                       ratio_map_backward, row_coefficients)
 from ._validate import fail
 from .kernels._config import LOGITS_DTYPES
 from .kernels.groups import launch_group_weights
-from .kernels.rows import PART, launch_rows
+from .kernels.rows import launch_finish, launch_finish_tokens, launch_rows
 from .kernels.vocab_bwd import scale_rows, vocab_backward as _vocab_backward
 from .kernels.vocab_fused import vocab_fused as _vocab_fused
 from .kernels.vocab_fwd import vocab_forward as _vocab_forward, vocab_fwd_kernel
@@ -62,17 +63,26 @@ def check_runnable(logits: torch.Tensor, name: str = "logits") -> None:
 
 
 def _f32(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A flat contiguous fp32 tensor without autograd history; no op when x is one already (the
-    usual case: the row math hands over such tensors, and every op here is host time)."""
+    """A contiguous fp32 tensor without autograd history, of any shape (the kernels index it
+    flat); no op when x is one already (the usual case: the row math hands over such tensors,
+    and every op here is host time)."""
     if x is None:
         return None
     if x.requires_grad:
         x = x.detach()
     if x.dtype != torch.float32:
         x = x.float()
-    if x.dim() != 1 or not x.is_contiguous():
-        x = x.contiguous().view(-1)
+    if not x.is_contiguous():
+        x = x.contiguous()
     return x
+
+
+def _f32s(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 without autograd history, strides kept (the kernels take them: a broadcast view
+    of per-sequence values is read where it lies)."""
+    if x.requires_grad:
+        x = x.detach()
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def vocab_forward(logits2d, tokens, mask, tau: float, want_entropy: bool, want_lse: bool):
@@ -81,13 +91,13 @@ def vocab_forward(logits2d, tokens, mask, tau: float, want_entropy: bool, want_l
 
 
 def vocab_fused(logits2d, tokens, mask, tau: float, want_entropy: bool, inputs: FusedInputs, cfg: LossConfig,
-                out: Optional[torch.Tensor] = None):
-    return _vocab_fused(logits2d, tokens, mask, _f32(inputs.A), _f32(inputs.W), tau, old_logp=_f32(inputs.old_logp),
+                out: Optional[torch.Tensor] = None, terms_out: Optional[torch.Tensor] = None):
+    return _vocab_fused(logits2d, tokens, mask, _f32s(inputs.A), _f32s(inputs.W), tau, old_logp=_f32(inputs.old_logp),
                         ref_logp=_f32(inputs.ref_logp), trace_coef=_f32(inputs.coef), eps_low=cfg.eps_low,
                         eps_high=cfg.eps_high, dual_clip=cfg.dual_floor, surrogate=cfg.surrogate,
                         sapo_tau_pos=cfg.sapo_tau_pos, sapo_tau_neg=cfg.sapo_tau_neg, beta=cfg.beta,
                         kl_estimator=cfg.kl_estimator, kl_ratio_weighted=cfg.kl_ratio_weighted,
-                        entropy_coef=cfg.entropy_coef, with_entropy=want_entropy, out=out)
+                        entropy_coef=cfg.entropy_coef, with_entropy=want_entropy, out=out, terms_out=terms_out)
 
 
 def vocab_backward(logits2d, tokens, mask, lse, gl, gh, H, tau: float, scale: torch.Tensor,
@@ -97,15 +107,75 @@ def vocab_backward(logits2d, tokens, mask, lse, gl, gh, H, tau: float, scale: to
                            entropy=_f32(H) if gh is not None else None, coef_entropy=_f32(gh), out=out)
 
 
+# the kernels take (B, T, V) logits with their strides (lambda_grpo/kernels/_launch.py:row_layout)
+ROWS_3D = True
+# the value rules' poison is applied by the finish and scale kernels (no torch op)
+APPLIES_POISON = True
 # apply an upstream gradient to a saved gradient in place, on the device (lambda_grpo/_ops.py:_upstream)
 RESCALE_IN_PLACE = True
 # lambda-GRPO's group weights in one launch (lambda_grpo/kernels/groups.py)
 group_weights = launch_group_weights
 
 
-def scale_(d2d: torch.Tensor, mask: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """In place d *= g on the valid rows; the kernel skips the work when g == 1 (no host sync)."""
-    return scale_rows(d2d, mask, g.detach().reshape(1).to(device=d2d.device, dtype=torch.float32))
+def scale_(d2d: torch.Tensor, mask: torch.Tensor, g: torch.Tensor, poison: Optional[torch.Tensor] = None
+           ) -> torch.Tensor:
+    """In place d *= g on the valid rows, NaN under `poison`; the kernel skips the work when g == 1
+    and no poison (no host sync). d2d: (N, V), or a contiguous (B, T, V)."""
+    if g.numel() != 1 or g.dtype != torch.float32 or g.device != d2d.device:
+        g = g.detach().reshape(1).to(device=d2d.device, dtype=torch.float32)
+    return scale_rows(d2d, mask, g, poison)
+
+
+def finish_fused(terms: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, cfg: LossConfig,
+                 consts: TokenConstants, per_token: bool = False) -> RowPass:
+    """The RowPass of the fused schedule from the terms its vocabulary kernel wrote (`terms_out` of
+    vocab_fused: (4, *vocab mask shape) = l, rho, kl, clip code per token): loss, dlam and the
+    metrics in one launch (kernels/rows.py:finish_tokens_kernel), no row pass. entropy: the
+    vocabulary pass's, in the vocabulary layout, or None. dL/dlogp is not returned: the vocabulary
+    kernel wrote the gradient."""
+    has_ref = batch.ref_logp is not None
+    names = metric_names(cfg, has_ref)
+    if batch.packed_pos is None:
+        mask, w, dseq, T = batch.mask, consts.w_row, consts.dseq_weight, batch.shape[1]
+    else:  # the tokens are packed: their row weights gathered to them
+        mask, T = batch.vocab_mask, batch.vocab_mask.numel()
+        like = consts.adv
+        w = batch.to_vocab(broadcast_rows(consts.w_row, like))
+        dseq = None if consts.dseq_weight is None else batch.to_vocab(broadcast_rows(consts.dseq_weight, like))
+    loss, dlam, vec = launch_finish_tokens(terms, _f32(entropy), mask, _f32s(w), None if dseq is None else _f32s(dseq),
+                                           has_ref, len(names), T, poison=batch.poison)
+    metrics = _named_metrics(vec, names, 4 + has_ref + (entropy is not None), None, cfg, batch, consts)
+    tokens = None
+    if per_token:
+        planes = terms if batch.packed_pos is None else batch.to_rows(terms)
+        ent = None if entropy is None else batch.to_rows(entropy)
+        tokens = _token_outputs(planes[0], planes[1], planes[2], planes[3], ent)
+    return RowPass(loss, None, None, dlam, metrics, tokens, metric_vector=vec, poisoned=True)
+
+
+def _named_metrics(vec: torch.Tensor, names, k: int, phi: Optional[torch.Tensor], cfg: LossConfig, batch: Batch,
+                   consts: TokenConstants) -> dict:
+    """The metrics dict of a finish kernel's vector (it wrote the first k), with phi_mean (VESPO)
+    and lambda filled in here, and seq_weight."""
+    if phi is not None:  # VESPO (zeros where masked)
+        vec[k:k + 1].copy_((phi.sum() / consts.count.clamp(min=1)).reshape(1))
+        k += 1
+    if cfg.uses_lambda:
+        vec[k:k + 1].copy_(batch.lam.detach().reshape(1))
+    metrics = dict(zip(names, vec.unbind()))
+    metrics["seq_weight"] = consts.seq_weight
+    return metrics
+
+
+def _token_outputs(loss, ratio, kl, clip, entropy) -> dict:
+    """The per-token outputs (PER_TOKEN_KEYS) of a kernel's planes; clip: the code 1 low + 2 high
+    + 4 dual."""
+    tokens = {"loss": loss, "ratio": ratio, "kl": kl,
+              "entropy": entropy if entropy is not None else torch.zeros_like(loss)}
+    code = clip.to(torch.int32)
+    for key, bit in CLIP_CODES.items():
+        tokens[key] = (code & bit).ne(0).to(loss.dtype)
+    return tokens
 
 
 def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, cfg: LossConfig,
@@ -122,42 +192,25 @@ def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, 
         coef, phi = row_coefficients(x, consts, cfg)
         z = ratio_map(x, mask, cfg) if cfg.sequence_ratio else None
     coef_lp, coef_h, parts, toks, gz, clip = launch_rows(
-        logp.contiguous(), mask.contiguous(), _f32(consts.A).view(B, T), consts.lengths.contiguous(),
-        _f32(consts.w_row), entropy=None if entropy is None else entropy.contiguous(),
-        old_logp=None if batch.old_logp is None else _f32(batch.old_logp).view(B, T),
-        ref_logp=None if batch.ref_logp is None else _f32(batch.ref_logp).view(B, T),
-        trace_coef=None if coef is None else _f32(coef).view(B, T), z=None if z is None else _f32(z).view(B, T),
+        logp.contiguous(), mask.contiguous(), _f32s(consts.adv), consts.lengths.contiguous(),
+        _f32s(consts.w_row), entropy=None if entropy is None else entropy.contiguous(),
+        old_logp=_f32(batch.old_logp), ref_logp=_f32(batch.ref_logp), trace_coef=_f32(coef), z=_f32(z),
         ratio_trace=cfg.trace if cfg.ratio_trace else None, trace_decay=cfg.trace_decay, eps_low=cfg.eps_low,
         eps_high=cfg.eps_high, dual_clip=cfg.dual_floor, surrogate=cfg.surrogate,
         sapo_tau_pos=cfg.sapo_tau_pos, sapo_tau_neg=cfg.sapo_tau_neg, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
         kl_ratio_weighted=cfg.kl_ratio_weighted, entropy_coef=cfg.entropy_coef, write_coef=want_coef,
-        write_tokens=per_token)
+        write_tokens=per_token, coef_buffers=want_coef)
     if gz is not None:
         coef_lp = coef_lp + ratio_map_backward(gz, mask, cfg)
-    sums = parts.sum(0)
-    loss = sums[PART["wS"]]
-    dlam = None
-    if consts.dseq_weight is not None:
-        dlam = (parts[:, PART["S"]].double() * consts.dseq_weight.double()).sum().to(torch.float32)
-    count = consts.count.clamp(min=1)
-    metrics = {"clip_frac_low": sums[PART["clip_low"]] / count, "clip_frac_high": sums[PART["clip_high"]] / count}
-    metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
-    metrics["ratio_mean"] = sums[PART["ratio"]] / count
-    if batch.ref_logp is not None:
-        metrics["kl_mean"] = sums[PART["kl"]] / count
-    if entropy is not None:
-        metrics["entropy_mean"] = sums[PART["entropy"]] / count
-    if phi is not None:  # VESPO (zeros where masked)
-        metrics["phi_mean"] = phi.sum() / count
-    if cfg.uses_lambda:
-        metrics["lambda"] = batch.lam.detach().to(device=logp.device, dtype=torch.float32).reshape(())
-    metrics["seq_weight"] = consts.seq_weight
+    # loss, dlam and the metrics from the per-row sums in one launch (kernels/rows.py:finish_kernel)
+    names = metric_names(cfg, batch.ref_logp is not None)
+    dseq = None if consts.dseq_weight is None else _f32(consts.dseq_weight)
+    loss, dlam, vec = launch_finish(parts, consts.lengths, dseq, batch.ref_logp is not None, entropy is not None,
+                                    len(names), poison=batch.poison)
+    k = 4 + (batch.ref_logp is not None) + (entropy is not None)  # the slots the kernel wrote
+    metrics = _named_metrics(vec, names, k, phi, cfg, batch, consts)
     tokens = None
     if per_token:
-        tokens = {"loss": toks[0], "ratio": toks[1], "kl": toks[2],
-                  "entropy": entropy if entropy is not None else torch.zeros_like(toks[0])}
-        code = clip.to(torch.int32)
-        for key, bit in CLIP_CODES.items():
-            tokens[key] = (code & bit).ne(0).to(toks[0].dtype)
+        tokens = _token_outputs(toks[0], toks[1], toks[2], clip, entropy)
     has_h = cfg.entropy_coef != 0 and entropy is not None
-    return RowPass(loss, coef_lp, coef_h if has_h else None, dlam, metrics, tokens)
+    return RowPass(loss, coef_lp, coef_h if has_h else None, dlam, metrics, tokens, metric_vector=vec, poisoned=True)

@@ -12,6 +12,7 @@ from torch import nn
 from .config import LossConfig
 from .output import LossOutput
 from ._batch import compute_dtype
+from ._compute import nan_one, poisoned
 from ._entry import fast_linear_logprobs, fast_loss, fast_token_logprobs, linear_loss, rows_loss
 from ._validate import (check_backend, check_logits_tokens, fail, safe_ids, validate, validate_linear,
                         validate_logprobs)
@@ -110,8 +111,8 @@ def grpo_loss(
 
         if batch.packed_pos is not None:
             return _finish(reference_packed_loss(logits, batch, cfg, compute_dtype(logits.dtype), return_per_token),
-                           batch)
-        return _finish(reference_loss(batch, cfg, per_token=return_per_token), batch)
+                           batch, reference=True)
+        return _finish(reference_loss(batch, cfg, per_token=return_per_token), batch, reference=True)
     if name == "triton":
         from ._vocab_triton import check_runnable
 
@@ -130,26 +131,13 @@ def _unit_stride_along_v(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _finish(out: LossOutput, batch) -> LossOutput:
+def _finish(out: LossOutput, batch, reference: bool = False) -> LossOutput:
     """The value rules' verdict (lambda_grpo/_validate.py): a failed rule makes the loss, and every
-    gradient through it, NaN (no host read); `out.input_errors` says which rule, when read."""
-    loss = out.loss
-    if batch.poison is not None:
-        nan, one = _nan_one(loss.device, loss.dtype)
-        loss = loss * torch.where(batch.poison, nan, one)
+    gradient through it, NaN (no host read); `out.input_errors` says which rule, when read. The
+    fast backends' ops apply it themselves (lambda_grpo/_compute.py:poisoned, no autograd node);
+    the reference's autograd graph gets it here, by the same function."""
+    loss = poisoned(out.loss, batch.poison) if reference else out.loss
     return LossOutput(loss, out.metrics, out.per_token, batch.values)
-
-
-_CONSTANTS: dict = {}
-
-
-def _nan_one(device, dtype):
-    """0-d NaN and 1 on `device` (made once: a new constant per call is host time)."""
-    key = (device, dtype)
-    if key not in _CONSTANTS:
-        _CONSTANTS[key] = (torch.full((), float("nan"), dtype=dtype, device=device),
-                           torch.ones((), dtype=dtype, device=device))
-    return _CONSTANTS[key]
 
 
 def grpo_loss_from_logprobs(
@@ -248,7 +236,8 @@ def fused_linear_grpo_loss(
     if name == "reference":
         from .reference import reference_linear_loss
 
-        return _finish(reference_linear_loss(hidden, weight, bias, batch, cfg, per_token=return_per_token), batch)
+        return _finish(reference_linear_loss(hidden, weight, bias, batch, cfg, per_token=return_per_token), batch,
+                       reference=True)
     if name == "triton":
         from ._vocab_triton import check_runnable
 
@@ -412,7 +401,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
 def _nan_where(bad: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
     """NaN at the positions whose token id was out of range (safe_ids), lp elsewhere."""
-    return torch.where(bad, _nan_one(lp.device, lp.dtype)[0], lp)
+    return torch.where(bad, nan_one(lp.device, lp.dtype)[0], lp)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "std", eps: float = 1e-4) -> torch.Tensor:

@@ -95,3 +95,67 @@ def test_a_training_step_never_synchronises(route, cfg, int_mask):
     step = _step(route, config, int_mask, lam)
     step()  # the first call imports and caches
     assert _syncs(step) == (["nonzero"] if route == "hidden" else [])
+
+
+class _Copies(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten ops called from lambda_grpo's code that copy a tensor of at least `numel`
+    elements (clone, copy_, _to_copy, contiguous's copy), inside our custom ops too (as
+    SyncCounter does). Autograd's own slice backward (the gradient of `logits[:, a:b]` written
+    into a zero tensor of the full shape) is the caller's graph, not ours: not recorded."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.copies = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch._library import custom_ops
+
+        kwargs = kwargs or {}
+        if func.namespace != "aten":
+            opdef = custom_ops.OPDEFS.get(f"{func.namespace}::{func._opname}")
+            if opdef is not None:
+                with self:
+                    return opdef._init_fn(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func.overloadpacket in (torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten._to_copy,
+                                   torch.ops.aten._unsafe_view) and isinstance(out, torch.Tensor) \
+                and out.numel() >= self.numel:
+            import traceback
+
+            ours = [f for f in traceback.extract_stack() if "/lambda_grpo/" in f.filename.replace("\\", "/")]
+            if ours:
+                self.copies.append(f"{func} at {ours[-1].filename.split('/')[-1]}:{ours[-1].lineno}")
+        return out
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("cfg", ["dapo", "lambda_grpo+both"])
+def test_a_slice_of_the_model_logits_is_read_where_it_lies(cfg):
+    """`model(ids).logits[:, P-1:-1]` is strided along T: the Triton kernels read it with its batch
+    and row strides (kernels/_launch.py:row_layout), so no (B, T, V) copy is made in the forward
+    or the backward (one was, before: 2 B T V bytes of traffic and a second buffer per step), and
+    the loss and gradient equal those of the same logits made contiguous, bit for bit. The copies
+    are counted with the launches stubbed (the interpreter itself copies each kernel's tensors)."""
+    from bench.host import stubbed_launches
+
+    config = CONFIGS[cfg]
+    inp = _inputs()
+    full = torch.randn(B, T + 3, V, generator=torch.Generator().manual_seed(7))
+    full[:, 1:-2] = inp["logits"]
+
+    def step(sliced):
+        base = full.clone().requires_grad_(True)
+        x = base[:, 1:-2] if sliced else base[:, 1:-2].detach().contiguous().requires_grad_(True)
+        lam = torch.tensor(0.3, requires_grad=True) if config.uses_lambda else None
+        out = lg.grpo_loss(x, inp["tokens"], inp["mask"], inp["advantages"], G, inp["old_logp"], config=config,
+                           lam=lam, backend="triton")
+        out.loss.backward()
+        return x, out.loss.detach(), (base.grad[:, 1:-2] if sliced else x.grad)
+
+    with stubbed_launches(), _Copies(B * T * V) as c:
+        x, _, _ = step(True)
+    assert x.stride(1) == V and x.stride(0) == (T + 3) * V  # a real slice
+    assert c.copies == [], f"copies of the logits: {c.copies}"
+    (l1, g1), (l2, g2) = step(True)[1:], step(False)[1:]
+    assert torch.equal(l1, l2), (l1, l2)
+    assert torch.equal(g1, g2), f"max |diff| {float((g1 - g2).abs().max())}"

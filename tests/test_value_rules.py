@@ -152,3 +152,41 @@ def test_environment_variable_turns_the_host_checks_on(monkeypatch):
     env = dict(__import__("os").environ, LAMBDA_GRPO_CHECK_VALUES="1")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "raised tokens: expected ids in [0, 3)" in res.stdout, res.stdout + res.stderr[-2000:]
+
+
+SCHEDULES = {
+    # name: (config, inplace_backward, upstream gradient)
+    "fused": (CFG, False, 1.0),
+    "fused, upstream 2": (CFG, False, 2.0),
+    "fused, inplace": (CFG, True, 1.0),
+    "two-pass": (lg.LossConfig(aggregation="lambda_grpo", trace="both", beta=0.04), False, 1.0),
+    "two-pass, inplace, upstream 2": (lg.LossConfig(aggregation="lambda_grpo", trace="both", beta=0.04), True, 2.0),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_a_failed_rule_poisons_every_gradient_of_every_schedule(schedule, backend):
+    """Where the poison is applied differs by engine and schedule (the Triton engine's finish and
+    scale kernels for its fused schedule, the op layer otherwise): whichever, a failed rule makes
+    the loss, d(lambda) and every valid row of dlogits NaN, under any upstream gradient and
+    in-place backward; the same inputs with the rule holding give finite ones."""
+    cfg, inplace, upstream = SCHEDULES[schedule]
+    for broken in (True, False):
+        inp, _ = _bad("token >= V") if broken else (_inputs(), None)
+        lam = torch.tensor(0.3, requires_grad=True)
+        x = inp["logits"].clone().requires_grad_(True)
+        leaf = x
+        if inplace:  # the in-place backward writes over a non-leaf's buffer
+            x = x * 1.0
+            x.retain_grad()
+        out = lg.grpo_loss(x, inp["tokens"], inp["mask"], inp["advantages"], G, inp["old_logp"], inp["ref_logp"],
+                           lam, config=cfg, backend=backend, inplace_backward=inplace)
+        (out.loss * upstream).backward()
+        grad = leaf.grad[inp["mask"]]
+        if broken:
+            assert math.isnan(out.loss.item()), out.loss
+            assert torch.isnan(grad).all(), f"{int(torch.isnan(grad).sum())} of {grad.numel()} dlogits are NaN"
+            assert torch.isnan(lam.grad), lam.grad
+        else:
+            assert torch.isfinite(out.loss) and torch.isfinite(grad).all() and torch.isfinite(lam.grad)

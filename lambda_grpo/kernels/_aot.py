@@ -27,7 +27,7 @@ import torch
 
 from . import _config
 from .groups import group_weights_kernel
-from .rows import row_kernel
+from .rows import finish_kernel, finish_tokens_kernel, row_kernel
 from .vocab_bwd import scale_kernel, vocab_bwd_kernel
 from .vocab_fused import vocab_fused_kernel
 from .vocab_fwd import vocab_fwd_kernel
@@ -38,11 +38,16 @@ KERNELS = {
     "vocab_bwd": vocab_bwd_kernel,
     "scale": scale_kernel,
     "rows": row_kernel,
+    "finish": finish_kernel,
+    "finish_tokens": finish_tokens_kernel,
     "groups": group_weights_kernel,
 }
 _TORCH_TO_TT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_PTR_TYPES = {"tokens_ptr": "i64", "mask_ptr": "u8", "len_ptr": "i32", "pos_ptr": "i32", "scr_ptr": "fp64",
-              "gl_ptr": "i64", "gi_ptr": "i64", "lam_ptr": "fp64"}
+_PTR_TYPES = {"tokens_ptr": "i64", "mask_ptr": "i1", "poison_ptr": "i1", "len_ptr": "i32", "pos_ptr": "i32",
+              "scr_ptr": "fp64", "gl_ptr": "i64", "gi_ptr": "i64", "lam_ptr": "fp64"}
+# int scalars (the rest are fp32): sizes, strides of per-token inputs, codes and flags
+_INT_ARGS = ("V", "T", "G", "B", "N", "batch_stride", "adv_sb", "adv_st", "w_sb", "w_st", "w_s", "d_sb", "d_st",
+             "kl_est", "surr", "kl_rw", "write_coef", "write_tok")
 _LOGITS_PTRS = ("logits_ptr", "dlogits_ptr", "d_ptr")
 STRIDE_CLASSES = ("D", "plain", "one")
 
@@ -68,7 +73,7 @@ def _signature(fn, logits_dtype, constexprs: dict, stride_class: str):
                     attrs[(i,)] = [["tt.divisibility", 16]]
         elif p.annotation:
             sig[name] = p.annotation
-        elif name in ("V", "T", "G", "kl_est", "surr", "kl_rw", "write_coef", "write_tok") or name.startswith("has_"):
+        elif name in _INT_ARGS or name.startswith("has_"):
             sig[name] = "i32"
         else:
             sig[name] = "fp32"

@@ -11,6 +11,7 @@ trace style) plus the logits dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -26,6 +27,13 @@ VOCAB_WARPS = 8
 # its cost is O(B*T), negligible next to the vocab passes.
 ROW_BLOCK_T = 128
 ROW_WARPS = 4
+# The row kernel's finish (loss and metric means from the per-row sums): one program over B in
+# chunks of 128 rows.
+FINISH_BLOCK_B = 128
+FINISH_WARPS = 4
+# ... and from the tokens' terms of the fused schedule: one program over N in chunks of 1024
+FINISH_BLOCK_N = 1024
+FINISH_TOKENS_WARPS = 4
 # λ-GRPO group weights: one program per row over its group's G lengths, G <= MAX_GROUP_BLOCK
 # (larger groups fall back to the torch function); a handful of float64 flops per length.
 MAX_GROUP_BLOCK = 256
@@ -69,25 +77,56 @@ class Launch:
     num_stages: int = 1
 
     def kwargs(self) -> dict:
-        return dict(self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+        """The launch keywords (a new dict: the caller may not change a cached one)."""
+        return dict(_kwargs(self))
+
+
+@lru_cache(maxsize=None)
+def _kwargs(launch: Launch) -> tuple:
+    return launch.constexprs + (("num_warps", launch.num_warps), ("num_stages", launch.num_stages))
+
+
+@lru_cache(maxsize=None)
+def _launch_of(num_warps: int, constexprs: tuple) -> Launch:
+    return Launch(tuple(sorted(constexprs)), num_warps)
 
 
 def _launch(num_warps: int, **constexprs) -> Launch:
-    return Launch(tuple(sorted(constexprs.items())), num_warps)
+    return _launch_of(num_warps, tuple(constexprs.items()))
+
+
+# Every launcher asks for its Launch on every call: cached by the values it depends on (the module
+# constants included, so that a test that changes a block size gets its own Launch).
+@lru_cache(maxsize=None)
+def _vocab(with_entropy: bool, block: int, warps: int) -> Launch:
+    return _launch(warps, BLOCK_V=block, WITH_ENTROPY=with_entropy)
 
 
 def vocab_launch(with_entropy: bool) -> Launch:
     """Forward, fused and backward vocab kernels."""
-    return _launch(VOCAB_WARPS, BLOCK_V=VOCAB_BLOCK, WITH_ENTROPY=bool(with_entropy))
+    return _vocab(bool(with_entropy), VOCAB_BLOCK, VOCAB_WARPS)
 
 
 def scale_launch() -> Launch:
     return _launch(VOCAB_WARPS, BLOCK_V=VOCAB_BLOCK)
 
 
+@lru_cache(maxsize=None)
+def _rows(trace, block: int, warps: int) -> Launch:
+    return _launch(warps, BLOCK_T=block, TRACE=TRACE_CODES[trace])
+
+
 def row_launch(trace) -> Launch:
     """trace: None / "recent" / "both" for ratio-mode traces (weight mode runs as trace None)."""
-    return _launch(ROW_WARPS, BLOCK_T=ROW_BLOCK_T, TRACE=TRACE_CODES[trace])
+    return _rows(trace, ROW_BLOCK_T, ROW_WARPS)
+
+
+def finish_launch() -> Launch:
+    return _launch(FINISH_WARPS, BLOCK_B=FINISH_BLOCK_B)
+
+
+def finish_tokens_launch() -> Launch:
+    return _launch(FINISH_TOKENS_WARPS, BLOCK_N=FINISH_BLOCK_N)
 
 
 def group_launch(group_size: int):
@@ -114,6 +153,8 @@ def specialisations():
         yield "scale", dt, scale_launch()
     for tr in (None, "recent", "both"):
         yield "rows", None, row_launch(tr)
+    yield "finish", None, finish_launch()
+    yield "finish_tokens", None, finish_tokens_launch()
     block = 1
     while block <= MAX_GROUP_BLOCK:
         yield "groups", None, group_launch(block)

@@ -113,3 +113,17 @@ def kl_and_grad(logp, ref, kl_est):
     kl = tl.where(kl_est == K3, ed - d - 1.0, tl.where(kl_est == K1, -d, tl.where(kl_est == K2, 0.5 * d * d, nan)))
     dkl = tl.where(kl_est == K3, 1.0 - ed, tl.where(kl_est == K1, 1.0, tl.where(kl_est == K2, -d, nan)))
     return kl, dkl
+
+
+@triton.jit
+def token_loss(bkl, c, s, ent_coef, H):
+    """l_t = beta kl - c s - entropy_coef H of one token (docs/math.md §2); a term whose coefficient
+    is 0 is absent (as in the reference), so 0 * inf cannot arise."""
+    return bkl - c * s - tl.where(ent_coef != 0.0, ent_coef * H, 0.0)
+
+
+@triton.jit
+def clip_code(clip_low, clip_high, clip_dual):
+    """The clip flags of one token as one number: 1 low + 2 high + 4 dual
+    (lambda_grpo._rowmath.CLIP_CODES)."""
+    return tl.where(clip_low, 1.0, 0.0) + tl.where(clip_high, 2.0, 0.0) + tl.where(clip_dual, 4.0, 0.0)

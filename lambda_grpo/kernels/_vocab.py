@@ -79,6 +79,13 @@ def write_zero(row_out, V, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
+def row_start(base_ptr, pid, T, batch_stride, row_stride):
+    """Pointer to vocabulary row `pid` (int64) = b T + t of logits laid out as (B, T, V) with
+    strides (batch_stride, row_stride, 1); (N, V) logits pass T = N, batch_stride = 0."""
+    return base_ptr + (pid // T) * batch_stride + (pid % T) * row_stride
+
+
+@triton.jit
 def load_token(tokens_ptr, pid, V):
     """The token id of row `pid`, clamped into [0, V): never an out-of-range read."""
     tok = tl.load(tokens_ptr + pid)

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ..config import LENGTH_H_MIN, LENGTH_SIGMA_MIN
 from ._config import MAX_GROUP_BLOCK, group_launch
+from ._launch import zeros1
 
 SIGMA_MIN = tl.constexpr(LENGTH_SIGMA_MIN)
 H_MIN = tl.constexpr(LENGTH_H_MIN)
@@ -88,17 +89,6 @@ def group_weights_kernel(len_ptr, gl_ptr, gi_ptr, lam_ptr, ntok_ptr, f_ptr, df_p
     tl.store(w_ptr + row, (f * inv).to(tl.float32))
 
 
-_DUMMIES: dict = {}
-
-
-def _dummy_i64(device) -> torch.Tensor:
-    """A one-element int64 zero per device for the pointer arguments a launch does not read."""
-    d = _DUMMIES.get(device)
-    if d is None:
-        d = _DUMMIES[device] = torch.zeros(1, dtype=torch.int64, device=device)
-    return d
-
-
 def launch_group_weights(lengths: torch.Tensor, group_size: int, lam: torch.Tensor, r: float, n_tok: torch.Tensor,
                          group_lengths: Optional[torch.Tensor] = None, group_index: Optional[torch.Tensor] = None
                          ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -115,7 +105,7 @@ def launch_group_weights(lengths: torch.Tensor, group_size: int, lam: torch.Tens
     if B > 0:
         lam64 = lam.detach().to(device=dev, dtype=torch.float64).reshape(1)
         has_gl = group_lengths is not None
-        dummy = _dummy_i64(dev)
+        dummy = zeros1(torch.int64, dev)
         group_weights_kernel[(B,)](lengths, group_lengths if has_gl else dummy, group_index if has_gl else dummy,
                                    lam64, n_tok.detach().reshape(1), out[0], out[1], out[2], int(G), float(r),
                                    int(has_gl), **launch.kwargs())

@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import KL_CODES, SURROGATE_CODES, code, row_launch
-from ._launch import as_u8
-from ._tokenmath import kl_terms, surrogate
+from ._config import KL_CODES, SURROGATE_CODES, code, finish_launch, finish_tokens_launch, row_launch
+from ._launch import check_vec, token_strides, zeros1
+from ._tokenmath import clip_code, kl_terms, surrogate, token_loss
 
 # Per-row sums written by the kernel, (B, NPARTS) fp32, by name.
 PARTS = ("wS", "S", "clip_low", "clip_high", "ratio", "kl", "entropy")  # wS = w_i S_i, S = sum_t l_t
@@ -147,16 +147,16 @@ def _trace_adjoint(s_g, s_u, s_q, pos, coef_row, n, w, a, ln_a, BLOCK_T: tl.cons
             tl.store(coef_row + p, cur + (w * dx).to(tl.float32), mask=km)
 
 
-@triton.jit(do_not_specialize=["T", "kl_est", "has_old", "has_ref", "has_ent", "has_c", "has_z", "write_coef",
+@triton.jit(do_not_specialize=["T", "adv_sb", "adv_st", "w_s", "kl_est", "has_old", "has_ref", "has_ent", "has_c",
+                               "has_z", "write_coef",
                                 "write_tok", "surr", "kl_rw"])
 def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, len_ptr, roww_ptr, z_ptr,
-               coef_lp_ptr, coef_h_ptr, gz_ptr, part_ptr, scr_ptr, pos_ptr, tok_loss_ptr, tok_rho_ptr, tok_kl_ptr,
-               tok_clip_ptr,
-               T, a: tl.float64, ln_a: tl.float64, eps_low, eps_high, dual_clip, tau_pos, tau_neg,
+               coef_lp_ptr, coef_h_ptr, gz_ptr, part_ptr, scr_ptr, pos_ptr, tok_ptr,
+               T, adv_sb, adv_st, w_s, a: tl.float64, ln_a: tl.float64, eps_low, eps_high, dual_clip, tau_pos, tau_neg,
                beta, ent_coef, kl_est, surr, kl_rw, has_old, has_ref, has_ent, has_c, has_z, write_coef, write_tok,
                BLOCK_T: tl.constexpr, TRACE: tl.constexpr):
     """One row. Inputs (B, T) fp32 unless noted: logp, entropy, old/ref log-probs, A (clamped),
-    mask (u8), c (weight-mode coefficients); len (B,) int32 n_i; roww (B,) fp32 w_i (the loss
+    mask (bool), c (weight-mode coefficients); len (B,) int32 n_i; roww (B,) fp32 w_i (the loss
     weight of each valid token of the row, normaliser included). Outputs: coef_lp = dL/dlogp,
     coef_h = dL/dH (B, T) when write_coef; parts (B, NPARTS) per-row sums; per-token l, rho, kl
     (B, T) when write_tok. A disabled dual clip is +inf; absent inputs are flagged by has_*.
@@ -175,8 +175,13 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
     s2 = scr_ptr + 2 * plane + base  # P, then Q (both)
     s3 = scr_ptr + 3 * plane + base  # g = dL/dz
     pos = pos_ptr + base
+    # per-token outputs (write_tok): 4 planes of (B, T) in one buffer: l, rho, kl, clip code
+    tok_loss_ptr = tok_ptr
+    tok_rho_ptr = tok_ptr + plane
+    tok_kl_ptr = tok_ptr + 2 * plane
+    tok_clip_ptr = tok_ptr + 3 * plane
     n = tl.load(len_ptr + row)
-    w = tl.load(roww_ptr + row)
+    w = tl.load(roww_ptr + row * w_s)
     ar = tl.arange(0, BLOCK_T)
     # runtime int flags as int1 tensors (the interpreter cannot mask with a Python bool)
     use_old = (tl.zeros([BLOCK_T], tl.int32) + has_old) != 0
@@ -201,7 +206,7 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
         cm = cols < T
         mk = tl.load(mask_ptr + base + cols, mask=cm, other=0) != 0
         lp = tl.load(logp_ptr + base + cols, mask=mk, other=0.0)
-        A = tl.load(adv_ptr + base + cols, mask=mk, other=0.0)
+        A = tl.load(adv_ptr + row * adv_sb + cols * adv_st, mask=mk, other=0.0)
         if TRACE == 0:
             old = tl.where(use_old, tl.load(old_ptr + base + cols, mask=mk & use_old, other=0.0), lp)
             z = tl.where(mk, tl.where(use_z, tl.load(z_ptr + base + cols, mask=mk & use_z, other=0.0), lp - old), 0.0)
@@ -217,8 +222,7 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
         ref = tl.load(ref_ptr + base + cols, mask=mk & use_ref, other=0.0)
         kl, bkl, bdkl, bkz = kl_terms(lp, ref, kl_est, beta, use_ref, rho, drho, kl_rw)
         H = tl.load(ent_ptr + base + cols, mask=mk & use_ent, other=0.0)
-        # a term whose coefficient is 0 is absent (as in the reference), so 0 * inf cannot arise
-        loss = bkl - c * s - tl.where(ent_coef != 0.0, ent_coef * H, 0.0)
+        loss = token_loss(bkl, c, s, ent_coef, H)
         acc_s += tl.where(mk, loss, 0.0)
         acc_lo += tl.where(mk & clo, 1.0, 0.0)
         acc_hi += tl.where(mk & chi, 1.0, 0.0)
@@ -229,9 +233,7 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
             tl.store(tok_loss_ptr + base + cols, tl.where(mk, loss, 0.0), mask=cm)
             tl.store(tok_rho_ptr + base + cols, tl.where(mk, rho, 0.0), mask=cm)
             tl.store(tok_kl_ptr + base + cols, tl.where(mk, kl, 0.0), mask=cm)
-            # the clip flags as one code: 1 low, 2 high, 4 dual (lambda_grpo._rowmath.CLIP_CODES)
-            flags = tl.where(clo, 1.0, 0.0) + tl.where(chi, 2.0, 0.0) + tl.where(cdu, 4.0, 0.0)
-            tl.store(tok_clip_ptr + base + cols, tl.where(mk, flags, 0.0), mask=cm)
+            tl.store(tok_clip_ptr + base + cols, tl.where(mk, clip_code(clo, chi, cdu), 0.0), mask=cm)
         if TRACE == 0:
             if write_coef != 0:
                 # z = logp - old: the z-slope and the direct slope both land on logp; a given z
@@ -259,6 +261,105 @@ def row_kernel(logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, c_ptr, le
         _trace_adjoint(s3, s1, s2, pos, coef_lp_ptr + base, n, w, a, ln_a, BLOCK_T, TRACE)
 
 
+@triton.jit(do_not_specialize=["B", "has_ref", "has_ent", "has_dlam"])
+def finish_kernel(part_ptr, len_ptr, dseq_ptr, poison_ptr, loss_ptr, dlam_ptr, met_ptr, B, has_ref, has_ent,
+                  has_dlam, BLOCK_B: tl.constexpr):
+    """One program: the batch's loss, dL/dlambda and metric means from the per-row parts
+    (B, NPARTS) of `row_kernel`, summed over rows in a fixed order in float64 (a launch of its
+    own, so that no program of the row kernel waits on another's writes; what it replaces is a
+    dozen small torch ops of host work per step).
+    loss = sum_i w_i S_i; dlam = sum_i S_i dseq_i (has_dlam: lambda-GRPO's df_i/dlam / max(1, N_tok));
+    metrics in lambda_grpo.output.metric_names order: clip_frac_low, clip_frac_high, clip_frac,
+    ratio_mean, then kl_mean (has_ref) and entropy_mean (has_ent), each a sum over valid tokens
+    divided by max(1, the local count sum_i n_i). poison (a bool: the value rules of the inputs
+    failed, lambda_grpo/_validate.py) makes the loss and dlam NaN."""
+    ar = tl.arange(0, BLOCK_B)
+    a_ws = tl.zeros([BLOCK_B], tl.float64)
+    a_lo = tl.zeros([BLOCK_B], tl.float64)
+    a_hi = tl.zeros([BLOCK_B], tl.float64)
+    a_rho = tl.zeros([BLOCK_B], tl.float64)
+    a_kl = tl.zeros([BLOCK_B], tl.float64)
+    a_h = tl.zeros([BLOCK_B], tl.float64)
+    a_dl = tl.zeros([BLOCK_B], tl.float64)
+    a_n = tl.zeros([BLOCK_B], tl.int64)
+    use_dl = (tl.zeros([BLOCK_B], tl.int32) + has_dlam) != 0
+    for b0 in range(0, B, BLOCK_B):
+        r = b0 + ar
+        rm = r < B
+        p = part_ptr + r.to(tl.int64) * K_NPARTS
+        a_ws += tl.load(p + P_WS, mask=rm, other=0.0).to(tl.float64)
+        a_lo += tl.load(p + P_LO, mask=rm, other=0.0).to(tl.float64)
+        a_hi += tl.load(p + P_HI, mask=rm, other=0.0).to(tl.float64)
+        a_rho += tl.load(p + P_RHO, mask=rm, other=0.0).to(tl.float64)
+        a_kl += tl.load(p + P_KL, mask=rm, other=0.0).to(tl.float64)
+        a_h += tl.load(p + P_H, mask=rm, other=0.0).to(tl.float64)
+        a_n += tl.load(len_ptr + r, mask=rm, other=0).to(tl.int64)
+        S = tl.load(p + P_S, mask=rm & use_dl, other=0.0).to(tl.float64)
+        a_dl += S * tl.load(dseq_ptr + r, mask=rm & use_dl, other=0.0).to(tl.float64)
+    _finish_store(a_ws, a_lo, a_hi, a_rho, a_kl, a_h, a_dl, a_n, poison_ptr, loss_ptr, dlam_ptr, met_ptr, has_ref,
+                  has_ent)
+
+
+@triton.jit
+def _finish_store(a_ws, a_lo, a_hi, a_rho, a_kl, a_h, a_dl, a_n, poison_ptr, loss_ptr, dlam_ptr, met_ptr, has_ref,
+                  has_ent):
+    """The stores of the finish kernels, from their float64 accumulators (int64 a_n: valid tokens)."""
+    count = tl.maximum(tl.sum(a_n, 0), 1).to(tl.float64)
+    lo = tl.sum(a_lo, 0) / count
+    hi = tl.sum(a_hi, 0) / count
+    bad = tl.load(poison_ptr) != 0
+    tl.store(loss_ptr, tl.where(bad, float("nan"), tl.sum(a_ws, 0).to(tl.float32)))
+    tl.store(dlam_ptr, tl.where(bad, float("nan"), tl.sum(a_dl, 0).to(tl.float32)))
+    tl.store(met_ptr + 0, lo.to(tl.float32))
+    tl.store(met_ptr + 1, hi.to(tl.float32))
+    tl.store(met_ptr + 2, (lo + hi).to(tl.float32))
+    tl.store(met_ptr + 3, (tl.sum(a_rho, 0) / count).to(tl.float32))
+    if has_ref != 0:
+        tl.store(met_ptr + 4, (tl.sum(a_kl, 0) / count).to(tl.float32))
+    if has_ent != 0:
+        tl.store(met_ptr + 4 + has_ref, (tl.sum(a_h, 0) / count).to(tl.float32))
+
+
+@triton.jit(do_not_specialize=["N", "T", "w_sb", "w_st", "d_sb", "d_st", "has_ref", "has_ent", "has_dlam"])
+def finish_tokens_kernel(term_ptr, ent_ptr, mask_ptr, w_ptr, dseq_ptr, poison_ptr, loss_ptr, dlam_ptr, met_ptr,
+                         N, T, w_sb, w_st, d_sb, d_st, has_ref, has_ent, has_dlam, BLOCK_N: tl.constexpr):
+    """`finish_kernel` from the tokens' own terms instead of per-row parts: the fused schedule's
+    vocabulary kernel wrote l_t, rho_t, kl_t and the clip code of every token (planes of N in
+    term_ptr; vocab_fused.py), so no row pass is needed. Token i = r T + t has the row weight
+    w[r * w_sb + t * w_st] and dseq[r * d_sb + t * d_st] (the strides of a (B,) per-row tensor are
+    (1, 0); of a per-token (N,) one, (T, 1)). One program, tokens summed in a fixed order in
+    float64: loss = sum_t w_t l_t = sum_i w_i S_i, dlam = sum_t dseq_t l_t = sum_i S_i dseq_i; the
+    metrics and the poison as in `finish_kernel`."""
+    ar = tl.arange(0, BLOCK_N)
+    a_ws = tl.zeros([BLOCK_N], tl.float64)
+    a_lo = tl.zeros([BLOCK_N], tl.float64)
+    a_hi = tl.zeros([BLOCK_N], tl.float64)
+    a_rho = tl.zeros([BLOCK_N], tl.float64)
+    a_kl = tl.zeros([BLOCK_N], tl.float64)
+    a_h = tl.zeros([BLOCK_N], tl.float64)
+    a_dl = tl.zeros([BLOCK_N], tl.float64)
+    a_n = tl.zeros([BLOCK_N], tl.int64)
+    use_ent = (tl.zeros([BLOCK_N], tl.int32) + has_ent) != 0
+    use_dl = (tl.zeros([BLOCK_N], tl.int32) + has_dlam) != 0
+    for i0 in range(0, N, BLOCK_N):
+        i = i0 + ar.to(tl.int64)
+        mk = tl.load(mask_ptr + i, mask=i < N, other=0) != 0
+        r = i // T
+        t = i % T
+        lt = tl.load(term_ptr + i, mask=mk, other=0.0).to(tl.float64)
+        code = tl.load(term_ptr + 3 * N + i, mask=mk, other=0.0).to(tl.int32)
+        a_ws += lt * tl.load(w_ptr + r * w_sb + t * w_st, mask=mk, other=0.0).to(tl.float64)
+        a_dl += lt * tl.load(dseq_ptr + r * d_sb + t * d_st, mask=mk & use_dl, other=0.0).to(tl.float64)
+        a_lo += tl.where((code & 1) != 0, 1.0, 0.0)
+        a_hi += tl.where((code & 2) != 0, 1.0, 0.0)
+        a_rho += tl.load(term_ptr + N + i, mask=mk, other=0.0).to(tl.float64)
+        a_kl += tl.load(term_ptr + 2 * N + i, mask=mk, other=0.0).to(tl.float64)
+        a_h += tl.load(ent_ptr + i, mask=mk & use_ent, other=0.0).to(tl.float64)
+        a_n += mk.to(tl.int64)
+    _finish_store(a_ws, a_lo, a_hi, a_rho, a_kl, a_h, a_dl, a_n, poison_ptr, loss_ptr, dlam_ptr, met_ptr, has_ref,
+                  has_ent)
+
+
 def launch_rows(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, lengths: torch.Tensor,
                 row_weight: torch.Tensor, *, entropy: Optional[torch.Tensor], old_logp: Optional[torch.Tensor],
                 ref_logp: Optional[torch.Tensor], trace_coef: Optional[torch.Tensor], z: Optional[torch.Tensor],
@@ -266,37 +367,53 @@ def launch_rows(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor
                 trace_decay: float, eps_low: float, eps_high: float, dual_clip: Optional[float],
                 surrogate: str, sapo_tau_pos: float, sapo_tau_neg: float, beta: float,
                 kl_estimator: str, kl_ratio_weighted: bool, entropy_coef: float, write_coef: bool,
-                write_tokens: bool):
-    """Launch `row_kernel` over (B, T) fp32 contiguous tensors (mask bool, lengths int32 (B,),
-    row_weight fp32 (B,)). Every hyper-parameter is required: the defaults live in LossConfig.
+                write_tokens: bool, coef_buffers: bool = True):
+    """Launch `row_kernel` over (B, T) fp32 tensors: contiguous (any shape of B T elements), but
+    advantages ((B, T) with any strides, e.g. a broadcast view; only valid tokens are read) and
+    row_weight ((B,) any stride); mask bool, lengths int32 (B,). Every hyper-parameter is
+    required: the defaults live in LossConfig.
 
     Returns (coef_lp (B, T), coef_h (B, T), parts (B, NPARTS), tokens (3, B, T) [l, rho, kl]
     or None, gz (B, T) or None, clip (B, T) or None: the clip flags per token, coded 1 low + 2 high
     + 4 dual, when write_tokens). ratio_trace: None, "recent" or "both" (trace_mode="ratio");
     weight mode passes trace_coef instead. z: the log-ratio of each token when it is not
     logp - old (the sequence ratio; not with ratio_trace): coef_lp is then the direct slope
-    only and gz = dL/dz is returned (when write_coef).
+    only and gz = dL/dz is returned (when write_coef). coef_buffers=False with write_coef=False
+    and no ratio_trace: coef_lp and coef_h are neither allocated nor returned (None; the fused
+    schedule, whose vocabulary pass wrote the gradient already).
     """
     B, T = mask.shape
     dev = mask.device
-    coef_lp = torch.zeros(B, T, device=dev, dtype=torch.float32)
-    coef_h = torch.zeros(B, T, device=dev, dtype=torch.float32)
+    adv_sb, adv_st = token_strides(advantages, "advantages", B, T, torch.float32, dev)
+    if row_weight.shape != (B,) or row_weight.dtype != torch.float32 or row_weight.device != dev:
+        raise ValueError(f"row_weight: expected ({B},) float32 on {dev}, got {tuple(row_weight.shape)} "
+                         f"{row_weight.dtype} on {row_weight.device}")
+    w_s = row_weight.stride(0)
+    if coef_buffers or write_coef or ratio_trace:
+        coef_lp = torch.zeros(B, T, device=dev, dtype=torch.float32)
+        coef_h = torch.zeros(B, T, device=dev, dtype=torch.float32)
+    else:  # the kernel writes neither (write_coef = 0, TRACE = 0): one stand-in pointer
+        coef_lp = coef_h = None
     if z is not None and ratio_trace:
         raise ValueError(f"z: expected None with ratio_trace={ratio_trace!r} (the trace defines the ratio)")
     gz = torch.zeros(B, T, device=dev, dtype=torch.float32) if z is not None and write_coef else None
     parts = torch.zeros(B, NPARTS, device=dev, dtype=torch.float32)
     toks = torch.zeros(4, B, T, device=dev, dtype=torch.float32) if write_tokens else None
-    tok_arg = coef_lp.view(1, B, T).expand(4, B, T) if toks is None else toks
-    scratch = torch.empty((4, B, T) if ratio_trace else (1,), device=dev, dtype=torch.float64)
-    pos = torch.empty((B, T) if ratio_trace else (1,), device=dev, dtype=torch.int32)
+    stand_in = parts  # for pointers the kernel does not touch
+    if ratio_trace:
+        scratch = torch.empty((4, B, T), device=dev, dtype=torch.float64)
+        pos = torch.empty((B, T), device=dev, dtype=torch.int32)
+    else:
+        scratch, pos = zeros1(torch.float64, dev), zeros1(torch.int32, dev)
     if B > 0 and T > 0:
         cfg = row_launch(ratio_trace)
         row_kernel[(B,)](logp, logp if entropy is None else entropy, logp if old_logp is None else old_logp,
-                         logp if ref_logp is None else ref_logp, advantages, as_u8(mask),
+                         logp if ref_logp is None else ref_logp, advantages, mask,
                          logp if trace_coef is None else trace_coef, lengths, row_weight, logp if z is None else z,
-                         coef_lp, coef_h, coef_h if gz is None else gz, parts, scratch, pos,
-                         tok_arg[0], tok_arg[1], tok_arg[2], tok_arg[3],
-                         T, float(trace_decay), math.log(float(trace_decay)), float(eps_low), float(eps_high),
+                         stand_in if coef_lp is None else coef_lp, stand_in if coef_h is None else coef_h,
+                         stand_in if gz is None else gz, parts, scratch, pos, stand_in if toks is None else toks,
+                         T, adv_sb, adv_st, w_s, float(trace_decay), math.log(float(trace_decay)), float(eps_low),
+                         float(eps_high),
                          float("inf") if dual_clip is None else float(dual_clip),
                          float(sapo_tau_pos), float(sapo_tau_neg),
                          float(beta), float(entropy_coef), code(KL_CODES, "kl_estimator", kl_estimator),
@@ -308,3 +425,55 @@ def launch_rows(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor
     if toks is None:
         return coef_lp, coef_h, parts, None, gz, None
     return coef_lp, coef_h, parts, toks[:3], gz, toks[3]
+
+
+def launch_finish(parts: torch.Tensor, lengths: torch.Tensor, dseq: Optional[torch.Tensor], has_ref: bool,
+                  has_ent: bool, n_metrics: int, poison: Optional[torch.Tensor] = None):
+    """Launch `finish_kernel` on the row kernel's parts (B, NPARTS) fp32 and lengths (B,) int32;
+    dseq (B,) fp32 or None; poison a one-element bool on the device or None. Returns (loss 0-d,
+    dlam 0-d (0 without dseq), metrics (n_metrics,)) fp32, loss and dlam NaN where poison is set;
+    the kernel writes the first 4 + has_ref + has_ent metrics, the caller any after them."""
+    dev = parts.device
+    B = parts.shape[0]
+    if dseq is not None and (dseq.shape != (B,) or dseq.dtype != torch.float32 or dseq.device != dev):
+        raise ValueError(f"dseq: expected ({B},) float32 on {dev}, got {tuple(dseq.shape)} {dseq.dtype} on "
+                         f"{dseq.device}")
+    loss = torch.empty((), device=dev, dtype=torch.float32)
+    dlam = torch.empty((), device=dev, dtype=torch.float32)
+    metrics = torch.empty(n_metrics, device=dev, dtype=torch.float32)
+    if poison is None:
+        poison = zeros1(torch.bool, dev)  # False
+    elif poison.numel() != 1 or poison.dtype != torch.bool or poison.device != dev:
+        raise ValueError(f"poison: expected one bool on {dev}, got {tuple(poison.shape)} {poison.dtype} on "
+                         f"{poison.device}")
+    finish_kernel[(1,)](parts, lengths, parts if dseq is None else dseq, poison, loss, dlam, metrics, B,
+                        int(has_ref), int(has_ent), int(dseq is not None), **finish_launch().kwargs())
+    return loss, dlam, metrics
+
+
+def launch_finish_tokens(terms: torch.Tensor, entropy: Optional[torch.Tensor], mask: torch.Tensor, weight: torch.Tensor,
+                         dseq: Optional[torch.Tensor], has_ref: bool, n_metrics: int, T: int,
+                         poison: Optional[torch.Tensor] = None):
+    """Launch `finish_tokens_kernel` on the terms (4 N fp32: l, rho, kl, clip code) a fused
+    vocabulary kernel wrote. mask: N bool (contiguous, any shape); entropy: N fp32 or None;
+    weight and dseq: (B,) per row or N per token (see `_launch.token_strides`), B = N / T;
+    poison as in `launch_finish`. Returns (loss, dlam, metrics) as `launch_finish` does."""
+    dev = mask.device
+    N = mask.numel()
+    check_vec(terms, "terms", 4 * N, torch.float32, dev)
+    if entropy is not None:
+        check_vec(entropy, "entropy", N, torch.float32, dev)
+    B = N // T if T else 0
+    w_sb, w_st = token_strides(weight, "weight", B, T, torch.float32, dev, per_row=True) if N else (0, 0)
+    d_sb, d_st = (0, 0) if dseq is None or not N else token_strides(dseq, "dseq", B, T, torch.float32, dev,
+                                                                     per_row=True)
+    if poison is None:
+        poison = zeros1(torch.bool, dev)  # False
+    loss = torch.empty((), device=dev, dtype=torch.float32)
+    dlam = torch.empty((), device=dev, dtype=torch.float32)
+    metrics = torch.empty(n_metrics, device=dev, dtype=torch.float32)
+    finish_tokens_kernel[(1,)](terms, terms if entropy is None else entropy, mask, weight,
+                               terms if dseq is None else dseq, poison, loss, dlam, metrics, N, max(T, 1), w_sb, w_st,
+                               d_sb, d_st, int(has_ref), int(entropy is not None), int(dseq is not None),
+                               **finish_tokens_launch().kwargs())
+    return loss, dlam, metrics

@@ -17,20 +17,20 @@ import triton
 import triton.language as tl
 
 from ._config import scale_launch, vocab_launch
-from ._launch import as_u8, check_rows, check_vec
-from ._vocab import load_token, write_grad, write_zero
+from ._launch import check_out, check_rows, check_vec, row_layout, zeros1
+from ._vocab import load_token, row_start, write_grad, write_zero
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "batch_stride"])
 def vocab_bwd_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, max_ptr, logs_ptr, ent_ptr, coef_lp_ptr,
                      coef_h_ptr,
-                     scale_ptr, stride_in, stride_out, V, inv_temp,
+                     scale_ptr, T, batch_stride, stride_in, stride_out, V, inv_temp,
                      BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     row_out = dlogits_ptr + pid * stride_out
     valid = tl.load(mask_ptr + pid) != 0
     if valid:
-        row_in = logits_ptr + pid * stride_in
+        row_in = row_start(logits_ptr, pid, T, batch_stride, stride_in)
         tok = load_token(tokens_ptr, pid, V)
         scale = tl.load(scale_ptr).to(tl.float32)
         g = tl.load(coef_lp_ptr + pid) * scale
@@ -48,13 +48,14 @@ def vocab_bwd_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, max_ptr, log
 
 
 @triton.jit
-def scale_kernel(d_ptr, mask_ptr, scale_ptr, stride_row, V, BLOCK_V: tl.constexpr):
+def scale_kernel(d_ptr, mask_ptr, scale_ptr, poison_ptr, stride_row, V, BLOCK_V: tl.constexpr):
     """d *= scale on valid rows; returns at once when scale == 1 (the usual loss.backward()).
+    poison (a bool: the value rules of the inputs failed) makes the scale NaN.
 
     Used after the fused forward, which wrote dlogits for an upstream gradient of 1.
     """
     pid = tl.program_id(0).to(tl.int64)
-    scale = tl.load(scale_ptr).to(tl.float32)
+    scale = tl.where(tl.load(poison_ptr) != 0, float("nan"), tl.load(scale_ptr).to(tl.float32))
     valid = tl.load(mask_ptr + pid) != 0
     if valid & (scale != 1.0):
         row = d_ptr + pid * stride_row
@@ -71,14 +72,15 @@ def vocab_backward(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tenso
                    out: torch.Tensor = None) -> torch.Tensor:
     """dlogits (N, V) in the logits dtype.
 
-    logits (N, V); tokens (N,) int64; mask (N,) bool; lse (2, N) fp32 = [max, log sum] of
+    logits (N, V) or (B, T, V) (N = B T; rows may be strided); tokens (N,) int64; mask (N,) bool;
+    lse (2, N) fp32 = [max, log sum] of
     vocab_forward; coef_logp, entropy, coef_entropy (N,) fp32; scale: 0-d device tensor
     multiplying both coefficients. Pass entropy and
     coef_entropy together to include the entropy gradient. out: (N, V) buffer to write into,
     e.g. `logits` itself for an in-place gradient (default: a new tensor).
     """
     check_rows(logits)
-    N, V = logits.shape
+    N, V, T, batch_stride, row_stride = row_layout(logits)
     dev = logits.device
     check_vec(tokens, "tokens", N, torch.int64, dev)
     check_vec(mask, "mask", N, torch.bool, dev)
@@ -96,24 +98,27 @@ def vocab_backward(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tenso
     if scale.numel() != 1 or scale.device != dev:
         raise ValueError(f"scale: expected a 1-element tensor on {dev}, "
                          f"got shape {tuple(scale.shape)} on {scale.device}")
-    if out is None:
-        out = torch.empty_like(logits)
-    elif out.shape != logits.shape or out.dtype != logits.dtype or out.device != dev or (V > 1 and out.stride(1) != 1):
-        raise ValueError(f"out: expected {tuple(logits.shape)} {logits.dtype} with unit stride along V, "
-                         f"got {tuple(out.shape)} {out.dtype} stride {out.stride()}")
+    out = check_out(out, logits, N, V)
     if N > 0:
         cfg = vocab_launch(with_entropy)
-        vocab_bwd_kernel[(N,)](logits, out, tokens, as_u8(mask), m, log_s, entropy if with_entropy else m,
+        vocab_bwd_kernel[(N,)](logits, out, tokens, mask, m, log_s, entropy if with_entropy else m,
                                coef_logp, coef_entropy if with_entropy else coef_logp, scale,
-                               logits.stride(0), out.stride(0), V, 1.0 / temperature, **cfg.kwargs())
+                               T, batch_stride, row_stride, out.stride(-2), V, 1.0 / temperature, **cfg.kwargs())
     return out
 
 
-def scale_rows(d: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """In place: d[mask] *= scale (device scalar); no work at all when scale == 1."""
+def scale_rows(d: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor, poison: torch.Tensor = None) -> torch.Tensor:
+    """In place: d[mask] *= scale (a one-element device tensor), NaN where `poison` (one bool on
+    the device, or None) is set; no work at all when scale == 1 and no poison.
+    d: (N, V) with any row stride, or a contiguous (B, T, V) (N = B T)."""
     check_rows(d, "d")
-    N, V = d.shape
+    V = d.shape[-1]
+    if d.dim() == 3 and not d.is_contiguous():
+        raise ValueError(f"d: expected (N, V) or a contiguous (B, T, V), got stride {d.stride()}")
+    N = d.numel() // V if V else d.shape[0] * (d.shape[1] if d.dim() == 3 else 1)
     check_vec(mask, "mask", N, torch.bool, d.device)
     if N > 0:
-        scale_kernel[(N,)](d, as_u8(mask), scale, d.stride(0), V, **scale_launch().kwargs())
+        if poison is None:
+            poison = zeros1(torch.bool, d.device)  # False
+        scale_kernel[(N,)](d, mask, scale, poison, d.stride(-2), V, **scale_launch().kwargs())
     return d

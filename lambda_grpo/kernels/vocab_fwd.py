@@ -12,18 +12,18 @@ import triton
 import triton.language as tl
 
 from ._config import vocab_launch
-from ._launch import as_u8, check_rows, check_vec
-from ._vocab import load_token, lse_entropy
+from ._launch import check_rows, check_vec, row_layout
+from ._vocab import load_token, lse_entropy, row_start
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "batch_stride"])
 def vocab_fwd_kernel(logits_ptr, tokens_ptr, mask_ptr, logp_ptr, max_ptr, logs_ptr, ent_ptr,
-                     stride_row, V, inv_temp,
+                     T, batch_stride, stride_row, V, inv_temp,
                      BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     valid = tl.load(mask_ptr + pid) != 0
     if valid:
-        row = logits_ptr + pid * stride_row
+        row = row_start(logits_ptr, pid, T, batch_stride, stride_row)
         tok = load_token(tokens_ptr, pid, V)
         m, log_s, ent = lse_entropy(row, V, inv_temp, BLOCK_V, WITH_ENTROPY)
         x_tok = tl.load(row + tok).to(tl.float32) * inv_temp
@@ -36,20 +36,22 @@ def vocab_fwd_kernel(logits_ptr, tokens_ptr, mask_ptr, logp_ptr, max_ptr, logs_p
 
 def vocab_forward(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, temperature: float,
                   with_entropy: bool):
-    """logits (N, V) fp32/bf16/fp16, tokens (N,) int64, mask (N,) bool.
+    """logits (N, V) or (B, T, V) (N = B T; rows may be strided) fp32/bf16/fp16, tokens (N,)
+    int64, mask (N,) bool.
 
-    Returns logp (N,), lse (2, N) = [max, log sum exp(x - max)], entropy (N,) or None; fp32;
+    Returns logp (N,) (the shape of mask: (B, T) for a (B, T) mask), lse (2, N) = [max, log sum
+    exp(x - max)], entropy like logp or None; fp32;
     zeros where mask is False.
     """
     check_rows(logits)
-    N, V = logits.shape
+    N, V, T, batch_stride, row_stride = row_layout(logits)
     check_vec(tokens, "tokens", N, torch.int64, logits.device)
     check_vec(mask, "mask", N, torch.bool, logits.device)
-    logp = torch.zeros(N, device=logits.device, dtype=torch.float32)
+    logp = torch.zeros(mask.shape, device=logits.device, dtype=torch.float32)  # (N,), or (B, T) as the mask
     lse = torch.zeros(2, N, device=logits.device, dtype=torch.float32)
     ent = torch.zeros_like(logp) if with_entropy else None
     if N > 0:
         cfg = vocab_launch(with_entropy)
-        vocab_fwd_kernel[(N,)](logits, tokens, as_u8(mask), logp, lse[0], lse[1], logp if ent is None else ent,
-                               logits.stride(0), V, 1.0 / temperature, **cfg.kwargs())
+        vocab_fwd_kernel[(N,)](logits, tokens, mask, logp, lse[0], lse[1], logp if ent is None else ent,
+                               T, batch_stride, row_stride, V, 1.0 / temperature, **cfg.kwargs())
     return logp, lse, ent
