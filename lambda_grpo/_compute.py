@@ -77,6 +77,8 @@ def poisoned(x: Tensor, poison: Optional[Tensor]) -> Tensor:
     own. None: no value rule applies."""
     if poison is None:
         return x
+    if torch.compiler.is_compiling():  # traced (the backward under AOTAutograd): no cached real tensors
+        return x * torch.where(poison, float("nan"), 1.0).to(x.dtype)
     nan, one = nan_one(x.device, x.dtype)
     return x * torch.where(poison, nan, one)
 
