@@ -133,7 +133,6 @@ def loss_forward(logits: Tensor, parts, lam: Optional[Tensor], config: str, engi
     consts = token_constants(batch, cfg, dtype, eng.group_weights)
     tau = float(cfg.temperature)
     fused = f.need_grad and not cfg.row_coupled
-    grad, rows = _empty(logits), _empty(logits, dtype)  # two tensors: op outputs may not alias
     terms = None
     if fused:
         # a (B, T, V) base tensor, not a view, so that autograd can hand it on as .grad uncopied
@@ -150,6 +149,7 @@ def loss_forward(logits: Tensor, parts, lam: Optional[Tensor], config: str, engi
             logp, ent, _ = eng.vocab_fused(x2, tokens, mask, tau, cfg.needs_entropy, fin, cfg, out=out)
         lse = None
     else:
+        grad = _empty(logits)
         logp, ent, lse = eng.vocab_forward(x2, tokens, mask, tau, cfg.needs_entropy, want_lse=f.need_grad)
     if terms is not None:
         rp = eng.finish_fused(terms, ent, batch, cfg, consts, per_token=f.per_token)
@@ -161,6 +161,8 @@ def loss_forward(logits: Tensor, parts, lam: Optional[Tensor], config: str, engi
         gh = z if rp.dentropy is None else as_dtype(batch.to_vocab(rp.dentropy), dtype)
         H = z if (rp.dentropy is None or ent is None) else as_dtype(ent, dtype).reshape(-1)
         rows = torch.cat([as_dtype(lse, dtype), torch.stack([as_dtype(batch.to_vocab(rp.dlogp), dtype), gh, H])])
+    else:
+        rows = _empty(logits, dtype)  # a tensor of its own: op outputs may not alias
     loss, metrics, seq_weight, dlam, toks = row_outputs(rp, cfg, batch.ref_logp is not None, f.per_token, logits,
                                                         dtype)
     return (loss if rp.poisoned else poisoned(loss, batch.poison)), metrics, seq_weight, dlam, grad, rows, toks
@@ -182,12 +184,13 @@ def loss_forward_fake(logits, parts, lam, config, engine_name, flags):
 def two_pass_grad(logits, tokens, mask, rows, grad_loss, config, engine_name, out):
     """dL/dlogits = g * softmax-VJP of the saved coefficients `rows` (the two-pass backward)."""
     cfg = config_from_str(config)
-    lse, gl, gh, H = rows[:2], rows[2], rows[3], rows[4]
+    m, log_s, gl, gh, H = rows.unbind()
     has_h = cfg.entropy_coef != 0 and cfg.needs_entropy
     eng = engine(engine_name)
-    d = eng.vocab_backward(vocab_rows(logits, eng), tokens.reshape(-1), mask.reshape(-1), lse, gl,
-                           gh if has_h else None, H if has_h else None, float(cfg.temperature), grad_loss, out=out)
-    return d.view(logits.shape)
+    # tokens and mask in the vocabulary layout ((B, T) of a padded batch: the engines index them flat)
+    d = eng.vocab_backward(vocab_rows(logits, eng), tokens, mask, (m, log_s), gl, gh if has_h else None,
+                           H if has_h else None, float(cfg.temperature), grad_loss, out=out)
+    return d if d.shape == logits.shape else d.view(logits.shape)
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ class Engine(Protocol):
     def vocab_backward(self, logits2d: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, lse: torch.Tensor,
                        gl: torch.Tensor, gh: Optional[torch.Tensor], H: Optional[torch.Tensor], tau: float,
                        scale: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """dlogits (N, V) = scale * softmax-VJP of gl = dL/dlogp and gh = dL/dH (H: the entropies)."""
+        """dlogits (N, V) = scale * softmax-VJP of gl = dL/dlogp and gh = dL/dH (H: the entropies);
+        lse: (2, N) = [max, log sum], or the pair of (N,) tensors."""
 
     def scale_(self, d2d: torch.Tensor, mask: torch.Tensor, g: torch.Tensor,
                poison: Optional[torch.Tensor] = None) -> torch.Tensor:

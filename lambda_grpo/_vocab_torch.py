@@ -327,8 +327,8 @@ def vocab_backward(logits2d: torch.Tensor, tokens: torch.Tensor, mask: torch.Ten
     logits (each chunk is read before it is written)."""
     tokens, mask = tokens.reshape(-1), mask.reshape(-1)  # (B, T) of a padded batch: indexed flat
     N, V = logits2d.shape
-    dtype = lse.dtype
-    mx, log_s = lse[0], lse[1]
+    mx, log_s = lse[0], lse[1]  # (2, N), or a pair of (N,)
+    dtype = mx.dtype
     scale = scale.to(dtype)
     gl = gl * scale
     gh = None if gh is None else gh * scale

@@ -102,8 +102,10 @@ def vocab_fused(logits2d, tokens, mask, tau: float, want_entropy: bool, inputs: 
 
 def vocab_backward(logits2d, tokens, mask, lse, gl, gh, H, tau: float, scale: torch.Tensor,
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    s = scale.detach().reshape(1).to(device=logits2d.device, dtype=torch.float32)
-    return _vocab_backward(logits2d, tokens, mask, lse.detach().to(torch.float32), _f32(gl), s, tau,
+    s = scale if (scale.dtype == torch.float32 and scale.device == logits2d.device) else scale.to(
+        device=logits2d.device, dtype=torch.float32)
+    lse = _f32s(lse) if isinstance(lse, torch.Tensor) else (_f32(lse[0]), _f32(lse[1]))
+    return _vocab_backward(logits2d, tokens, mask, lse, _f32(gl), s, tau,
                            entropy=_f32(H) if gh is not None else None, coef_entropy=_f32(gh), out=out)
 
 
@@ -161,7 +163,8 @@ def _named_metrics(vec: torch.Tensor, names, k: int, phi: Optional[torch.Tensor]
         vec[k:k + 1].copy_((phi.sum() / consts.count.clamp(min=1)).reshape(1))
         k += 1
     if cfg.uses_lambda:
-        vec[k:k + 1].copy_(batch.lam.detach().reshape(1))
+        lam = batch.lam.detach() if torch.is_grad_enabled() else batch.lam  # an op's body records nothing
+        vec[k].copy_(lam.reshape(()))
     metrics = dict(zip(names, vec.unbind()))
     metrics["seq_weight"] = consts.seq_weight
     return metrics

@@ -27,10 +27,10 @@ from contextlib import contextmanager
 from typing import Callable, Dict, List, Tuple
 
 OUR_KERNELS = ("vocab_fused_kernel", "vocab_fwd_kernel", "vocab_bwd_kernel", "row_kernel", "scale_kernel",
-               "group_weights_kernel")
+               "group_weights_kernel", "finish_kernel", "finish_tokens_kernel")
 # launchers of the Triton engine (lambda_grpo/_vocab_triton.py) that the custom ops look up at run time
-ENGINE_LAUNCHERS = ("vocab_fused", "vocab_forward", "vocab_backward", "row_pass", "scale_")
-FUSED_LAUNCHERS = ("vocab_fused",)
+ENGINE_LAUNCHERS = ("vocab_fused", "vocab_forward", "vocab_backward", "row_pass", "scale_", "finish_fused")
+FUSED_LAUNCHERS = ("vocab_fused", "finish_fused")
 TWO_PASS_LAUNCHERS = ("vocab_forward", "row_pass", "vocab_backward")
 LOSS_OP = "lambda_grpo.loss_fwd"
 

@@ -32,8 +32,8 @@ def row_layout(logits: torch.Tensor):
 def check_out(out, logits: torch.Tensor, N: int, V: int) -> torch.Tensor:
     """The (N, V) gradient buffer: a new one when `out` is None, else `out` checked (any row
     stride, unit stride along V; e.g. the logits themselves for an in-place gradient)."""
-    if out is None:
-        return torch.empty((N, V), dtype=logits.dtype, device=logits.device)
+    if out is None:  # the logits' own shape: (N, V), or a contiguous (B, T, V)
+        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     shaped = out.shape == (N, V) and (V == 1 or out.stride(1) == 1)  # any row stride
     shaped = shaped or (out.dim() == 3 and out.shape[0] * out.shape[1] == N and out.shape[2] == V
                         and out.is_contiguous())  # row stride V: out.stride(-2) is the row stride either way

@@ -101,15 +101,19 @@ def launch_group_weights(lengths: torch.Tensor, group_size: int, lam: torch.Tens
     if launch is None:
         return None
     dev = lengths.device
-    out = torch.empty(3, B, dtype=torch.float32, device=dev)
+    # three tensors, not views of one (each view is host time); lam and N_tok are read as scalars
+    f, df, w = (torch.empty(B, dtype=torch.float32, device=dev) for _ in range(3))
     if B > 0:
-        lam64 = lam.detach().to(device=dev, dtype=torch.float64).reshape(1)
+        lam64 = lam if (lam.dtype == torch.float64 and lam.device == dev) else lam.to(device=dev, dtype=torch.float64)
+        if lam64.requires_grad:
+            lam64 = lam64.detach()
+        if n_tok.requires_grad:
+            n_tok = n_tok.detach()
         has_gl = group_lengths is not None
         dummy = zeros1(torch.int64, dev)
         group_weights_kernel[(B,)](lengths, group_lengths if has_gl else dummy, group_index if has_gl else dummy,
-                                   lam64, n_tok.detach().reshape(1), out[0], out[1], out[2], int(G), float(r),
-                                   int(has_gl), **launch.kwargs())
-    return out[2], out[0], out[1]
+                                   lam64, n_tok, f, df, w, int(G), float(r), int(has_gl), **launch.kwargs())
+    return w, f, df
 
 
 __all__ = ["group_weights_kernel", "launch_group_weights", "MAX_GROUP_BLOCK"]

@@ -73,21 +73,26 @@ def vocab_backward(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tenso
     """dlogits (N, V) in the logits dtype.
 
     logits (N, V) or (B, T, V) (N = B T; rows may be strided); tokens (N,) int64; mask (N,) bool;
-    lse (2, N) fp32 = [max, log sum] of
-    vocab_forward; coef_logp, entropy, coef_entropy (N,) fp32; scale: 0-d device tensor
-    multiplying both coefficients. Pass entropy and
-    coef_entropy together to include the entropy gradient. out: (N, V) buffer to write into,
-    e.g. `logits` itself for an in-place gradient (default: a new tensor).
+    lse (2, N) fp32 = [max, log sum] of vocab_forward, or that pair as two (N,) tensors;
+    coef_logp, entropy, coef_entropy (N,) fp32; scale: a one-element device tensor multiplying
+    both coefficients. Pass entropy and coef_entropy together to include the entropy gradient.
+    out: (N, V) buffer to write into, e.g. `logits` itself for an in-place gradient (default: a
+    new tensor of the logits' shape, contiguous).
     """
     check_rows(logits)
     N, V, T, batch_stride, row_stride = row_layout(logits)
     dev = logits.device
     check_vec(tokens, "tokens", N, torch.int64, dev)
     check_vec(mask, "mask", N, torch.bool, dev)
-    if tuple(lse.shape) != (2, N) or lse.dtype != torch.float32 or lse.device != dev:
-        raise ValueError(f"lse: expected (2, {N}) float32 on {dev}, "
-                         f"got {tuple(lse.shape)} {lse.dtype} on {lse.device}")
-    m, log_s = lse[0].contiguous(), lse[1].contiguous()
+    if isinstance(lse, torch.Tensor):
+        if tuple(lse.shape) != (2, N) or lse.dtype != torch.float32 or lse.device != dev:
+            raise ValueError(f"lse: expected (2, {N}) float32 on {dev}, "
+                             f"got {tuple(lse.shape)} {lse.dtype} on {lse.device}")
+        m, log_s = lse[0].contiguous(), lse[1].contiguous()
+    else:  # the pair [max, log sum] as two tensors
+        m, log_s = lse
+        check_vec(m, "lse[0]", N, torch.float32, dev)
+        check_vec(log_s, "lse[1]", N, torch.float32, dev)
     check_vec(coef_logp, "coef_logp", N, torch.float32, dev)
     with_entropy = entropy is not None
     if with_entropy != (coef_entropy is not None):
