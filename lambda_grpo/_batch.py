@@ -31,6 +31,31 @@ def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
+_NAN_ONE: dict = {}
+
+
+def poisoned(x: torch.Tensor, poison: Optional[torch.Tensor]) -> torch.Tensor:
+    """x, or NaN when the value rules of the inputs failed (`poison`, a 0-d bool on the device;
+    lambda_grpo/_validate.py): the loss in the forward and the upstream gradient in the backward
+    of the ops (no autograd node of its own), the loss in the reference's graph, so that the loss
+    and every gradient are NaN, with no host read. None: no value rule applies."""
+    if poison is None:
+        return x
+    if torch.compiler.is_compiling():  # traced (the backward under AOTAutograd): no cached real tensors
+        return x * torch.where(poison, float("nan"), 1.0).to(x.dtype)
+    nan, one = nan_one(x.device, x.dtype)
+    return x * torch.where(poison, nan, one)
+
+
+def nan_one(device, dtype):
+    """0-d NaN and 1 on `device` (made once: a new constant per call is host time)."""
+    key = (device, dtype)
+    if key not in _NAN_ONE:
+        _NAN_ONE[key] = (torch.full((), float("nan"), dtype=dtype, device=device),
+                         torch.ones((), dtype=dtype, device=device))
+    return _NAN_ONE[key]
+
+
 def to_rows(x: torch.Tensor, pos: Optional[torch.Tensor], B: int, T: int, fill=0) -> torch.Tensor:
     """(N,) vocabulary layout -> (B, T) rows (fill elsewhere); differentiable (its gradient is the
     gather back). pos None: x is already (B*T,) or (B, T)."""
@@ -112,4 +137,10 @@ class Batch:
 
     @classmethod
     def from_parts(cls, parts: List[Optional[torch.Tensor]], logits, lam, group_size: int) -> "Batch":
-        return cls(logits, lam=lam, group_size=group_size, **dict(zip(PARTS, parts)))
+        """The Batch of an op's arguments. Every field is given (the vocabulary layout included),
+        so the dataclass __init__ and __post_init__ are skipped: this runs in every op call."""
+        b = object.__new__(cls)
+        d = b.__dict__
+        d.update(zip(PARTS, parts))
+        d.update(logits=logits, lam=lam, group_size=group_size, values=None)
+        return b

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .config import LossConfig
 from .output import metric_names
-from ._batch import PART, Batch, as_dtype, compute_dtype
+from ._batch import PART, Batch, as_dtype, compute_dtype, poisoned
 from ._engine import engine
 from ._linear import linear_forward, linear_logprobs, linear_logprobs_backward
 from ._rowmath import PER_TOKEN_KEYS, FusedInputs, fused_inputs, broadcast_rows, row_pass, token_constants
@@ -44,11 +44,12 @@ class Flags(NamedTuple):
     head_grad: bool  # the LM head (weight, bias) needs a gradient (hidden-state route)
 
     def pack(self) -> str:
-        return _pack(*self)
+        return pack_flags(*self)
 
 
 @lru_cache(maxsize=256)
-def _pack(group_size, need_grad, inplace, per_token, head_grad) -> str:
+def pack_flags(group_size, need_grad, inplace, per_token, head_grad) -> str:
+    """Flags(...).pack() of these fields."""
     return f"{int(group_size)}:{int(need_grad)}{int(inplace)}{int(per_token)}{int(head_grad)}"
 
 
@@ -65,31 +66,6 @@ def vocab_rows(logits: Tensor, eng) -> Tensor:
     if logits.dim() == 2 or eng.ROWS_3D:
         return logits
     return logits.view(-1, logits.shape[-1]) if logits.is_contiguous() else logits.reshape(-1, logits.shape[-1])
-
-
-_NAN_ONE: dict = {}
-
-
-def poisoned(x: Tensor, poison: Optional[Tensor]) -> Tensor:
-    """x, or NaN when the value rules of the inputs failed (`poison`, a 0-d bool on the device;
-    lambda_grpo/_validate.py): the loss in the forward and the upstream gradient in the backward,
-    so that the loss and every gradient are NaN, with no host read and no autograd node of its
-    own. None: no value rule applies."""
-    if poison is None:
-        return x
-    if torch.compiler.is_compiling():  # traced (the backward under AOTAutograd): no cached real tensors
-        return x * torch.where(poison, float("nan"), 1.0).to(x.dtype)
-    nan, one = nan_one(x.device, x.dtype)
-    return x * torch.where(poison, nan, one)
-
-
-def nan_one(device, dtype):
-    """0-d NaN and 1 on `device` (made once: a new constant per call is host time)."""
-    key = (device, dtype)
-    if key not in _NAN_ONE:
-        _NAN_ONE[key] = (torch.full((), float("nan"), dtype=dtype, device=device),
-                         torch.ones((), dtype=dtype, device=device))
-    return _NAN_ONE[key]
 
 
 def _empty(like: Tensor, dtype=None) -> Tensor:

@@ -12,7 +12,7 @@ from torch import Tensor
 from .config import LossConfig
 from .output import LossOutput, metric_names
 from ._batch import Batch
-from ._compute import Flags
+from ._compute import pack_flags
 from ._ops import linear_fwd, linear_logprobs_fwd, logprobs_fwd, loss_fwd, rows_fwd
 from ._rowmath import PER_TOKEN_KEYS
 
@@ -33,7 +33,8 @@ def loss_output(loss, metrics, seq_weight, toks, cfg: LossConfig, batch: Batch, 
 
 def _flags(batch: Batch, need_grad: bool, inplace: bool = False, per_token: bool = False,
            head_grad: bool = False) -> str:
-    return Flags(batch.group_size, bool(need_grad), bool(inplace), bool(per_token), bool(head_grad)).pack()
+    """`Flags(...).pack()` (the cached packing without building the tuple: this runs in every call)."""
+    return pack_flags(batch.group_size, bool(need_grad), bool(inplace), bool(per_token), bool(head_grad))
 
 
 def fast_loss(batch: Batch, cfg: LossConfig, engine: str, inplace: bool = False, per_token: bool = False) -> LossOutput:

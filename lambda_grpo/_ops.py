@@ -47,8 +47,8 @@ from torch import Tensor
 
 from ._compute import (config_from_str, flags_from_str, linear_logprobs_backward_, linear_logprobs_forward,
                        linear_loss_forward, linear_loss_forward_fake, logprobs_backward, logprobs_forward,
-                       loss_forward, loss_forward_fake, poisoned, rows_forward, rows_forward_fake, two_pass_grad)
-from ._batch import PART, compute_dtype
+                       loss_forward, loss_forward_fake, rows_forward, rows_forward_fake, two_pass_grad)
+from ._batch import PART, compute_dtype, poisoned
 from ._engine import engine
 
 

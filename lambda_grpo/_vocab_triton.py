@@ -149,7 +149,8 @@ def finish_fused(terms: torch.Tensor, entropy: Optional[torch.Tensor], batch: Ba
     metrics = _named_metrics(vec, names, 4 + has_ref + (entropy is not None), None, cfg, batch, consts)
     tokens = None
     if per_token:
-        planes = terms if batch.packed_pos is None else batch.to_rows(terms)
+        planes = terms.unbind()  # (B, T) each; packed: (N,) each, into the row layout
+        planes = planes if batch.packed_pos is None else [batch.to_rows(t) for t in planes]
         ent = None if entropy is None else batch.to_rows(entropy)
         tokens = _token_outputs(planes[0], planes[1], planes[2], planes[3], ent)
     return RowPass(loss, None, None, dlam, metrics, tokens, metric_vector=vec, poisoned=True)

@@ -11,8 +11,7 @@ from torch import nn
 
 from .config import LossConfig
 from .output import LossOutput
-from ._batch import compute_dtype
-from ._compute import nan_one, poisoned
+from ._batch import compute_dtype, nan_one
 from ._entry import fast_linear_logprobs, fast_loss, fast_token_logprobs, linear_loss, rows_loss
 from ._validate import (check_backend, check_logits_tokens, fail, safe_ids, validate, validate_linear,
                         validate_logprobs)
@@ -111,8 +110,8 @@ def grpo_loss(
 
         if batch.packed_pos is not None:
             return _finish(reference_packed_loss(logits, batch, cfg, compute_dtype(logits.dtype), return_per_token),
-                           batch, reference=True)
-        return _finish(reference_loss(batch, cfg, per_token=return_per_token), batch, reference=True)
+                           batch)
+        return _finish(reference_loss(batch, cfg, per_token=return_per_token), batch)
     if name == "triton":
         from ._vocab_triton import check_runnable
 
@@ -131,13 +130,11 @@ def _unit_stride_along_v(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _finish(out: LossOutput, batch, reference: bool = False) -> LossOutput:
-    """The value rules' verdict (lambda_grpo/_validate.py): a failed rule makes the loss, and every
-    gradient through it, NaN (no host read); `out.input_errors` says which rule, when read. The
-    fast backends' ops apply it themselves (lambda_grpo/_compute.py:poisoned, no autograd node);
-    the reference's autograd graph gets it here, by the same function."""
-    loss = poisoned(out.loss, batch.poison) if reference else out.loss
-    return LossOutput(loss, out.metrics, out.per_token, batch.values)
+def _finish(out: LossOutput, batch) -> LossOutput:
+    """The LossOutput with the value rules' record (lambda_grpo/_validate.py): a failed rule made the
+    loss, and every gradient through it, NaN (no host read: the ops and the reference apply it,
+    lambda_grpo/_batch.py:poisoned); `out.input_errors` says which rule, when read."""
+    return LossOutput(out.loss, out.metrics, out.per_token, batch.values)
 
 
 def grpo_loss_from_logprobs(
@@ -236,8 +233,7 @@ def fused_linear_grpo_loss(
     if name == "reference":
         from .reference import reference_linear_loss
 
-        return _finish(reference_linear_loss(hidden, weight, bias, batch, cfg, per_token=return_per_token), batch,
-                       reference=True)
+        return _finish(reference_linear_loss(hidden, weight, bias, batch, cfg, per_token=return_per_token), batch)
     if name == "triton":
         from ._vocab_triton import check_runnable
 

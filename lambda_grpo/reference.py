@@ -14,7 +14,7 @@ import torch
 from .config import (LENGTH_H_MIN, LENGTH_SIGMA_MIN, LOG_RATIO_CLAMP, VESPO_LAMBDA_MIN, VESPO_LOG_W_MIN,
                      LossConfig)
 from .output import LossOutput
-from ._batch import Batch, compute_dtype
+from ._batch import Batch, compute_dtype, poisoned
 
 
 def trace_weight_matrix(n: int, a: float, style: str, dtype, device) -> torch.Tensor:
@@ -244,7 +244,7 @@ def reference_rows(logp: torch.Tensor, entropy, batch: Batch, cfg: LossConfig, o
             f = f_all.view(B, G).gather(1, batch.group_index[:, None]).squeeze(1)
         seq_weight = f.to(dtype)
         W = seq_weight[:, None] / torch.clamp(n_tok, min=1)
-    loss = (W * token_loss).sum()
+    loss = poisoned((W * token_loss).sum(), batch.poison)  # the value rules' verdict (docs/math.md §10)
 
     # §6 metrics: means over the valid tokens of the local batch, no host sync
     with torch.no_grad():
