@@ -111,6 +111,9 @@ class Batch:
     # is then NaN; None when no value rule applies. `values` keeps what LossOutput.input_errors reads.
     poison: Optional[torch.Tensor] = None
     values: Any = None
+    # the token ids are the caller's, unchecked and unclamped: the engine's kernels check them and
+    # set `poison` (a one-element bool of this call's own; Engine.CHECKS_IDS, _validate.py)
+    ids_unchecked: bool = False
 
     def __post_init__(self):
         if self.vocab_mask is None:  # padded: the vocabulary layout is the row layout, indexed flat
@@ -142,5 +145,5 @@ class Batch:
         b = object.__new__(cls)
         d = b.__dict__
         d.update(zip(PARTS, parts))
-        d.update(logits=logits, lam=lam, group_size=group_size, values=None)
+        d.update(logits=logits, lam=lam, group_size=group_size, values=None, ids_unchecked=False)
         return b

@@ -42,15 +42,19 @@ class Flags(NamedTuple):
     inplace: bool  # inplace_backward
     per_token: bool  # return_per_token
     head_grad: bool  # the LM head (weight, bias) needs a gradient (hidden-state route)
+    # the engine's kernels check the counted token ids (Batch.ids_unchecked): the Batch's poison is
+    # the one-element bool they set
+    ids_in_kernels: bool = False
 
     def pack(self) -> str:
         return pack_flags(*self)
 
 
 @lru_cache(maxsize=256)
-def pack_flags(group_size, need_grad, inplace, per_token, head_grad) -> str:
+def pack_flags(group_size, need_grad, inplace, per_token, head_grad, ids_in_kernels=False) -> str:
     """Flags(...).pack() of these fields."""
-    return f"{int(group_size)}:{int(need_grad)}{int(inplace)}{int(per_token)}{int(head_grad)}"
+    bits = (need_grad, inplace, per_token, head_grad, ids_in_kernels)
+    return f"{int(group_size)}:" + "".join(str(int(b)) for b in bits)
 
 
 @lru_cache(maxsize=256)
@@ -118,15 +122,17 @@ def loss_forward(logits: Tensor, parts, lam: Optional[Tensor], config: str, engi
         fin = fused_inputs(consts, batch, dtype)
         if batch.packed_pos is not None:
             fin = FusedInputs(*(None if v is None else batch.to_vocab(broadcast_rows(v, fin.A)) for v in fin))
+        kw = {}
         if eng.finish_fused is not None:  # the kernel also writes each token's terms: no row pass
-            terms = torch.empty((4, *mask.shape), dtype=torch.float32, device=logits.device)
-            logp, ent, _ = eng.vocab_fused(x2, tokens, mask, tau, cfg.needs_entropy, fin, cfg, out=out, terms_out=terms)
-        else:
-            logp, ent, _ = eng.vocab_fused(x2, tokens, mask, tau, cfg.needs_entropy, fin, cfg, out=out)
+            terms = kw["terms_out"] = torch.empty((4, *mask.shape), dtype=torch.float32, device=logits.device)
+        if f.ids_in_kernels:
+            kw["id_flag"] = batch.poison
+        logp, ent, _ = eng.vocab_fused(x2, tokens, mask, tau, cfg.needs_entropy, fin, cfg, out=out, **kw)
         lse = None
     else:
         grad = _empty(logits)
-        logp, ent, lse = eng.vocab_forward(x2, tokens, mask, tau, cfg.needs_entropy, want_lse=f.need_grad)
+        kw = {"id_flag": batch.poison} if f.ids_in_kernels else {}
+        logp, ent, lse = eng.vocab_forward(x2, tokens, mask, tau, cfg.needs_entropy, want_lse=f.need_grad, **kw)
     if terms is not None:
         rp = eng.finish_fused(terms, ent, batch, cfg, consts, per_token=f.per_token)
     else:

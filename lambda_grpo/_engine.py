@@ -27,6 +27,10 @@ class Engine(Protocol):
     # True: an upstream gradient is applied to a saved gradient in place, on the device, without a
     # host read (lambda_grpo/_ops.py:_upstream); False: read on the host, the saved gradient untouched
     RESCALE_IN_PLACE: bool
+    # True: vocab_forward and vocab_fused take `id_flag`, a one-element bool they set when a counted
+    # token id is outside [0, V) (the value rule of the ids runs in the kernels, and validation
+    # hands over the ids unchecked, lambda_grpo/_validate.py); False: validation checks and clamps
+    CHECKS_IDS: bool
     # True: row_pass makes the loss and dlam NaN when batch.poison is set (RowPass.poisoned), and
     # scale_ takes `poison` (the gradient NaN); False: the op layer applies it (_compute.poisoned)
     APPLIES_POISON: bool

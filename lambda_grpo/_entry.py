@@ -41,8 +41,9 @@ def fast_loss(batch: Batch, cfg: LossConfig, engine: str, inplace: bool = False,
     """The loss of a validated batch from logits on a fast engine ("torch" or "triton")."""
     need_grad = torch.is_grad_enabled() and batch.logits.requires_grad
     lam = batch.lam if cfg.uses_lambda else None
-    loss, metrics, seq_weight, _, _, _, toks = loss_fwd(batch.logits, batch.parts(), lam, cfg.to_json(), engine,
-                                                        _flags(batch, need_grad, inplace and need_grad, per_token))
+    flags = pack_flags(batch.group_size, bool(need_grad), bool(inplace and need_grad), bool(per_token), False,
+                       batch.ids_unchecked)
+    loss, metrics, seq_weight, _, _, _, toks = loss_fwd(batch.logits, batch.parts(), lam, cfg.to_json(), engine, flags)
     return loss_output(loss, metrics, seq_weight, toks, cfg, batch, per_token)
 
 

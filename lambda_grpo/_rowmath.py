@@ -40,13 +40,20 @@ class TokenConstants:
     compute dtype and zero where masked unless noted."""
 
     mask: torch.Tensor  # (B, T) bool
-    lengths: torch.Tensor  # (B,) int32, n_i
     adv: torch.Tensor  # (B, T) advantages after adv_clamp_min, NOT masked (maybe a broadcast view)
     w_row: torch.Tensor  # (B,) W_{i,t} of every valid token of row i (0 for an empty row; maybe a broadcast view)
     coef: Optional[torch.Tensor]  # c_t multiplying the surrogate (weight-mode trace x token weights), or None
     count: torch.Tensor  # 0-d, local number of valid tokens
     seq_weight: torch.Tensor  # (B,) f_i (ones unless lambda_grpo)
     dseq_weight: Optional[torch.Tensor]  # (B,) d f_i / d lambda / max(1, N_tok), lambda_grpo only
+    known_lengths: Optional[torch.Tensor] = None  # `lengths`, when the aggregation needed them already
+
+    @cached_property
+    def lengths(self) -> torch.Tensor:
+        """(B,) int32 n_i (made when first read: DAPO's fused schedule never reads them)."""
+        if self.known_lengths is not None:
+            return self.known_lengths
+        return self.mask.sum(dim=1, dtype=torch.int32)
 
     # The masked (B, T) forms, made when first read: the Triton kernels read `adv` and `w_row` at
     # valid tokens only (with their strides), and every op here is host time.
@@ -99,11 +106,12 @@ def lambda_grpo_weights_and_grad(lengths: torch.Tensor, group_size: int, lam: to
 def aggregation_weights(cfg: LossConfig, lengths: torch.Tensor, count: torch.Tensor, n_tok: torch.Tensor,
                         n_seq: Optional[torch.Tensor], T: int, lam: Optional[torch.Tensor], group_size: int, dtype,
                         group_lengths: Optional[torch.Tensor] = None, group_index: Optional[torch.Tensor] = None,
-                        group_weights=None):
+                        group_weights=None, rows: Optional[int] = None):
     """docs/math.md §6, the one copy every fast backend uses: the weight W_{i,t} = w_i of each
     valid token of row i, f_i and df_i/dlambda / max(1, N_tok).
 
-    lengths (B,) n_i; count: 0-d local number of valid tokens; n_tok: 0-d normaliser (global, or
+    lengths (B,) n_i (None is allowed for the aggregations that do not read them, all but grpo and
+    lambda_grpo: then `rows` = B); count: 0-d local number of valid tokens; n_tok: 0-d normaliser (global, or
     the local count); n_seq: 0-d global number of sequences, or None for the local B; T the padded
     length (dr_grpo's default L). lambda-GRPO's groups are contiguous runs of group_size rows, or,
     when group_lengths (B, G) and group_index (B,) are given, row i's group has the lengths
@@ -115,8 +123,8 @@ def aggregation_weights(cfg: LossConfig, lengths: torch.Tensor, count: torch.Ten
     engine's lambda_grpo/kernels/groups.py, tested against lambda_grpo_weights_and_grad), fp32;
     it may decline (None) a group it cannot take.
     """
-    B = lengths.shape[0]
-    dev = lengths.device
+    B = lengths.shape[0] if lengths is not None else rows
+    dev = count.device
     f = torch.ones(B, dtype=dtype, device=dev)
     df = None
     agg = cfg.aggregation
@@ -186,22 +194,24 @@ def token_constants(batch: Batch, cfg: LossConfig, dtype, group_weights=None) ->
     engine's lambda-GRPO weights in one launch, or None (see aggregation_weights)."""
     mask = batch.mask
     B, T = mask.shape
-    lengths = mask.sum(dim=1, dtype=torch.int32)
-    count = lengths.sum(dtype=dtype)
+    # n_i only where the aggregation reads them (grpo's 1/n_i, lambda-GRPO's groups); else later,
+    # if ever (TokenConstants.lengths): every op here is host time
+    lengths = mask.sum(dim=1, dtype=torch.int32) if cfg.aggregation in ("grpo", "lambda_grpo") else None
+    count = mask.sum(dtype=dtype) if lengths is None else lengths.sum(dtype=dtype)
     n_tok = count if batch.num_tokens is None else as_dtype(batch.num_tokens, dtype)
     n_seq = None if batch.num_sequences is None else as_dtype(batch.num_sequences, dtype)
     adv = as_dtype(batch.advantages, dtype)
     if cfg.adv_clamp_min is not None:
         adv = torch.clamp(adv, min=cfg.adv_clamp_min)
     w_row, seq_weight, dseq = aggregation_weights(cfg, lengths, count, n_tok, n_seq, T, batch.lam, batch.group_size,
-                                                  dtype, batch.group_lengths, batch.group_index, group_weights)
+                                                  dtype, batch.group_lengths, batch.group_index, group_weights, rows=B)
     # c_t multiplies the surrogate of token t: the weight-mode trace coefficient times the
     # per-token importance weight, whichever are present (None: both absent, c = 1)
     coef = weight_trace_coefficients(mask, cfg, dtype) if cfg.weight_trace else None
     if batch.token_weights is not None:
         tw = torch.where(mask, batch.token_weights.to(dtype), 0.0)
         coef = tw if coef is None else coef * tw
-    return TokenConstants(mask, lengths, adv, w_row, coef, count, seq_weight, dseq)
+    return TokenConstants(mask, adv, w_row, coef, count, seq_weight, dseq, known_lengths=lengths)
 
 
 class FusedInputs(NamedTuple):
@@ -516,7 +526,8 @@ class RowPass:
     metrics: Dict[str, torch.Tensor]
     per_token: Optional[Dict[str, torch.Tensor]] = None  # PER_TOKEN_KEYS -> (B, T), when asked
     # the metrics other than seq_weight as one (K,) tensor in metric_names order, when the engine
-    # made them so (the Triton engine's finish kernel); `metrics` then holds views of it
+    # made them so (the Triton engine's finish kernels); `metrics` then holds views of it, or only
+    # seq_weight (the fused schedule's finish_fused: the ops read the vector, never the names)
     metric_vector: Optional[torch.Tensor] = None
     # the engine made loss and dlam NaN under batch.poison already (the Triton finish kernel)
     poisoned: bool = False

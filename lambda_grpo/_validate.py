@@ -80,7 +80,7 @@ def check_backend(backend: str) -> None:
 def check_has_data(x, name: str) -> None:
     """Refuse a tensor on the meta device (shape only, no values): validation reads values
     (token range, 0/1 mask) and every backend computes with them."""
-    if isinstance(x, torch.Tensor) and x.device.type == "meta":
+    if isinstance(x, torch.Tensor) and x.is_meta:
         fail(name, "a tensor with values (cpu, cuda, ...)", "a tensor on the meta device (shape only)")
 
 
@@ -175,9 +175,18 @@ def safe_ids(tokens: torch.Tensor, V: int):
     return safe, safe != ids
 
 
-def _value_rules(tokens: torch.Tensor, mask: torch.Tensor, V: int, raw_mask: torch.Tensor):
+def _value_rules(tokens: torch.Tensor, mask: torch.Tensor, V: int, raw_mask: torch.Tensor,
+                 ids_in_kernels: bool = False):
     """(safe ids, the _Values record) of an entry point with token ids: the device rules of the
-    token range where counted and of a non-bool mask's 0/1 values."""
+    token range where counted and of a non-bool mask's 0/1 values. ids_in_kernels: the engine's
+    kernels check the ids (Engine.CHECKS_IDS): the ids are handed over as int64, unclamped, and
+    the poison is a 0-d bool of this call's own that the kernels set (False, or the mask rule)."""
+    if ids_in_kernels:
+        ids = tokens if tokens.dtype == torch.int64 else tokens.long()
+        poison = _mask_poison(raw_mask)  # a new tensor: the kernels may write into it
+        if poison is None:
+            poison = torch.zeros((), dtype=torch.bool, device=tokens.device)
+        return ids, _Values(tokens, mask, V, raw_mask, poison)
     ids, bad = safe_ids(tokens, V)
     poison = (bad & mask).any() if ids.numel() else None
     return ids, _Values(tokens, mask, V, raw_mask, _any(poison, _mask_poison(raw_mask)))
@@ -220,10 +229,10 @@ def _per_token(x, name: str, B: int, T: int, device, dtype, allow_seq: bool = Fa
         return None
     if not isinstance(x, torch.Tensor):
         fail(name, "a torch.Tensor", type(x).__name__)
-    shapes = [(B, T)] + ([(B,)] if allow_seq else [])
-    if tuple(x.shape) not in shapes:
-        want = " or ".join(str(s) for s in shapes)
-        fail(name, f"shape {want}", f"shape {tuple(x.shape)}")
+    shape = x.shape
+    if shape != (B, T) and not (allow_seq and shape == (B,)):
+        want = f"({B}, {T})" + (f" or ({B},)" if allow_seq else "")
+        fail(name, f"shape {want}", f"shape {tuple(shape)}")
     if not x.dtype.is_floating_point:
         fail(name, "a floating dtype", x.dtype)
     if x.device != device:
@@ -278,10 +287,12 @@ def validate(
     group_index=None,
     token_weights=None,
     cu_seqlens=None,
+    ids_in_kernels: bool = False,
 ) -> Batch:
     """Check every docs/math.md §10 rule for the entry points from logits and return normalised inputs.
     With cu_seqlens (packed inputs): logits (N, V), every per-token input (N,); the Batch holds the
-    (B, T_max) row layout of the per-token tensors and `packed_pos` (lambda_grpo/_packed.py)."""
+    (B, T_max) row layout of the per-token tensors and `packed_pos` (lambda_grpo/_packed.py).
+    ids_in_kernels: leave the value rule of the token ids to the engine's kernels (Batch.ids_unchecked)."""
     if not isinstance(config, LossConfig):
         fail("config", "a lambda_grpo.LossConfig", type(config).__name__)
     if isinstance(logits, torch.Tensor):
@@ -295,10 +306,12 @@ def validate(
         mask = _bool_mask(mask)
         check_logits_tokens(logits, tokens, mask=mask, packed=True)
         V = logits.shape[-1]
-        ids, values = _value_rules(tokens, mask, V, raw_mask)
-        return _validate_packed(logits, ids, mask, advantages, group_size, old_logp, ref_logp, lam, config,
-                                num_tokens, num_sequences, group_lengths, group_index, token_weights, cu_seqlens,
-                                logits.shape[0], logits.device, compute_dtype(logits.dtype), "logits", values)
+        ids, values = _value_rules(tokens, mask, V, raw_mask, ids_in_kernels)
+        batch = _validate_packed(logits, ids, mask, advantages, group_size, old_logp, ref_logp, lam, config,
+                                 num_tokens, num_sequences, group_lengths, group_index, token_weights, cu_seqlens,
+                                 logits.shape[0], logits.device, compute_dtype(logits.dtype), "logits", values)
+        batch.ids_unchecked = ids_in_kernels
+        return batch
     if isinstance(logits, torch.Tensor) and logits.dim() == 3 and tuple(mask.shape) != tuple(logits.shape[:2]):
         fail("mask", f"shape {tuple(logits.shape[:2])} (B, T of logits)", f"shape {tuple(mask.shape)}")
     if isinstance(logits, torch.Tensor) and mask.device != logits.device:
@@ -306,10 +319,12 @@ def validate(
     mask = _bool_mask(mask)
     check_logits_tokens(logits, tokens, mask=mask)
     B, T, V = logits.shape
-    ids, values = _value_rules(tokens, mask, V, raw_mask)
-    return _validate_rows(logits, ids, mask, advantages, group_size, old_logp, ref_logp, lam, config,
-                          num_tokens, num_sequences, group_lengths, group_index, token_weights, B, T, logits.device,
-                          compute_dtype(logits.dtype), "logits", values)
+    ids, values = _value_rules(tokens, mask, V, raw_mask, ids_in_kernels)
+    batch = _validate_rows(logits, ids, mask, advantages, group_size, old_logp, ref_logp, lam, config,
+                           num_tokens, num_sequences, group_lengths, group_index, token_weights, B, T, logits.device,
+                           compute_dtype(logits.dtype), "logits", values)
+    batch.ids_unchecked = ids_in_kernels
+    return batch
 
 
 def validate_logprobs(logp, entropy, mask, advantages, group_size, old_logp, ref_logp, lam, config, num_tokens,

@@ -400,6 +400,8 @@ def row_pass(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Batch, 
     return _single_threaded(_row_pass, logp, entropy, batch, cfg, consts, per_token)
 
 
+# validation checks the token ids (the torch engine gathers with them)
+CHECKS_IDS = False
 # the fused schedule runs the row pass (no `finish_fused`: its vocab_fused writes no terms)
 finish_fused = None
 # the op layer applies the value rules' poison (lambda_grpo/_compute.py:poisoned)

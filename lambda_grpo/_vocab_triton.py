@@ -85,19 +85,22 @@ def _f32s(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 else x.float()
 
 
-def vocab_forward(logits2d, tokens, mask, tau: float, want_entropy: bool, want_lse: bool):
-    logp, lse, ent = _vocab_forward(logits2d, tokens, mask, tau, want_entropy)
+def vocab_forward(logits2d, tokens, mask, tau: float, want_entropy: bool, want_lse: bool,
+                  id_flag: Optional[torch.Tensor] = None):
+    logp, lse, ent = _vocab_forward(logits2d, tokens, mask, tau, want_entropy, id_flag=id_flag)
     return logp, ent, lse if want_lse else None
 
 
 def vocab_fused(logits2d, tokens, mask, tau: float, want_entropy: bool, inputs: FusedInputs, cfg: LossConfig,
-                out: Optional[torch.Tensor] = None, terms_out: Optional[torch.Tensor] = None):
+                out: Optional[torch.Tensor] = None, terms_out: Optional[torch.Tensor] = None,
+                id_flag: Optional[torch.Tensor] = None):
     return _vocab_fused(logits2d, tokens, mask, _f32s(inputs.A), _f32s(inputs.W), tau, old_logp=_f32(inputs.old_logp),
                         ref_logp=_f32(inputs.ref_logp), trace_coef=_f32(inputs.coef), eps_low=cfg.eps_low,
                         eps_high=cfg.eps_high, dual_clip=cfg.dual_floor, surrogate=cfg.surrogate,
                         sapo_tau_pos=cfg.sapo_tau_pos, sapo_tau_neg=cfg.sapo_tau_neg, beta=cfg.beta,
                         kl_estimator=cfg.kl_estimator, kl_ratio_weighted=cfg.kl_ratio_weighted,
-                        entropy_coef=cfg.entropy_coef, with_entropy=want_entropy, out=out, terms_out=terms_out)
+                        entropy_coef=cfg.entropy_coef, with_entropy=want_entropy, out=out, terms_out=terms_out,
+                        id_flag=id_flag)
 
 
 def vocab_backward(logits2d, tokens, mask, lse, gl, gh, H, tau: float, scale: torch.Tensor,
@@ -109,6 +112,9 @@ def vocab_backward(logits2d, tokens, mask, lse, gl, gh, H, tau: float, scale: to
                            entropy=_f32(H) if gh is not None else None, coef_entropy=_f32(gh), out=out)
 
 
+# the vocabulary kernels check counted token ids themselves (vocab_forward / vocab_fused take
+# `id_flag`): validation leaves that value rule to them (lambda_grpo/_validate.py, eager only)
+CHECKS_IDS = True
 # the kernels take (B, T, V) logits with their strides (lambda_grpo/kernels/_launch.py:row_layout)
 ROWS_3D = True
 # the value rules' poison is applied by the finish and scale kernels (no torch op)
@@ -146,7 +152,8 @@ def finish_fused(terms: torch.Tensor, entropy: Optional[torch.Tensor], batch: Ba
         dseq = None if consts.dseq_weight is None else batch.to_vocab(broadcast_rows(consts.dseq_weight, like))
     loss, dlam, vec = launch_finish_tokens(terms, _f32(entropy), mask, _f32s(w), None if dseq is None else _f32s(dseq),
                                            has_ref, len(names), T, poison=batch.poison)
-    metrics = _named_metrics(vec, names, 4 + has_ref + (entropy is not None), None, cfg, batch, consts)
+    _fill_metrics(vec, 4 + has_ref + (entropy is not None), None, cfg, batch, consts)
+    metrics = {"seq_weight": consts.seq_weight}  # the rest are `vec` (RowPass.metric_vector), read as one
     tokens = None
     if per_token:
         planes = terms.unbind()  # (B, T) each; packed: (N,) each, into the row layout
@@ -160,15 +167,21 @@ def _named_metrics(vec: torch.Tensor, names, k: int, phi: Optional[torch.Tensor]
                    consts: TokenConstants) -> dict:
     """The metrics dict of a finish kernel's vector (it wrote the first k), with phi_mean (VESPO)
     and lambda filled in here, and seq_weight."""
+    _fill_metrics(vec, k, phi, cfg, batch, consts)
+    metrics = dict(zip(names, vec.unbind()))
+    metrics["seq_weight"] = consts.seq_weight
+    return metrics
+
+
+def _fill_metrics(vec: torch.Tensor, k: int, phi: Optional[torch.Tensor], cfg: LossConfig, batch: Batch,
+                  consts: TokenConstants) -> None:
+    """phi_mean (VESPO) and lambda into a finish kernel's metric vector, after the k it wrote."""
     if phi is not None:  # VESPO (zeros where masked)
         vec[k:k + 1].copy_((phi.sum() / consts.count.clamp(min=1)).reshape(1))
         k += 1
     if cfg.uses_lambda:
         lam = batch.lam.detach() if torch.is_grad_enabled() else batch.lam  # an op's body records nothing
         vec[k].copy_(lam.reshape(()))
-    metrics = dict(zip(names, vec.unbind()))
-    metrics["seq_weight"] = consts.seq_weight
-    return metrics
 
 
 def _token_outputs(loss, ratio, kl, clip, entropy) -> dict:

@@ -12,6 +12,7 @@ from torch import nn
 from .config import LossConfig
 from .output import LossOutput
 from ._batch import compute_dtype, nan_one
+from ._engine import engine
 from ._entry import fast_linear_logprobs, fast_loss, fast_token_logprobs, linear_loss, rows_loss
 from ._validate import (check_backend, check_logits_tokens, fail, safe_ids, validate, validate_linear,
                         validate_logprobs)
@@ -102,7 +103,8 @@ def grpo_loss(
     """
     cfg = LossConfig() if config is None else config
     batch = validate(logits, tokens, mask, advantages, group_size, old_logp, ref_logp, lam, cfg, num_tokens,
-                     num_sequences, group_lengths, group_index, token_weights, cu_seqlens)
+                     num_sequences, group_lengths, group_index, token_weights, cu_seqlens,
+                     ids_in_kernels=_ids_in_kernels(backend, logits))
     name = resolve_backend(backend, logits.device)
     _check_flags(name, logits, inplace_backward, return_per_token)
     if name == "reference":
@@ -119,6 +121,17 @@ def grpo_loss(
         batch.logits = _unit_stride_along_v(logits)
     # eager and torch.compile alike: the custom ops of lambda_grpo/_ops.py
     return _finish(fast_loss(batch, cfg, name, inplace=inplace_backward, per_token=return_per_token), batch)
+
+
+def _ids_in_kernels(backend: str, logits) -> bool:
+    """Whether the engine's kernels check the token ids (Engine.CHECKS_IDS: the Triton engine), so
+    that validation does not (docs/math.md §10). Eager only: the kernels write the verdict into a
+    tensor the op takes, which torch.compile's functionalisation must not see."""
+    if torch.compiler.is_compiling():
+        return False
+    on_cuda = isinstance(logits, torch.Tensor) and logits.device.type == "cuda"
+    name = "triton" if backend == "triton" or (backend == "auto" and on_cuda) else None
+    return name is not None and engine(name).CHECKS_IDS
 
 
 def _unit_stride_along_v(logits: torch.Tensor) -> torch.Tensor:

@@ -164,16 +164,21 @@ SCHEDULES = {
 }
 
 
+@pytest.mark.parametrize("int_mask", [False, True], ids=["bool mask", "int mask"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
-def test_a_failed_rule_poisons_every_gradient_of_every_schedule(schedule, backend):
-    """Where the poison is applied differs by engine and schedule (the Triton engine's finish and
-    scale kernels for its fused schedule, the op layer otherwise): whichever, a failed rule makes
-    the loss, d(lambda) and every valid row of dlogits NaN, under any upstream gradient and
-    in-place backward; the same inputs with the rule holding give finite ones."""
+def test_a_failed_rule_poisons_every_gradient_of_every_schedule(schedule, backend, int_mask):
+    """Where a rule is checked and its verdict applied differs by engine and schedule (the Triton
+    engine checks the ids in its vocabulary kernels, into the 0-d poison that the mask rule of an
+    int mask made, and applies it in its finish and scale kernels; validation and the op layer
+    otherwise): whichever, a bad token id makes the loss, d(lambda) and every valid row of
+    dlogits NaN, under any upstream gradient and in-place backward; the same inputs with the
+    rule holding give finite ones."""
     cfg, inplace, upstream = SCHEDULES[schedule]
     for broken in (True, False):
         inp, _ = _bad("token >= V") if broken else (_inputs(), None)
+        if int_mask:
+            inp["mask"] = inp["mask"].long()
         lam = torch.tensor(0.3, requires_grad=True)
         x = inp["logits"].clone().requires_grad_(True)
         leaf = x
@@ -183,7 +188,7 @@ def test_a_failed_rule_poisons_every_gradient_of_every_schedule(schedule, backen
         out = lg.grpo_loss(x, inp["tokens"], inp["mask"], inp["advantages"], G, inp["old_logp"], inp["ref_logp"],
                            lam, config=cfg, backend=backend, inplace_backward=inplace)
         (out.loss * upstream).backward()
-        grad = leaf.grad[inp["mask"]]
+        grad = leaf.grad[inp["mask"].bool()]
         if broken:
             assert math.isnan(out.loss.item()), out.loss
             assert torch.isnan(grad).all(), f"{int(torch.isnan(grad).sum())} of {grad.numel()} dlogits are NaN"

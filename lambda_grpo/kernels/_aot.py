@@ -43,11 +43,11 @@ KERNELS = {
     "groups": group_weights_kernel,
 }
 _TORCH_TO_TT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_PTR_TYPES = {"tokens_ptr": "i64", "mask_ptr": "i1", "poison_ptr": "i1", "len_ptr": "i32", "pos_ptr": "i32",
-              "scr_ptr": "fp64", "gl_ptr": "i64", "gi_ptr": "i64", "lam_ptr": "fp64"}
+_PTR_TYPES = {"tokens_ptr": "i64", "mask_ptr": "i1", "poison_ptr": "i1", "flag_ptr": "i1", "len_ptr": "i32",
+              "pos_ptr": "i32", "scr_ptr": "fp64", "gl_ptr": "i64", "gi_ptr": "i64", "lam_ptr": "fp64"}
 # int scalars (the rest are fp32): sizes, strides of per-token inputs, codes and flags
 _INT_ARGS = ("V", "T", "G", "B", "N", "batch_stride", "adv_sb", "adv_st", "w_sb", "w_st", "w_s", "d_sb", "d_st",
-             "kl_est", "surr", "kl_rw", "write_coef", "write_tok")
+             "kl_est", "surr", "kl_rw", "write_coef", "write_tok", "check_ids")
 _LOGITS_PTRS = ("logits_ptr", "dlogits_ptr", "d_ptr")
 STRIDE_CLASSES = ("D", "plain", "one")
 

@@ -76,14 +76,13 @@ class Launch:
     num_warps: int
     num_stages: int = 1
 
+    def __post_init__(self):
+        # the launch keywords, made once (every launch asks for them)
+        object.__setattr__(self, "_kw", dict(self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages))
+
     def kwargs(self) -> dict:
-        """The launch keywords (a new dict: the caller may not change a cached one)."""
-        return dict(_kwargs(self))
-
-
-@lru_cache(maxsize=None)
-def _kwargs(launch: Launch) -> tuple:
-    return launch.constexprs + (("num_warps", launch.num_warps), ("num_stages", launch.num_stages))
+        """The launch keywords, to be unpacked (`**launch.kwargs()`), never changed: one dict per Launch."""
+        return self._kw
 
 
 @lru_cache(maxsize=None)

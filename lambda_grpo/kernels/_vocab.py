@@ -90,3 +90,14 @@ def load_token(tokens_ptr, pid, V):
     """The token id of row `pid`, clamped into [0, V): never an out-of-range read."""
     tok = tl.load(tokens_ptr + pid)
     return tl.minimum(tl.maximum(tok, 0), V - 1)
+
+
+@triton.jit
+def flag_bad_token(tokens_ptr, pid, V, flag_ptr, check_ids):
+    """The value rule of a counted token id (docs/math.md §10) on the device: when check_ids, an
+    id outside [0, V) sets the bool at flag_ptr (every such program stores the same True; the
+    finish and scale kernels read it after this kernel)."""
+    if check_ids != 0:
+        tok = tl.load(tokens_ptr + pid)
+        bad = (tok < 0) | (tok >= V)
+        tl.store(flag_ptr, bad, mask=bad)

@@ -27,18 +27,18 @@ import triton
 import triton.language as tl
 
 from ._config import KL_CODES, SURROGATE_CODES, code, vocab_launch
-from ._launch import check_out, check_rows, check_vec, row_layout, token_strides
+from ._launch import check_out, check_rows, check_vec, row_layout, token_strides, zeros1
 from ._tokenmath import clip_code, kl_terms, surrogate, token_loss
-from ._vocab import load_token, lse_entropy, write_grad, write_zero
+from ._vocab import flag_bad_token, load_token, lse_entropy, write_grad, write_zero
 
 
 @triton.jit(do_not_specialize=["T", "batch_stride", "adv_sb", "adv_st", "w_sb", "w_st",
-                               "kl_est", "surr", "kl_rw", "has_old", "has_ref", "has_c", "write_tok"])
+                               "kl_est", "surr", "kl_rw", "has_old", "has_ref", "has_c", "write_tok", "check_ids"])
 def vocab_fused_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, old_ptr, ref_ptr, adv_ptr, c_ptr,
-                       w_ptr, logp_ptr, ent_ptr, tok_ptr,
+                       w_ptr, logp_ptr, ent_ptr, tok_ptr, flag_ptr,
                        T, batch_stride, stride_in, stride_out, adv_sb, adv_st, w_sb, w_st, V, inv_temp,
                        eps_low, eps_high, dual_clip, tau_pos, tau_neg, beta, ent_coef,
-                       kl_est, surr, kl_rw, has_old, has_ref, has_c, write_tok,
+                       kl_est, surr, kl_rw, has_old, has_ref, has_c, write_tok, check_ids,
                        BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     plane = tl.num_programs(0).to(tl.int64)  # N: the per-token planes of tok_ptr (write_tok)
@@ -49,6 +49,7 @@ def vocab_fused_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, old_ptr, r
         t = pid % T
         row_in = logits_ptr + r * batch_stride + t * stride_in
         tok = load_token(tokens_ptr, pid, V)
+        flag_bad_token(tokens_ptr, pid, V, flag_ptr, check_ids)
         m, log_s, ent = lse_entropy(row_in, V, inv_temp, BLOCK_V, WITH_ENTROPY)
         logp = (tl.load(row_in + tok).to(tl.float32) * inv_temp - m) - log_s
         tl.store(logp_ptr + pid, logp)
@@ -85,10 +86,12 @@ def vocab_fused_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, old_ptr, r
 
 def vocab_fused(logits, tokens, mask, advantages, weight, temperature, *, old_logp, ref_logp, trace_coef,
                 eps_low, eps_high, dual_clip, surrogate, sapo_tau_pos, sapo_tau_neg, beta, kl_estimator,
-                kl_ratio_weighted, entropy_coef, with_entropy, out=None, terms_out=None):
+                kl_ratio_weighted, entropy_coef, with_entropy, out=None, terms_out=None, id_flag=None):
     """One kernel: logp, entropy and dlogits (for an upstream gradient of 1), and, into `terms_out`
     (4 N contiguous fp32, e.g. (4, B, T)) when given, each token's loss l_t, ratio, KL and clip
-    code (zeros where masked), for `rows.launch_finish_tokens`.
+    code (zeros where masked), for `rows.launch_finish_tokens`. id_flag: one bool on the device,
+    set by the kernel when a counted token id is outside [0, V) (the caller's ids unchecked; the
+    kernel reads them clamped either way), or None.
 
     logits (N, V) or (B, T, V) (N = B T; rows may be strided) fp32/bf16/fp16; tokens (N,) int64;
     mask (N,) bool; tokens, mask, old_logp, ref_logp, trace_coef: N contiguous elements ((N,) or
@@ -111,6 +114,8 @@ def vocab_fused(logits, tokens, mask, advantages, weight, temperature, *, old_lo
     out = check_out(out, logits, N, V)
     if terms_out is not None:
         check_vec(terms_out, "terms_out", 4 * N, torch.float32, dev)
+    if id_flag is not None:
+        check_vec(id_flag, "id_flag", 1, torch.bool, dev)
     if N > 0:
         B = N // T
         adv_sb, adv_st = token_strides(advantages, "advantages", B, T, torch.float32, dev)
@@ -120,11 +125,12 @@ def vocab_fused(logits, tokens, mask, advantages, weight, temperature, *, old_lo
             logits, out, tokens, mask, logp if old_logp is None else old_logp,
             logp if ref_logp is None else ref_logp, advantages, logp if trace_coef is None else trace_coef,
             weight, logp, logp if ent is None else ent, logp if terms_out is None else terms_out,
+            zeros1(torch.bool, dev) if id_flag is None else id_flag,
             T, batch_stride, row_stride, out.stride(-2), adv_sb, adv_st, w_sb, w_st, V, 1.0 / temperature,
             float(eps_low), float(eps_high), float("inf") if dual_clip is None else float(dual_clip),
             float(sapo_tau_pos), float(sapo_tau_neg),
             float(beta), float(entropy_coef), code(KL_CODES, "kl_estimator", kl_estimator),
             code(SURROGATE_CODES, "surrogate", surrogate),
             int(kl_ratio_weighted), int(old_logp is not None), int(ref_logp is not None), int(trace_coef is not None),
-            int(terms_out is not None), **cfg.kwargs())
+            int(terms_out is not None), int(id_flag is not None), **cfg.kwargs())
     return logp, ent, out

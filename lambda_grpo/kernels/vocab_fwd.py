@@ -12,19 +12,20 @@ import triton
 import triton.language as tl
 
 from ._config import vocab_launch
-from ._launch import check_rows, check_vec, row_layout
-from ._vocab import load_token, lse_entropy, row_start
+from ._launch import check_rows, check_vec, row_layout, zeros1
+from ._vocab import flag_bad_token, load_token, lse_entropy, row_start
 
 
-@triton.jit(do_not_specialize=["T", "batch_stride"])
-def vocab_fwd_kernel(logits_ptr, tokens_ptr, mask_ptr, logp_ptr, max_ptr, logs_ptr, ent_ptr,
-                     T, batch_stride, stride_row, V, inv_temp,
+@triton.jit(do_not_specialize=["T", "batch_stride", "check_ids"])
+def vocab_fwd_kernel(logits_ptr, tokens_ptr, mask_ptr, logp_ptr, max_ptr, logs_ptr, ent_ptr, flag_ptr,
+                     T, batch_stride, stride_row, V, inv_temp, check_ids,
                      BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     valid = tl.load(mask_ptr + pid) != 0
     if valid:
         row = row_start(logits_ptr, pid, T, batch_stride, stride_row)
         tok = load_token(tokens_ptr, pid, V)
+        flag_bad_token(tokens_ptr, pid, V, flag_ptr, check_ids)
         m, log_s, ent = lse_entropy(row, V, inv_temp, BLOCK_V, WITH_ENTROPY)
         x_tok = tl.load(row + tok).to(tl.float32) * inv_temp
         tl.store(logp_ptr + pid, (x_tok - m) - log_s)
@@ -35,9 +36,9 @@ def vocab_fwd_kernel(logits_ptr, tokens_ptr, mask_ptr, logp_ptr, max_ptr, logs_p
 
 
 def vocab_forward(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, temperature: float,
-                  with_entropy: bool):
+                  with_entropy: bool, id_flag: torch.Tensor = None):
     """logits (N, V) or (B, T, V) (N = B T; rows may be strided) fp32/bf16/fp16, tokens (N,)
-    int64, mask (N,) bool.
+    int64, mask (N,) bool. id_flag: as in vocab_fused.vocab_fused.
 
     Returns logp (N,) (the shape of mask: (B, T) for a (B, T) mask), lse (2, N) = [max, log sum
     exp(x - max)], entropy like logp or None; fp32;
@@ -50,8 +51,12 @@ def vocab_forward(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
     logp = torch.zeros(mask.shape, device=logits.device, dtype=torch.float32)  # (N,), or (B, T) as the mask
     lse = torch.zeros(2, N, device=logits.device, dtype=torch.float32)
     ent = torch.zeros_like(logp) if with_entropy else None
+    if id_flag is not None:
+        check_vec(id_flag, "id_flag", 1, torch.bool, logits.device)
     if N > 0:
         cfg = vocab_launch(with_entropy)
         vocab_fwd_kernel[(N,)](logits, tokens, mask, logp, lse[0], lse[1], logp if ent is None else ent,
-                               T, batch_stride, row_stride, V, 1.0 / temperature, **cfg.kwargs())
+                               zeros1(torch.bool, logits.device) if id_flag is None else id_flag,
+                               T, batch_stride, row_stride, V, 1.0 / temperature, int(id_flag is not None),
+                               **cfg.kwargs())
     return logp, lse, ent
