@@ -5,7 +5,7 @@ needs no driver. Must run WITHOUT TRITON_INTERPRET (under the interpreter `@trit
 interpreted functions): `python -m lambda_grpo.kernels._aot [--json] [--arch 80 90]`.
 
 The specialisations are `_config.specialisations()` crossed with what Triton's JIT itself
-specialises on for the vocab kernels: V and the row strides of the logits (equal for
+specialises on for the vocab kernels: V and the batch and row strides of the logits (equal for
 contiguous logits), which are divisible by 16 ("D": every real vocabulary; this is what lets
 the tile loads compile to 128-bit vector loads), not ("plain": odd V) or 1 (V = 1, made a
 constant). Pointers are taken as 16-byte aligned (fresh torch allocations); every other int
@@ -46,7 +46,7 @@ _TORCH_TO_TT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "f
 _PTR_TYPES = {"tokens_ptr": "i64", "mask_ptr": "i1", "poison_ptr": "i1", "flag_ptr": "i1", "len_ptr": "i32",
               "pos_ptr": "i32", "scr_ptr": "fp64", "gl_ptr": "i64", "gi_ptr": "i64", "lam_ptr": "fp64"}
 # int scalars (the rest are fp32): sizes, strides of per-token inputs, codes and flags
-_INT_ARGS = ("V", "T", "G", "B", "N", "batch_stride", "adv_sb", "adv_st", "w_sb", "w_st", "w_s", "d_sb", "d_st",
+_INT_ARGS = ("V", "T", "G", "B", "N", "adv_sb", "adv_st", "w_sb", "w_st", "w_s", "d_sb", "d_st",
              "kl_est", "surr", "kl_rw", "write_coef", "write_tok", "check_ids")
 _LOGITS_PTRS = ("logits_ptr", "dlogits_ptr", "d_ptr")
 STRIDE_CLASSES = ("D", "plain", "one")

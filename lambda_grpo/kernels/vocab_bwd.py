@@ -21,16 +21,16 @@ from ._launch import check_out, check_rows, check_vec, row_layout, zeros1
 from ._vocab import load_token, row_start, write_grad, write_zero
 
 
-@triton.jit(do_not_specialize=["T", "batch_stride"])
+@triton.jit(do_not_specialize=["T"])
 def vocab_bwd_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, max_ptr, logs_ptr, ent_ptr, coef_lp_ptr,
                      coef_h_ptr,
-                     scale_ptr, T, batch_stride, stride_in, stride_out, V, inv_temp,
+                     scale_ptr, T, stride_batch, stride_in, stride_out, V, inv_temp,
                      BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     row_out = dlogits_ptr + pid * stride_out
     valid = tl.load(mask_ptr + pid) != 0
     if valid:
-        row_in = row_start(logits_ptr, pid, T, batch_stride, stride_in)
+        row_in = row_start(logits_ptr, pid, T, stride_batch, stride_in)
         tok = load_token(tokens_ptr, pid, V)
         scale = tl.load(scale_ptr).to(tl.float32)
         g = tl.load(coef_lp_ptr + pid) * scale

@@ -32,11 +32,11 @@ from ._tokenmath import clip_code, kl_terms, surrogate, token_loss
 from ._vocab import flag_bad_token, load_token, lse_entropy, write_grad, write_zero
 
 
-@triton.jit(do_not_specialize=["T", "batch_stride", "adv_sb", "adv_st", "w_sb", "w_st",
+@triton.jit(do_not_specialize=["T", "adv_sb", "adv_st", "w_sb", "w_st",
                                "kl_est", "surr", "kl_rw", "has_old", "has_ref", "has_c", "write_tok", "check_ids"])
 def vocab_fused_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, old_ptr, ref_ptr, adv_ptr, c_ptr,
                        w_ptr, logp_ptr, ent_ptr, tok_ptr, flag_ptr,
-                       T, batch_stride, stride_in, stride_out, adv_sb, adv_st, w_sb, w_st, V, inv_temp,
+                       T, stride_batch, stride_in, stride_out, adv_sb, adv_st, w_sb, w_st, V, inv_temp,
                        eps_low, eps_high, dual_clip, tau_pos, tau_neg, beta, ent_coef,
                        kl_est, surr, kl_rw, has_old, has_ref, has_c, write_tok, check_ids,
                        BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
@@ -47,10 +47,10 @@ def vocab_fused_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, old_ptr, r
     if valid:
         r = pid // T  # token pid = r T + t (A and W are read with their own strides)
         t = pid % T
-        row_in = logits_ptr + r * batch_stride + t * stride_in
+        row_in = logits_ptr + r * stride_batch + t * stride_in
         tok = load_token(tokens_ptr, pid, V)
-        flag_bad_token(tokens_ptr, pid, V, flag_ptr, check_ids)
         m, log_s, ent = lse_entropy(row_in, V, inv_temp, BLOCK_V, WITH_ENTROPY)
+        flag_bad_token(tokens_ptr, pid, V, flag_ptr, check_ids)  # after the walk: nothing more live across it
         logp = (tl.load(row_in + tok).to(tl.float32) * inv_temp - m) - log_s
         tl.store(logp_ptr + pid, logp)
         if WITH_ENTROPY:
@@ -71,12 +71,14 @@ def vocab_fused_kernel(logits_ptr, dlogits_ptr, tokens_ptr, mask_ptr, old_ptr, r
         w = tl.load(w_ptr + r * w_sb + t * w_st)
         g = w * (bdkl - c * dsl + bkz - c * ds)  # z = logp - old: both slopes land on logp
         gh = -w * ent_coef
-        write_grad(row_in, row_out, V, inv_temp, m, log_s, tok, g, gh, ent, BLOCK_V, WITH_ENTROPY)
-        if write_tok != 0:  # the token's terms, for the sums of the loss and the metrics (finish_tokens_kernel)
+        # the token's terms, for the sums of the loss and the metrics (finish_tokens_kernel), stored
+        # before the gradient walk: none of them stays live across its loop (no spills, ptxas -v)
+        if write_tok != 0:
             tl.store(tok_ptr + pid, token_loss(bkl, c, s, ent_coef, ent))
             tl.store(tok_ptr + plane + pid, rho)
             tl.store(tok_ptr + 2 * plane + pid, kl)
             tl.store(tok_ptr + 3 * plane + pid, clip_code(clo, chi, cdu))
+        write_grad(row_in, row_out, V, inv_temp, m, log_s, tok, g, gh, ent, BLOCK_V, WITH_ENTROPY)
     else:
         write_zero(row_out, V, BLOCK_V)
         if write_tok != 0:

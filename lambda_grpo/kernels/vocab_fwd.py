@@ -16,17 +16,17 @@ from ._launch import check_rows, check_vec, row_layout, zeros1
 from ._vocab import flag_bad_token, load_token, lse_entropy, row_start
 
 
-@triton.jit(do_not_specialize=["T", "batch_stride", "check_ids"])
+@triton.jit(do_not_specialize=["T", "check_ids"])
 def vocab_fwd_kernel(logits_ptr, tokens_ptr, mask_ptr, logp_ptr, max_ptr, logs_ptr, ent_ptr, flag_ptr,
-                     T, batch_stride, stride_row, V, inv_temp, check_ids,
+                     T, stride_batch, stride_row, V, inv_temp, check_ids,
                      BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     valid = tl.load(mask_ptr + pid) != 0
     if valid:
-        row = row_start(logits_ptr, pid, T, batch_stride, stride_row)
+        row = row_start(logits_ptr, pid, T, stride_batch, stride_row)
         tok = load_token(tokens_ptr, pid, V)
-        flag_bad_token(tokens_ptr, pid, V, flag_ptr, check_ids)
         m, log_s, ent = lse_entropy(row, V, inv_temp, BLOCK_V, WITH_ENTROPY)
+        flag_bad_token(tokens_ptr, pid, V, flag_ptr, check_ids)  # after the walk: nothing more live across it
         x_tok = tl.load(row + tok).to(tl.float32) * inv_temp
         tl.store(logp_ptr + pid, (x_tok - m) - log_s)
         tl.store(max_ptr + pid, m)
