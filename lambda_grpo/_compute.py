@@ -67,9 +67,7 @@ def vocab_rows(logits: Tensor, eng) -> Tensor:
     """The logits as the engine's vocabulary functions take them: (B, T, V) as they are for an
     engine that reads batch and row strides (a slice such as logits[:, P-1:-1] is not copied, and
     the per-token inputs are indexed by (row, token)), else (N, V) (a view when the layout allows)."""
-    if logits.dim() == 2 or eng.ROWS_3D:
-        return logits
-    return logits.view(-1, logits.shape[-1]) if logits.is_contiguous() else logits.reshape(-1, logits.shape[-1])
+    return logits if (logits.dim() == 2 or eng.ROWS_3D) else logits.reshape(-1, logits.shape[-1])
 
 
 def _empty(like: Tensor, dtype=None) -> Tensor:

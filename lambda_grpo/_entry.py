@@ -33,17 +33,18 @@ def loss_output(loss, metrics, seq_weight, toks, cfg: LossConfig, batch: Batch, 
 
 def _flags(batch: Batch, need_grad: bool, inplace: bool = False, per_token: bool = False,
            head_grad: bool = False) -> str:
-    """`Flags(...).pack()` (the cached packing without building the tuple: this runs in every call)."""
-    return pack_flags(batch.group_size, bool(need_grad), bool(inplace), bool(per_token), bool(head_grad))
+    """`Flags(...).pack()` (the cached packing without building the tuple: this runs in every call);
+    whether the kernels check the ids is the Batch's own (Batch.ids_unchecked)."""
+    return pack_flags(batch.group_size, bool(need_grad), bool(inplace), bool(per_token), bool(head_grad),
+                      batch.ids_unchecked)
 
 
 def fast_loss(batch: Batch, cfg: LossConfig, engine: str, inplace: bool = False, per_token: bool = False) -> LossOutput:
     """The loss of a validated batch from logits on a fast engine ("torch" or "triton")."""
     need_grad = torch.is_grad_enabled() and batch.logits.requires_grad
     lam = batch.lam if cfg.uses_lambda else None
-    flags = pack_flags(batch.group_size, bool(need_grad), bool(inplace and need_grad), bool(per_token), False,
-                       batch.ids_unchecked)
-    loss, metrics, seq_weight, _, _, _, toks = loss_fwd(batch.logits, batch.parts(), lam, cfg.to_json(), engine, flags)
+    loss, metrics, seq_weight, _, _, _, toks = loss_fwd(batch.logits, batch.parts(), lam, cfg.to_json(), engine,
+                                                        _flags(batch, need_grad, inplace and need_grad, per_token))
     return loss_output(loss, metrics, seq_weight, toks, cfg, batch, per_token)
 
 
